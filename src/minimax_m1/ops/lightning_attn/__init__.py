@@ -1,0 +1,38 @@
+"""Lightning attention (MiniMax's linear attention with per-head exponential decay), packed varlen API.
+
+    prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens) -> o
+    decode(q, k, v, slopes, state_pool, state_slots) -> o
+
+q, k, v: [T, H, D] packed tokens (decode: [N, H, D]), any float dtype; slopes: [H] fp32, already
+multiplied by the layer factor; state_pool: [S, H, D, D] fp32, sequence i starts from
+state_pool[state_slots[i]] and its final state is written back there (the caller zeroes a slot for a
+new sequence); state_slots: [N] int32, -1 marks padding (zero output, no state update);
+cu_seqlens: [N+1] int32. The output has q's dtype.
+
+`prefill`/`decode` dispatch to the fastest implementation available for the tensors' device;
+`reference_prefill`/`reference_decode` are the blocked torch path; `recurrent_*` the exact
+token-by-token recurrence used as ground truth in tests.
+"""
+from .chunk import chunk_decode, chunk_prefill
+from .naive import recurrent_decode, recurrent_prefill
+
+reference_prefill = chunk_prefill
+reference_decode = chunk_decode
+
+
+def prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens):
+    return reference_prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens)
+
+
+def decode(q, k, v, slopes, state_pool, state_slots):
+    return reference_decode(q, k, v, slopes, state_pool, state_slots)
+
+
+__all__ = [
+    "prefill",
+    "decode",
+    "reference_prefill",
+    "reference_decode",
+    "recurrent_prefill",
+    "recurrent_decode",
+]

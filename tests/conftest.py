@@ -1,0 +1,23 @@
+import pathlib
+
+import pytest
+import torch
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "minimax-m1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def shared_model_dir():
+    """The released model's config/index/tokenizer_config, present on the developers' machines only."""
+    if not (SHARED / "config.json").exists():
+        pytest.skip(f"{SHARED} is absent (it ships with the developers' checkout only)")
+    return SHARED
