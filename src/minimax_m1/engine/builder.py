@@ -1,0 +1,172 @@
+"""From engine arguments to a running engine: resolve the model, build it on the meta device, load
+weights into place, size the state pool and KV cache from the memory budget."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+
+import torch
+
+from ..config import ModelConfig, minimax_m1_config, tiny_config
+from ..forward_batch import Caches
+from ..models.minimax_m1 import MiniMaxM1ForCausalLM
+from ..tokenizer import Tokenizer, tiny_tokenizer
+from ..weights import init_dummy, load_checkpoint
+from .kv_cache import KVCache
+from .llm_engine import LLMEngine
+from .model_runner import ModelRunner
+from .scheduler import ScheduledChunk, Scheduler
+from .sequence import Sequence, Status
+from ..sampling_params import SamplingParams
+from .state_pool import StatePool
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("tiny", "minimax-m1")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    model: str
+    device: str | None = None  # default: cuda if available, else cpu
+    dtype: str | torch.dtype | None = None  # default: bf16 on cuda, fp32 on cpu; "auto" means the same
+    load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights of the real shapes)
+    seed: int = 0  # dummy-weight seed
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    block_size: int = 64
+    gpu_memory_utilization: float = 0.9
+    cpu_cache_memory_gb: float = 0.25  # cache budget when running on the CPU
+    lm_head_fp32: bool = False  # keep the output head's weights in fp32 (a fidelity option)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype in (None, "auto"):
+            self.dtype = torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+        elif isinstance(self.dtype, str):
+            if self.dtype not in _DTYPES:
+                raise ValueError(f"unknown dtype {self.dtype!r}: use one of {sorted(_DTYPES)}")
+            self.dtype = _DTYPES[self.dtype]
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+def load_model(args: EngineArgs) -> tuple[ModelConfig, MiniMaxM1ForCausalLM, Tokenizer | None, list[int]]:
+    """Returns (config, model with weights, tokenizer or None, EOS token ids)."""
+    path = pathlib.Path(args.model)
+    tokenizer, eos = None, []
+    if args.model == "tiny":
+        tokenizer = tiny_tokenizer()
+        config = tiny_config(tokenizer.vocab_size)
+    elif args.model == "minimax-m1":
+        if args.load_format != "dummy":
+            raise ValueError("the 'minimax-m1' preset has shapes but no weights: pass load_format='dummy', "
+                             "or a checkpoint directory")
+        config = minimax_m1_config()
+    elif path.is_dir():
+        config = ModelConfig.from_file(path)
+        if (path / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_dir(path)
+        gen = path / "generation_config.json"
+        if gen.is_file():
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            eos += [] if e is None else [e] if isinstance(e, int) else list(e)
+    else:
+        raise FileNotFoundError(f"model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
+                                f"directory with config.json")
+    eos = sorted(set(eos + config.eos_token_id + (tokenizer.eos_token_ids if tokenizer else [])))
+
+    device = torch.device(args.device)
+    with torch.device("meta"):
+        model = MiniMaxM1ForCausalLM(config)
+    model.to(args.dtype)
+    if args.lm_head_fp32 and not config.tie_word_embeddings:
+        model.lm_head.float()
+    model.to_empty(device=device)
+    model.init_buffers()
+    if args.model == "tiny":
+        init_dummy(model, seed=args.seed, generator_device="cpu")  # the same tiny model on every device
+    elif args.load_format == "dummy":
+        init_dummy(model, seed=args.seed)
+    else:
+        load_checkpoint(model, path, progress=args.progress)
+    model.eval()
+    return config, model, tokenizer, eos
+
+
+def plan_caches(config: ModelConfig, args: EngineArgs, budget_bytes: int) -> tuple[int, int]:
+    """Split the cache budget: up to max_num_seqs state slots from at most half of it, KV blocks from the rest."""
+    n_lin, n_sm = len(config.linear_layers), len(config.softmax_layers)
+    slot_bytes = StatePool.bytes_per_slot(n_lin, config.num_attention_heads, config.head_dim)
+    block_bytes = KVCache.bytes_per_block(n_sm, args.block_size, config.num_key_value_heads, config.head_dim,
+                                          args.dtype)
+    slots = args.max_num_seqs if slot_bytes == 0 else min(args.max_num_seqs, budget_bytes // 2 // slot_bytes)
+    if slots < 1:
+        raise MemoryError(f"the cache budget ({budget_bytes / 2**30:.2f} GiB) cannot hold one request's lightning "
+                          f"state ({slot_bytes / 2**20:.1f} MiB): lower max_num_batched_tokens or raise the budget")
+    max_len = min(config.max_position_embeddings, args.max_model_len or config.max_position_embeddings)
+    if block_bytes == 0:
+        blocks = slots * -(-max_len // args.block_size)  # no softmax layers: blocks cost nothing
+    else:
+        blocks = (budget_bytes - slots * slot_bytes) // block_bytes
+    if blocks < 1:
+        raise MemoryError(f"the cache budget ({budget_bytes / 2**30:.2f} GiB) leaves no room for KV blocks")
+    return slots, blocks
+
+
+@torch.inference_mode()
+def _profile_activation_bytes(model, config: ModelConfig, args: EngineArgs) -> int:
+    """Peak memory of one full-budget prefill step, run on throwaway caches."""
+    device = torch.device(args.device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    n = min(args.max_num_batched_tokens, config.max_position_embeddings - 1)
+    pool = StatePool(len(config.linear_layers), 1, config.num_attention_heads, config.head_dim, device)
+    kv = KVCache(len(config.softmax_layers), -(-n // args.block_size), args.block_size, config.num_key_value_heads,
+                 config.head_dim, args.dtype, device)
+    runner = ModelRunner(model, pool, kv, device)
+    seq = Sequence("profile", None, [0] * n, SamplingParams(max_tokens=1), None, device)
+    seq.state_slot, seq.blocks, seq.status = pool.allocate(), kv.allocate(kv.num_blocks), Status.RUNNING
+    runner.run([ScheduledChunk(seq, n)])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del runner, pool, kv
+    torch.cuda.empty_cache()
+    return peak
+
+
+def build_engine(args: EngineArgs) -> LLMEngine:
+    config, model, tokenizer, eos = load_model(args)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        activations = _profile_activation_bytes(model, config, args)
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(free - (1 - args.gpu_memory_utilization) * total - activations)
+    else:
+        budget = int(args.cpu_cache_memory_gb * 2**30)
+    slots, blocks = plan_caches(config, args, max(budget, 0))
+    pool = StatePool(len(config.linear_layers), slots, config.num_attention_heads, config.head_dim, device)
+    kv = KVCache(len(config.softmax_layers), blocks, args.block_size, config.num_key_value_heads, config.head_dim,
+                 args.dtype, device)
+    max_model_len = min(config.max_position_embeddings, args.max_model_len or config.max_position_embeddings)
+    if config.softmax_layers:
+        max_model_len = min(max_model_len, blocks * args.block_size)
+    logger.info("cache: %d lightning state slots (%.1f MiB each), %d KV blocks of %d tokens (%d tokens); "
+                "max_model_len %d", slots, StatePool.bytes_per_slot(len(config.linear_layers),
+                config.num_attention_heads, config.head_dim) / 2**20, blocks, args.block_size,
+                blocks * args.block_size, max_model_len)
+    runner = ModelRunner(model, pool, kv, device)
+    scheduler = Scheduler(pool, kv, min(args.max_num_seqs, slots), args.max_num_batched_tokens)
+    return LLMEngine(runner, scheduler, tokenizer, eos, config.vocab_size, max_model_len)

@@ -1,0 +1,155 @@
+"""The engine loop: schedule, run the model, sample, detokenize, stop."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..layers.sampler import sample
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
+from .model_runner import ModelRunner
+from .scheduler import ScheduledChunk, Scheduler
+from .sequence import Sequence, Status
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, eos_token_ids: list[int],
+                 vocab_size: int, max_model_len: int):
+        self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        self.requests: dict[str, Sequence] = {}
+        self.num_generated_tokens = 0  # running totals, for metrics
+        self.num_prompt_tokens = 0
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> Sequence:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids)
+        seq = Sequence(request_id, prompt, prompt_token_ids, params, self.tokenizer, self.runner.device)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        self.num_prompt_tokens += len(prompt_token_ids)
+        return seq
+
+    def validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, but this model's context is {self.max_model_len} "
+                             f"tokens (prompt plus at least one generated token)")
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and not seq.finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one model step; return an output for every request that got a token or finished."""
+        chunks = self.scheduler.schedule()
+        finished_early = [s for s in list(self.requests.values()) if s.finished]
+        if not chunks:
+            return [self._pop_finished(s) for s in finished_early]
+        done = [c.seq for c in chunks if c.completes]  # before run() advances num_computed
+        logits = self.runner.run(chunks)
+        outputs = []
+        if done:
+            tokens, logprobs = sample(logits, done)
+            for seq, tok, lp in zip(done, tokens, logprobs):
+                self._append(seq, tok, lp)
+                outputs.append(self._output(seq))
+        for seq in finished_early:
+            outputs.append(self._pop_finished(seq))
+        for seq in done:
+            if seq.finished:
+                self.requests.pop(seq.request_id, None)
+        return outputs
+
+    def _pop_finished(self, seq: Sequence) -> RequestOutput:
+        self.requests.pop(seq.request_id, None)
+        return self._output(seq)
+
+    def _append(self, seq: Sequence, token: int, logprobs) -> None:
+        p = seq.params
+        seq.output_token_ids.append(token)
+        self.num_generated_tokens += 1
+        if seq.logprobs is not None:
+            seq.logprobs.append(logprobs)
+        seq.detok.add(token)
+        text = seq.detok.text
+        reason, stop_reason = None, None
+        if token in self.eos_token_ids and not p.ignore_eos:
+            reason = "stop"
+        elif token in p.stop_token_ids:
+            reason, stop_reason = "stop", token
+        else:
+            hit = _find_stop(text, p.stop, len(seq.text))
+            if hit is not None:
+                stop, at = hit
+                text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
+                reason, stop_reason = "stop", stop
+            elif p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens:
+                reason = "length"
+            elif seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is None and p.stop:
+            # hold back a possible start of a stop string, so streamed text never needs retracting
+            text = text[: max(len(seq.text), len(text) - max(map(len, p.stop)) + 1)]
+        seq.text = text
+        if reason is not None:
+            seq.stop_reason = stop_reason
+            self.scheduler.finish(seq, reason)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        out = CompletionOutput(index=0, text=seq.text, token_ids=list(seq.output_token_ids),
+                               finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                               logprobs=list(seq.logprobs) if seq.logprobs is not None else None)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [out], finished=seq.finished)
+
+    # ---- whole-prompt logits (numerical comparison with other implementations) -----------------
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Next-token logits at every prompt position, [len(token_ids), vocab] fp32, computed in chunks of
+        the step token budget with the state carried between chunks."""
+        self.validate_prompt(token_ids)
+        pool, kv = self.scheduler.state_pool, self.scheduler.kv_cache
+        need = kv.blocks_needed(len(token_ids))
+        if not pool.num_free or need > kv.num_free:
+            raise RuntimeError("prompt_logits needs a free state slot and KV blocks for the whole prompt; "
+                               "wait for running requests to finish")
+        seq = Sequence("prompt-logits", None, token_ids, SamplingParams(max_tokens=1), None, self.runner.device)
+        seq.state_slot, seq.blocks, seq.status = pool.allocate(), kv.allocate(need), Status.RUNNING
+        try:
+            parts = []
+            while seq.num_computed < len(token_ids):
+                n = min(len(token_ids) - seq.num_computed, self.scheduler.token_budget)
+                parts.append(self.runner.run([ScheduledChunk(seq, n)], all_logits=True))
+            return torch.cat(parts)
+        finally:
+            pool.release(seq.state_slot)
+            kv.release(seq.blocks)
+
+
+def _find_stop(text: str, stops: list[str], emitted: int):
+    """The earliest stop string in text that ends after the already-emitted part; (stop, index) or None."""
+    best = None
+    for stop in stops:
+        at = text.find(stop, max(0, emitted - len(stop) + 1))
+        if at >= 0 and (best is None or at < best[1]):
+            best = (stop, at)
+    return best

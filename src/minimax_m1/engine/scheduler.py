@@ -1,0 +1,114 @@
+"""Continuous batching: every step, running requests continue (a decode token, or the next chunk of a
+long prompt) and waiting requests join while the token budget, state slots and KV blocks allow. When
+KV blocks run out, the youngest running request is preempted: freed, and recomputed later."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from .kv_cache import KVCache
+from .sequence import Sequence, Status
+from .state_pool import StatePool
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # new tokens computed this step: seq.token_ids[num_computed : num_computed + num_tokens]
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the sequence's last known token, so a next token gets sampled."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, state_pool: StatePool, kv_cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int):
+        self.state_pool, self.kv_cache = state_pool, kv_cache
+        self.max_num_seqs, self.token_budget = max_num_seqs, max_num_batched_tokens
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.token_budget
+        chunks: list[ScheduledChunk] = []
+        # running requests first, oldest first: decode steps and continuing prompt chunks
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq.status != Status.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if self.kv_cache.blocks_needed(seq.num_computed + n) > self.kv_cache.num_blocks:
+                self.finish(seq, "length")  # longer than the whole KV cache: it can never continue
+                continue
+            while not self._grow(seq, n):
+                victim = self._youngest_running(exclude=seq)
+                if victim is None:
+                    break
+                self._preempt(victim)
+                chunks = [c for c in chunks if c.seq is not victim]
+            else:
+                chunks.append(ScheduledChunk(seq, n))
+                budget -= n
+                continue
+            self._preempt(seq)  # nothing left to free: it waits for others to finish
+        # admissions, first come first served
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.state_pool.num_free:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if self.kv_cache.blocks_needed(seq.num_tokens) > self.kv_cache.num_blocks:
+                self.finish(seq, "length")  # the engine rejects such prompts up front; this is a backstop
+                continue
+            if not self._grow(seq, n):
+                break
+            self.waiting.popleft()
+            seq.state_slot = self.state_pool.allocate()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        return chunks
+
+    def _grow(self, seq: Sequence, n: int) -> bool:
+        """Make sure seq has KV blocks for num_computed + n tokens."""
+        extra = self.kv_cache.blocks_needed(seq.num_computed + n) - len(seq.blocks)
+        if extra <= 0:
+            return True
+        if extra > self.kv_cache.num_free:
+            return False
+        seq.blocks += self.kv_cache.allocate(extra)
+        return True
+
+    def _youngest_running(self, exclude: Sequence) -> Sequence | None:
+        candidates = [s for s in self.running if s is not exclude and s.status == Status.RUNNING]
+        return max(candidates, key=lambda s: s.arrival, default=None)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's slot and blocks; it will recompute its prompt and output so far from scratch."""
+        self._free(seq)
+        seq.status = Status.WAITING
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _free(self, seq: Sequence) -> None:
+        if seq.state_slot >= 0:
+            self.state_pool.release(seq.state_slot)
+            seq.state_slot = -1
+        self.kv_cache.release(seq.blocks)
+        seq.blocks = []
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        self._free(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,54 @@
+"""One request as the engine tracks it."""
+from __future__ import annotations
+
+import enum
+import itertools
+
+import torch
+
+from ..sampling_params import SamplingParams
+from .detokenizer import IncrementalDetokenizer
+
+_arrival = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 tokenizer, device):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.arrival = next(_arrival)
+        self.status = Status.WAITING
+        self.state_slot = -1
+        self.blocks: list[int] = []
+        self.num_computed = 0  # tokens whose state/KV the caches hold
+        self.finish_reason: str | None = None
+        self.stop_reason = None
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self.text = ""  # the output text as returned (stop strings cut off)
+        # a seed gives the same tokens whatever else runs in the batch: a generator of its own
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED

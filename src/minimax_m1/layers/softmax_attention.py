@@ -1,0 +1,34 @@
+"""Softmax attention with GQA and partial rotary over a paged KV cache."""
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..forward_batch import ForwardBatch
+from ..ops.paged_attention import reference_paged_attention, write_kv
+from .rotary import PartialRotary
+
+
+class SoftmaxAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.rotary = PartialRotary(config.head_dim, config.rotary_dim, config.rope_theta)
+        self.scale = self.head_dim ** -0.5
+
+    def init_buffers(self) -> None:
+        self.rotary.init_buffers()
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor,
+                cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), *cos_sin)
+        k = self.rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), *cos_sin)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        write_kv(kv_cache, k, v, batch.slot_mapping)
+        o = reference_paged_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.context_lens, self.scale)
+        return self.o_proj(o.reshape(t, -1))

@@ -1,0 +1,40 @@
+"""Causal softmax attention over a paged KV cache: the torch reference path.
+
+kv_cache: [2, num_blocks, block_size, kv_heads, head_dim]; sequence i's tokens live in the blocks listed
+in block_tables[i], token p at (block_tables[i][p // block_size], p % block_size).
+"""
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, kv_heads, D] at flat positions slot_mapping [T] (block * block_size + offset)."""
+    flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def reference_paged_attention(q, kv_cache, block_tables, seq_lens, context_lens, scale):
+    """q [T, Hq, D] packed (sequence i owns seq_lens[i] rows; its new tokens are the last seq_lens[i] of
+    its context_lens[i] cached tokens). Returns [T, Hq, D] in q's dtype. One SDPA call per sequence."""
+    _, hq, d = q.shape
+    block_size, hkv = kv_cache.shape[2], kv_cache.shape[3]
+    out = torch.empty_like(q)
+    start = 0
+    for i, (n, ctx) in enumerate(zip(seq_lens, context_lens)):
+        if n == 0:
+            continue
+        nblocks = (ctx + block_size - 1) // block_size
+        blocks = block_tables[i, :nblocks].long()
+        k = kv_cache[0, blocks].reshape(-1, hkv, d)[:ctx]
+        v = kv_cache[1, blocks].reshape(-1, hkv, d)[:ctx]
+        qi = q[start:start + n].transpose(0, 1)  # [Hq, n, D]
+        # query j (0-based among the new ones) sits at position ctx - n + j and sees keys 0..ctx-n+j
+        qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos
+        o = F.scaled_dot_product_attention(
+            qi, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
+            attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+        out[start:start + n] = o.transpose(0, 1)
+        start += n
+    return out
