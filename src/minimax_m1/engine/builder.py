@@ -42,6 +42,7 @@ class EngineArgs:
     block_size: int = 64
     gpu_memory_utilization: float = 0.9
     cpu_cache_memory_gb: float = 0.25  # cache budget when running on the CPU
+    num_kv_blocks: int | None = None  # override the KV block count the memory budget gives (tests, tuning)
     lm_head_fp32: bool = False  # keep the output head's weights in fp32 (a fidelity option)
     progress: bool = True
 
@@ -157,6 +158,8 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     else:
         budget = int(args.cpu_cache_memory_gb * 2**30)
     slots, blocks = plan_caches(config, args, max(budget, 0))
+    if args.num_kv_blocks is not None:
+        blocks = args.num_kv_blocks
     pool = StatePool(len(config.linear_layers), slots, config.num_attention_heads, config.head_dim, device)
     kv = KVCache(len(config.softmax_layers), blocks, args.block_size, config.num_key_value_heads, config.head_dim,
                  args.dtype, device)
