@@ -103,3 +103,22 @@ def test_max_model_len_stops_generation():
     engine = _engine(max_model_len=20)
     out = _run(engine, {"a": list(range(15))})
     assert len(out["a"]) == 5
+
+
+def test_decode_steps_do_not_recompute_the_prefix():
+    """After the prefill, each step feeds the model one token per request: the lightning layers carry the
+    prefix in their state and the softmax layers in the KV cache."""
+    engine = _engine()
+    model = engine.runner.model
+    sizes, decode_flags = [], []
+    original = model.forward
+
+    def spy(input_ids, batch, caches):
+        sizes.append(input_ids.shape[0])
+        decode_flags.append(batch.is_decode)
+        return original(input_ids, batch, caches)
+
+    model.forward = spy
+    _run(engine, {"a": [i % 256 for i in range(700)], "b": [5] * 300})
+    assert sizes[0] == 1000 and all(n == 2 for n in sizes[1:]) and len(sizes) == 12
+    assert decode_flags[1:] == [True] * 11
