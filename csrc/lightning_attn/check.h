@@ -1,0 +1,103 @@
+// Argument checks shared by the launchers. Errors a caller can cause raise ValueError naming the
+// argument; the launch path never reads device memory.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+
+#include <cstdint>
+
+namespace minimax_m1 {
+namespace lightning_attn {
+
+using tvm::ffi::TensorView;
+
+enum class Dtype { kBF16, kF16, kF32, kI32, kOther };
+
+inline Dtype dtype_of(const TensorView& t) {
+  const DLDataType d = t.dtype();
+  if (d.lanes != 1) return Dtype::kOther;
+  if (d.code == kDLBfloat && d.bits == 16) return Dtype::kBF16;
+  if (d.code == kDLFloat && d.bits == 16) return Dtype::kF16;
+  if (d.code == kDLFloat && d.bits == 32) return Dtype::kF32;
+  if (d.code == kDLInt && d.bits == 32) return Dtype::kI32;
+  return Dtype::kOther;
+}
+
+inline const char* dtype_name(Dtype d) {
+  switch (d) {
+    case Dtype::kBF16: return "bfloat16";
+    case Dtype::kF16: return "float16";
+    case Dtype::kF32: return "float32";
+    case Dtype::kI32: return "int32";
+    default: return "unsupported dtype";
+  }
+}
+
+inline void* data_of(const TensorView& t) {
+  return static_cast<char*>(t.data_ptr()) + t.byte_offset();
+}
+
+inline void check_cuda(const TensorView& t, const char* name, int device_id) {
+  const DLDevice dev = t.device();
+  if (dev.device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << name << " must be a CUDA tensor";
+  if (dev.device_id != device_id)
+    TVM_FFI_THROW(ValueError) << name << " is on cuda:" << dev.device_id << " but q is on cuda:" << device_id;
+}
+
+inline void check_dtype(const TensorView& t, const char* name, Dtype want) {
+  if (dtype_of(t) != want)
+    TVM_FFI_THROW(ValueError) << name << " must be " << dtype_name(want) << ", got " << dtype_name(dtype_of(t));
+}
+
+inline void check_shape(const TensorView& t, const char* name, std::initializer_list<int64_t> shape) {
+  bool ok = t.ndim() == static_cast<int32_t>(shape.size());
+  int i = 0;
+  for (int64_t s : shape) {
+    if (!ok) break;
+    ok = t.size(i++) == s;
+  }
+  if (!ok) {
+    std::ostringstream want, got;
+    for (int64_t s : shape) want << s << ",";
+    for (int j = 0; j < t.ndim(); ++j) got << t.size(j) << ",";
+    TVM_FFI_THROW(ValueError) << name << " must have shape (" << want.str() << ") but has (" << got.str() << ")";
+  }
+}
+
+inline void check_contiguous(const TensorView& t, const char* name) {
+  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << name << " must be contiguous";
+}
+
+inline void check_aligned(const void* p, int bytes, const char* name) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0)
+    TVM_FFI_THROW(ValueError) << name << " must be " << bytes << "-byte aligned";
+}
+
+inline cudaStream_t current_stream(int device_id) {
+  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device_id));
+}
+
+inline int multiprocessor_count(int device_id) {
+  static int cache[64] = {0};
+  if (device_id >= 0 && device_id < 64 && cache[device_id] > 0) return cache[device_id];
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device_id) != cudaSuccess || n <= 0) {
+    (void)cudaGetLastError();
+    n = 132;
+  }
+  if (device_id >= 0 && device_id < 64) cache[device_id] = n;
+  return n;
+}
+
+#define MINIMAX_CHECK_LAUNCH()                                                                   \
+  do {                                                                                           \
+    const cudaError_t err_ = cudaGetLastError();                                                 \
+    if (err_ != cudaSuccess)                                                                     \
+      TVM_FFI_THROW(RuntimeError) << "CUDA launch failed: " << cudaGetErrorString(err_);         \
+  } while (0)
+
+}  // namespace lightning_attn
+}  // namespace minimax_m1

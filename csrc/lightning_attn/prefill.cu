@@ -1,0 +1,231 @@
+// Prefill launcher: validates the tensors, plans segments, dispatches on head_dim and dtype.
+#include <tvm/ffi/extra/cuda/device_guard.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "check.h"
+#include "launchers.h"
+#include "minimax_m1/lightning_attn/prefill.cuh"
+
+namespace minimax_m1 {
+namespace lightning_attn {
+namespace {
+
+constexpr int64_t kBlock = 32;
+// Target CTAs per multiprocessor when cutting sequences into segments. More segments fill the GPU
+// with fewer heads, at the price of pass 1 (about 40% of pass 2's work on the segmented tokens).
+constexpr int64_t kCtasPerSm = 1;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Plan {
+  int64_t seg_len = 0;
+  bool segmented = false;
+  int64_t max_segments = 0;        // upper bound on segments (pass-2 CTA slots per e-half and head)
+  int64_t max_state_segments = 0;  // upper bound on seg_state entries
+  int64_t off_seg_off = 0, off_state_off = 0, off_seg_state = 0, off_split = 0, split_stride = 0, total = 0;
+};
+
+Plan make_plan(int64_t tokens, int64_t seqs, int64_t heads, int64_t dim, bool split, int sms, int64_t seg_len) {
+  Plan p;
+  if (seg_len > 0) {
+    p.seg_len = round_up(seg_len, kBlock);
+  } else {
+    const int64_t ctas_per_set = 2 * heads;  // pass-2 CTAs for one segment of every head
+    const int64_t want = std::max<int64_t>(1, (sms * kCtasPerSm + ctas_per_set / 2) / ctas_per_set);
+    p.seg_len = round_up(std::max<int64_t>(1, (tokens + want - 1) / want), 256);
+  }
+  p.segmented = p.seg_len < tokens;
+  if (!p.segmented) p.seg_len = std::max(round_up(tokens, kBlock), kBlock);
+  // sum_i ceil(n_i / L) <= T / L + N; over sequences longer than L it is < 2 T / L.
+  p.max_segments = p.segmented ? tokens / p.seg_len + seqs : seqs;
+  p.max_state_segments = p.segmented ? 2 * tokens / p.seg_len + 1 : 0;
+  int64_t off = 0;
+  p.off_seg_off = off;
+  off += p.segmented ? round_up((seqs + 1) * 4, 256) : 0;
+  p.off_state_off = off;
+  off += p.segmented ? round_up((seqs + 1) * 4, 256) : 0;
+  p.off_seg_state = off;
+  off += p.max_state_segments * heads * dim * dim * 4;
+  p.off_split = off;
+  p.split_stride = round_up(tokens * heads * dim * 2, 256);
+  off += split ? 6 * p.split_stride : 0;
+  p.total = off;
+  return p;
+}
+
+// Raises the dynamic shared-memory limit of a kernel once per device.
+template <typename Kernel>
+void allow_smem(Kernel kernel, int bytes, int device_id, std::atomic<uint64_t>& done) {
+  const uint64_t bit = 1ull << (device_id & 63);
+  if (bytes <= 48 * 1024 || (done.load(std::memory_order_relaxed) & bit)) return;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "cudaFuncSetAttribute: " << cudaGetErrorString(err);
+  done.fetch_or(bit, std::memory_order_relaxed);
+}
+
+template <int D, bool kSplit, typename OutT>
+void launch_prefill(const PrefillParams& p, const Plan& plan, int64_t heads, int device_id, cudaStream_t stream) {
+  using L = PrefillLayout<D, kSplit>;
+  static std::atomic<uint64_t> smem_state_done{0}, smem_output_done{0};
+  const dim3 grid(static_cast<unsigned>(plan.max_segments * 2), static_cast<unsigned>(heads));
+  if (plan.segmented) {
+    prefill_plan_kernel<<<1, 1024, 0, stream>>>(p);
+    MINIMAX_CHECK_LAUNCH();
+    allow_smem(prefill_segment_state_kernel<D, kSplit>, L::state_bytes, device_id, smem_state_done);
+    prefill_segment_state_kernel<D, kSplit><<<grid, L::kThreads, L::state_bytes, stream>>>(p);
+    MINIMAX_CHECK_LAUNCH();
+    constexpr int kScanCtas = D * D / 4 / 256;
+    prefill_segment_scan_kernel<D>
+        <<<dim3(static_cast<unsigned>(p.num_seqs * kScanCtas), static_cast<unsigned>(heads)), 256, 0, stream>>>(p);
+    MINIMAX_CHECK_LAUNCH();
+  }
+  allow_smem(prefill_output_kernel<D, kSplit, OutT>, L::output_bytes, device_id, smem_output_done);
+  prefill_output_kernel<D, kSplit, OutT><<<grid, L::kThreads, L::output_bytes, stream>>>(p);
+  MINIMAX_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch_split(const TensorView& x, __nv_bfloat16* hi, __nv_bfloat16* lo, cudaStream_t stream) {
+  const int64_t n = x.size(0) * x.size(1) * x.size(2);
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 1 << 20);
+  split_to_bf16_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      static_cast<const T*>(data_of(x)), x.stride(0), x.stride(1), x.stride(2), x.size(0),
+      static_cast<int>(x.size(1)), static_cast<int>(x.size(2)), hi, lo);
+  MINIMAX_CHECK_LAUNCH();
+}
+
+template <int D>
+void dispatch_dtype(Dtype dtype, const PrefillParams& p, const Plan& plan, int64_t heads, int device_id,
+                    cudaStream_t stream) {
+  switch (dtype) {
+    case Dtype::kBF16: launch_prefill<D, false, __nv_bfloat16>(p, plan, heads, device_id, stream); break;
+    case Dtype::kF16: launch_prefill<D, true, __half>(p, plan, heads, device_id, stream); break;
+    case Dtype::kF32: launch_prefill<D, true, float>(p, plan, heads, device_id, stream); break;
+    default: TVM_FFI_THROW(ValueError) << "unsupported dtype";
+  }
+}
+
+}  // namespace
+
+int64_t prefill_workspace_bytes(int64_t total_tokens, int64_t num_seqs, int64_t num_heads, int64_t head_dim,
+                                bool split, int64_t device_id, int64_t seg_len) {
+  const int sms = multiprocessor_count(static_cast<int>(device_id));
+  return make_plan(total_tokens, num_seqs, num_heads, head_dim, split, sms, seg_len).total;
+}
+
+void prefill(TensorView q, TensorView k, TensorView v, TensorView slopes, TensorView state_pool,
+             TensorView state_slots, TensorView cu_seqlens, TensorView out, TensorView workspace, int64_t seg_len) {
+  if (q.ndim() != 3) TVM_FFI_THROW(ValueError) << "q must be [tokens, heads, head_dim]";
+  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t seqs = state_slots.ndim() == 1 ? state_slots.size(0) : -1;
+  const int device_id = q.device().device_id;
+  check_cuda(q, "q", device_id);
+  check_cuda(k, "k", device_id);
+  check_cuda(v, "v", device_id);
+  check_cuda(slopes, "slopes", device_id);
+  check_cuda(state_pool, "state_pool", device_id);
+  check_cuda(state_slots, "state_slots", device_id);
+  check_cuda(cu_seqlens, "cu_seqlens", device_id);
+  check_cuda(out, "out", device_id);
+  check_cuda(workspace, "workspace", device_id);
+  const Dtype dtype = dtype_of(q);
+  if (dtype != Dtype::kBF16 && dtype != Dtype::kF16 && dtype != Dtype::kF32)
+    TVM_FFI_THROW(ValueError) << "q must be bfloat16, float16 or float32, got " << dtype_name(dtype);
+  if (dim != 64 && dim != 128) TVM_FFI_THROW(ValueError) << "head_dim must be 64 or 128, got " << dim;
+  if (heads < 1 || heads > 65535) TVM_FFI_THROW(ValueError) << "heads must be in [1, 65535], got " << heads;
+  if (tokens >= (int64_t{1} << 31)) TVM_FFI_THROW(ValueError) << "too many tokens: " << tokens;
+  check_dtype(k, "k", dtype);
+  check_dtype(v, "v", dtype);
+  check_dtype(out, "out", dtype);
+  check_shape(k, "k", {tokens, heads, dim});
+  check_shape(v, "v", {tokens, heads, dim});
+  check_shape(out, "out", {tokens, heads, dim});
+  check_contiguous(out, "out");
+  check_dtype(slopes, "slopes", Dtype::kF32);
+  check_shape(slopes, "slopes", {heads});
+  check_contiguous(slopes, "slopes");
+  check_dtype(state_pool, "state_pool", Dtype::kF32);
+  if (state_pool.ndim() != 4) TVM_FFI_THROW(ValueError) << "state_pool must be [slots, heads, head_dim, head_dim]";
+  check_shape(state_pool, "state_pool", {state_pool.size(0), heads, dim, dim});
+  check_contiguous(state_pool, "state_pool");
+  check_aligned(data_of(state_pool), 16, "state_pool");
+  check_dtype(state_slots, "state_slots", Dtype::kI32);
+  if (seqs < 0) TVM_FFI_THROW(ValueError) << "state_slots must be 1-D";
+  check_contiguous(state_slots, "state_slots");
+  check_dtype(cu_seqlens, "cu_seqlens", Dtype::kI32);
+  check_shape(cu_seqlens, "cu_seqlens", {seqs + 1});
+  check_contiguous(cu_seqlens, "cu_seqlens");
+  for (const auto& [t, name] : {std::pair<const TensorView*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    if (t->stride(2) != 1) TVM_FFI_THROW(ValueError) << name << " must have a contiguous last dimension";
+    if (dtype == Dtype::kBF16) {
+      // cp.async moves 16-byte chunks: row starts must be 16-byte aligned.
+      if (t->stride(0) % 8 != 0 || t->stride(1) % 8 != 0)
+        TVM_FFI_THROW(ValueError) << name << " strides must be multiples of 8 elements";
+      check_aligned(data_of(*t), 16, name);
+    }
+  }
+  check_aligned(data_of(out), 16, "out");
+  check_contiguous(workspace, "workspace");
+  check_aligned(data_of(workspace), 16, "workspace");
+  if (tokens == 0 || seqs == 0) return;
+
+  tvm::ffi::CUDADeviceGuard guard(device_id);
+  const cudaStream_t stream = current_stream(device_id);
+  const bool split = dtype != Dtype::kBF16;
+  const Plan plan = make_plan(tokens, seqs, heads, dim, split, multiprocessor_count(device_id), seg_len);
+  const int64_t ws_bytes = static_cast<int64_t>(tvm::ffi::GetDataSize(workspace));
+  if (ws_bytes < plan.total)
+    TVM_FFI_THROW(ValueError) << "workspace has " << ws_bytes << " bytes, needs " << plan.total
+                              << " (lightning_prefill_workspace_bytes)";
+  if (plan.max_segments * 2 >= (int64_t{1} << 31)) TVM_FFI_THROW(ValueError) << "too many segments";
+
+  char* ws = static_cast<char*>(data_of(workspace));
+  PrefillParams p{};
+  p.q = static_cast<const __nv_bfloat16*>(data_of(q));
+  p.k = static_cast<const __nv_bfloat16*>(data_of(k));
+  p.v = static_cast<const __nv_bfloat16*>(data_of(v));
+  p.q_stride_t = q.stride(0);
+  p.q_stride_h = q.stride(1);
+  p.k_stride_t = k.stride(0);
+  p.k_stride_h = k.stride(1);
+  p.v_stride_t = v.stride(0);
+  p.v_stride_h = v.stride(1);
+  if (split) {
+    __nv_bfloat16* parts[6];
+    for (int i = 0; i < 6; ++i) parts[i] = reinterpret_cast<__nv_bfloat16*>(ws + plan.off_split + i * plan.split_stride);
+    const TensorView* inputs[3] = {&q, &k, &v};
+    for (int i = 0; i < 3; ++i) {
+      if (dtype == Dtype::kF16) launch_split<__half>(*inputs[i], parts[2 * i], parts[2 * i + 1], stream);
+      else launch_split<float>(*inputs[i], parts[2 * i], parts[2 * i + 1], stream);
+    }
+    p.q = parts[0];
+    p.q_lo = parts[1];
+    p.k = parts[2];
+    p.k_lo = parts[3];
+    p.v = parts[4];
+    p.v_lo = parts[5];
+    p.q_stride_t = p.k_stride_t = p.v_stride_t = heads * dim;
+    p.q_stride_h = p.k_stride_h = p.v_stride_h = dim;
+  }
+  p.o = data_of(out);
+  p.slopes = static_cast<const float*>(data_of(slopes));
+  p.state_pool = static_cast<float*>(data_of(state_pool));
+  p.slots = static_cast<const int32_t*>(data_of(state_slots));
+  p.cu_seqlens = static_cast<const int32_t*>(data_of(cu_seqlens));
+  p.seg_off = reinterpret_cast<int32_t*>(ws + plan.off_seg_off);
+  p.state_off = reinterpret_cast<int32_t*>(ws + plan.off_state_off);
+  p.seg_state = reinterpret_cast<float*>(ws + plan.off_seg_state);
+  p.num_seqs = static_cast<int>(seqs);
+  p.num_heads = static_cast<int>(heads);
+  p.total_tokens = static_cast<int>(tokens);
+  p.seg_len = static_cast<int>(plan.seg_len);
+  p.segmented = plan.segmented ? 1 : 0;
+
+  if (dim == 128) dispatch_dtype<128>(dtype, p, plan, heads, device_id, stream);
+  else dispatch_dtype<64>(dtype, p, plan, heads, device_id, stream);
+}
+
+}  // namespace lightning_attn
+}  // namespace minimax_m1

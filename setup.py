@@ -1,0 +1,122 @@
+"""Build script: the package metadata lives in pyproject.toml; this file only adds the CUDA kernels.
+
+`pip install .` / `pip install -e .` compile csrc/ into minimax_m1/_kernels/liblightning_attn.so with nvcc
+when nvcc is found, and install a CPU-only package otherwise. The library links against the CUDA runtime
+(statically) and apache-tvm-ffi only, never libtorch. Environment:
+
+    MINIMAX_M1_BUILD_CUDA=0        skip the kernels (CPU-only package even where nvcc exists)
+    MINIMAX_M1_CUDA_ARCHS="80;90a" target architectures (';' or ',' separated); "90a" enables Hopper-only code
+    NVCC / CUDA_HOME               which nvcc to use (default: CUDA_HOME/bin/nvcc, then PATH)
+    MINIMAX_M1_NVCC_JOBS           parallel nvcc processes (default: CPU count)
+
+When nvcc is present and a kernel fails to compile, the install fails: a broken kernel is an error, not a
+silent CPU fallback.
+"""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+KERNEL_EXT = "minimax_m1._kernels.liblightning_attn"
+DEFAULT_ARCHS = "80;90a"
+
+
+def find_nvcc():
+    for candidate in (os.environ.get("NVCC"), os.environ.get("CUDA_HOME") and os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return shutil.which("nvcc") or (os.path.isfile("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc") or None
+
+
+def gencode_flags(spec):
+    flags = []
+    for arch in spec.replace(",", ";").split(";"):
+        arch = arch.strip()
+        if not arch:
+            continue
+        if not arch.rstrip("af").isdigit():
+            raise ValueError(f"MINIMAX_M1_CUDA_ARCHS: bad architecture {arch!r} (expected e.g. 80, 90a)")
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    if not flags:
+        raise ValueError("MINIMAX_M1_CUDA_ARCHS names no architecture")
+    return flags
+
+
+def tvm_ffi_paths():
+    """Include and library folders of apache-tvm-ffi, found without importing it (no torch needed)."""
+    spec = importlib.util.find_spec("tvm_ffi")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0])
+    include, lib = root / "include", root / "lib"
+    if not (include / "tvm" / "ffi" / "function.h").is_file() or not (lib / "libtvm_ffi.so").is_file():
+        return None
+    return include, lib
+
+
+class CUDAExtension(Extension):
+    """Built by nvcc from csrc/ (see BuildExt); setuptools only places the result."""
+
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class BuildExt(build_ext):
+    def get_ext_filename(self, fullname):
+        if fullname.split(".")[-1] == KERNEL_EXT.split(".")[-1]:
+            return os.path.join(*fullname.split(".")) + ".so"
+        return super().get_ext_filename(fullname)
+
+    def build_extension(self, ext):
+        if not isinstance(ext, CUDAExtension):
+            return super().build_extension(ext)
+        nvcc = find_nvcc()
+        include, lib = tvm_ffi_paths()
+        out = Path(self.get_ext_fullpath(ext.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(self.build_temp) / "csrc"
+        tmp.mkdir(parents=True, exist_ok=True)
+        sources = sorted((ROOT / "csrc" / "lightning_attn").glob("*.cu"))
+        flags = [
+            "-std=c++17", "-O3", "-DNDEBUG", "-lineinfo", "-Xcompiler", "-fPIC",
+            f"-I{ROOT / 'csrc' / 'include'}", f"-I{include}",
+            *gencode_flags(os.environ.get("MINIMAX_M1_CUDA_ARCHS", DEFAULT_ARCHS)),
+        ]
+
+        def compile_one(src):
+            obj = tmp / (src.stem + ".o")
+            cmd = [nvcc, *flags, "-c", str(src), "-o", str(obj)]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            return obj
+
+        jobs = int(os.environ.get("MINIMAX_M1_NVCC_JOBS", os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            objects = list(pool.map(compile_one, sources))
+        link = [nvcc, "-shared", "-o", str(out), *map(str, objects), f"-L{lib}", "-ltvm_ffi"]
+        print(" ".join(link), flush=True)
+        subprocess.run(link, check=True)
+
+
+def ext_modules():
+    if os.environ.get("MINIMAX_M1_BUILD_CUDA", "1").lower() in ("0", "false", "no", "off"):
+        print("minimax-m1: MINIMAX_M1_BUILD_CUDA=0, installing without CUDA kernels", file=sys.stderr)
+        return []
+    if find_nvcc() is None:
+        print("minimax-m1: nvcc not found, installing without CUDA kernels", file=sys.stderr)
+        return []
+    if tvm_ffi_paths() is None:
+        print("minimax-m1: apache-tvm-ffi not importable in the build environment, installing without CUDA kernels",
+              file=sys.stderr)
+        return []
+    return [CUDAExtension(KERNEL_EXT)]
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildExt})
