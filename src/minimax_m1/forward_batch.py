@@ -16,9 +16,12 @@ class ForwardBatch:
     state_slots: torch.Tensor  # [N] int32, the lightning state slot of each sequence; -1 = padding
     block_tables: torch.Tensor  # [N, max_blocks] int32, KV blocks of each sequence
     slot_mapping: torch.Tensor  # [T] int64, flat KV position (block * block_size + offset) of each token
+    context_lens_t: torch.Tensor  # [N] int32, cached tokens per sequence after this step
     seq_lens: list[int]  # new tokens per sequence (host copy)
-    context_lens: list[int]  # cached tokens per sequence after this step (host copy)
-    is_decode: bool  # every sequence brings exactly one token on top of a computed prefix
+    context_lens: list[int]  # context_lens_t on the host
+    max_seqlen_q: int
+    max_seqlen_k: int
+    is_decode: bool  # every sequence brings exactly one token
     logits_indices: torch.Tensor  # [R] int64, rows whose next-token logits are wanted
 
     @property

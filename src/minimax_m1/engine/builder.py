@@ -39,11 +39,12 @@ class EngineArgs:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
-    block_size: int = 64
+    block_size: int = 256  # tokens per KV block (flash attention's paged kernel wants multiples of 256)
     gpu_memory_utilization: float = 0.9
     cpu_cache_memory_gb: float = 0.25  # cache budget when running on the CPU
     num_kv_blocks: int | None = None  # override the KV block count the memory budget gives (tests, tuning)
     lm_head_fp32: bool = False  # keep the output head's weights in fp32 (a fidelity option)
+    enforce_eager: bool = False  # never capture decode steps in CUDA graphs
     progress: bool = True
 
     def __post_init__(self):
@@ -171,5 +172,35 @@ def build_engine(args: EngineArgs) -> LLMEngine:
                 config.num_attention_heads, config.head_dim) / 2**20, blocks, args.block_size,
                 blocks * args.block_size, max_model_len)
     runner = ModelRunner(model, pool, kv, device)
+    why_eager = _why_eager(args, config)
+    if why_eager:
+        logger.info("decode runs eagerly: %s", why_eager)
+    else:
+        runner.capture_decode_graphs(min(args.max_num_seqs, slots), max_model_len)
     scheduler = Scheduler(pool, kv, min(args.max_num_seqs, slots), args.max_num_batched_tokens)
     return LLMEngine(runner, scheduler, tokenizer, eos, config.vocab_size, max_model_len)
+
+
+def _why_eager(args: EngineArgs, config: ModelConfig) -> str | None:
+    """Why decode steps cannot be captured in CUDA graphs here (None when they can)."""
+    from ..ops import paged_attention
+
+    if args.enforce_eager:
+        return "enforce_eager is set"
+    if torch.device(args.device).type != "cuda":
+        return "not on a CUDA device"
+    if args.dtype not in (torch.bfloat16, torch.float16):
+        return f"{args.dtype} has no flash-attention path"
+    if config.linear_layers and not _lightning_kernels_built():
+        return "the lightning-attention CUDA kernels are not built"
+    if config.softmax_layers and paged_attention._VARLEN_PAGED is None:
+        return f"torch {torch.__version__} has no paged varlen flash attention"
+    return None
+
+
+def _lightning_kernels_built() -> bool:
+    try:
+        from ..ops.lightning_attn import cuda
+    except ImportError:
+        return False
+    return cuda.available()

@@ -5,9 +5,12 @@ import torch
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype, device):
-        # [layers, k/v, blocks, block_size, kv_heads, D]
-        self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        # [layers, k/v, blocks + 1, block_size, kv_heads, D]; the extra block is scratch that no request
+        # owns: padded rows of a captured decode graph write their KV there
+        self.kv = torch.zeros(num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim, dtype=dtype,
+                              device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch_block = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
 
     @staticmethod

@@ -28,7 +28,10 @@ class SparseMoE(nn.Module):
         flat = experts.flatten()
         order = flat.argsort(stable=True)
         token_of_row = order // self.top_k
-        offsets = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        # a scatter rather than bincount: bincount reads its max back to the host, which CUDA graphs forbid
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offsets = counts.cumsum(0, dtype=torch.int32)
         h = grouped_mm(x[token_of_row], self.w13, offsets)
         h = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate:]
         y = grouped_mm(h, self.w2, offsets)

@@ -4,7 +4,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..forward_batch import ForwardBatch
-from ..ops.paged_attention import reference_paged_attention, write_kv
+from ..ops.paged_attention import paged_attention, write_kv
 from .rotary import PartialRotary
 
 
@@ -30,5 +30,5 @@ class SoftmaxAttention(nn.Module):
         k = self.rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), *cos_sin)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         write_kv(kv_cache, k, v, batch.slot_mapping)
-        o = reference_paged_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.context_lens, self.scale)
+        o = paged_attention(q, kv_cache, batch, self.scale)
         return self.o_proj(o.reshape(t, -1))

@@ -3,8 +3,37 @@
 kv_cache: [2, num_blocks, block_size, kv_heads, head_dim]; sequence i's tokens live in the blocks listed
 in block_tables[i], token p at (block_tables[i][p // block_size], p % block_size).
 """
+import inspect
+
 import torch
 import torch.nn.functional as F
+
+
+def _find_varlen_paged():
+    """PyTorch's flash-attention varlen kernel with a block table (paged KV), where this torch has it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn if "block_table" in params and "seqused_k" in params else None
+
+
+_VARLEN_PAGED = _find_varlen_paged()
+
+
+def paged_attention(q, kv_cache, batch, scale):
+    """Causal attention of the batch's new tokens over their cached context. On CUDA in bf16/fp16 this is
+    flash attention over the paged cache in one launch for the whole batch (no gather); elsewhere the
+    torch reference. The flash kernel aligns the causal mask bottom-right: query j of a chunk of n sees
+    the first context_len - n + j + 1 keys."""
+    if _VARLEN_PAGED is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        cu_k = F.pad(batch.context_lens_t.cumsum(0, dtype=torch.int32), (1, 0))
+        return _VARLEN_PAGED(q, kv_cache[0], kv_cache[1], batch.cu_seqlens, cu_k, batch.max_seqlen_q,
+                             batch.max_seqlen_k, scale=scale, window_size=(-1, 0),
+                             enable_gqa=q.shape[1] != kv_cache.shape[3], seqused_k=batch.context_lens_t,
+                             block_table=batch.block_tables)
+    return reference_paged_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.context_lens, scale)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
