@@ -49,6 +49,14 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: list[int] = dataclasses.field(default_factory=list)
+    # A slice of a larger model (benchmarks): its layer i is layer layer_offset + i of a model with
+    # full_num_layers layers, which is what the lightning decay rates are computed from.
+    layer_offset: int = 0
+    full_num_layers: int | None = None
+
+    def global_layer(self, i: int) -> tuple[int, int]:
+        """(global index, layer count) of layer i, for the decay-rate formula."""
+        return self.layer_offset + i, self.full_num_layers or self.num_hidden_layers
 
     def __post_init__(self):
         if len(self.attn_type_list) != self.num_hidden_layers:
@@ -185,6 +193,16 @@ def minimax_m1_config(num_hidden_layers: int = 80) -> ModelConfig:
         rotary_dim=64, rope_theta=10_000_000.0, rms_norm_eps=1e-5, postnorm=True,
         full_attn_alpha=alpha, linear_attn_alpha=alpha, mlp_alpha=alpha, max_position_embeddings=10_240_000,
     )
+
+
+def minimax_m1_slice(start: int, end: int) -> ModelConfig:
+    """Layers [start, end) of MiniMax-M1 with the real shapes, embedding and head (for benchmarks on one GPU:
+    every layer has the same shapes, so a slice's time per layer predicts the whole model's)."""
+    full = minimax_m1_config()
+    if not 0 <= start < end <= full.num_hidden_layers:
+        raise ConfigError(f"a slice of MiniMax-M1 needs 0 <= start < end <= 80, got {start}-{end}")
+    return dataclasses.replace(full, num_hidden_layers=end - start, attn_type_list=full.attn_type_list[start:end],
+                               layer_offset=start, full_num_layers=full.num_hidden_layers)
 
 
 def tiny_config(vocab_size: int) -> ModelConfig:

@@ -9,7 +9,7 @@ import pathlib
 
 import torch
 
-from ..config import ModelConfig, minimax_m1_config, tiny_config
+from ..config import ModelConfig, minimax_m1_config, minimax_m1_slice, tiny_config
 from ..forward_batch import Caches
 from ..models.minimax_m1 import MiniMaxM1ForCausalLM
 from ..tokenizer import Tokenizer, tiny_tokenizer
@@ -24,7 +24,7 @@ from .state_pool import StatePool
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("tiny", "minimax-m1")
+PRESETS = ("tiny", "minimax-m1", "minimax-m1:START-END")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
@@ -72,11 +72,11 @@ def load_model(args: EngineArgs) -> tuple[ModelConfig, MiniMaxM1ForCausalLM, Tok
     if args.model == "tiny":
         tokenizer = tiny_tokenizer()
         config = tiny_config(tokenizer.vocab_size)
-    elif args.model == "minimax-m1":
+    elif args.model == "minimax-m1" or args.model.startswith("minimax-m1:"):
         if args.load_format != "dummy":
-            raise ValueError("the 'minimax-m1' preset has shapes but no weights: pass load_format='dummy', "
+            raise ValueError(f"the {args.model!r} preset has shapes but no weights: pass load_format='dummy', "
                              "or a checkpoint directory")
-        config = minimax_m1_config()
+        config = _real_shapes(args.model)
     elif path.is_dir():
         config = ModelConfig.from_file(path)
         if (path / "tokenizer.json").is_file():
@@ -106,6 +106,17 @@ def load_model(args: EngineArgs) -> tuple[ModelConfig, MiniMaxM1ForCausalLM, Tok
         load_checkpoint(model, path, progress=args.progress)
     model.eval()
     return config, model, tokenizer, eos
+
+
+def _real_shapes(name: str) -> ModelConfig:
+    """"minimax-m1" (all 80 layers) or "minimax-m1:START-END" (layers START..END-1, e.g. minimax-m1:3-8)."""
+    if name == "minimax-m1":
+        return minimax_m1_config()
+    try:
+        start, end = (int(x) for x in name.split(":", 1)[1].split("-"))
+    except ValueError:
+        raise ValueError(f"bad slice {name!r}: write minimax-m1:START-END, e.g. minimax-m1:3-8") from None
+    return minimax_m1_slice(start, end)
 
 
 def plan_caches(config: ModelConfig, args: EngineArgs, budget_bytes: int) -> tuple[int, int]:

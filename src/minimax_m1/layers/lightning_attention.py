@@ -19,7 +19,7 @@ class LightningAttention(nn.Module):
         self.output_gate = nn.Linear(config.hidden_size, width, bias=False)
         self.out_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.norm = RMSNorm(width, config.lightning_norm_eps)
-        self._slopes = lightning_slopes(self.num_heads, layer_idx, config.num_hidden_layers)
+        self._slopes = lightning_slopes(self.num_heads, *config.global_layer(layer_idx))
         self.register_buffer("slopes", torch.empty(self.num_heads, dtype=torch.float32), persistent=False)
         self.init_buffers()
 
