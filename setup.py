@@ -74,6 +74,13 @@ class BuildExt(build_ext):
             return os.path.join(*fullname.split(".")) + ".so"
         return super().get_ext_filename(fullname)
 
+    def copy_extensions_to_source(self):
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:  # the kernels' folder holds no Python file, so it may not exist yet
+            package = ".".join(self.get_ext_fullname(ext.name).split(".")[:-1])
+            Path(build_py.get_package_dir(package)).mkdir(parents=True, exist_ok=True)
+        super().copy_extensions_to_source()
+
     def build_extension(self, ext):
         if not isinstance(ext, CUDAExtension):
             return super().build_extension(ext)

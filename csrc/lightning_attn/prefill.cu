@@ -161,7 +161,7 @@ void prefill(TensorView q, TensorView k, TensorView v, TensorView slopes, Tensor
     if (t->stride(2) != 1) TVM_FFI_THROW(ValueError) << name << " must have a contiguous last dimension";
     if (dtype == Dtype::kBF16) {
       // cp.async moves 16-byte chunks: row starts must be 16-byte aligned.
-      if (t->stride(0) % 8 != 0 || t->stride(1) % 8 != 0)
+      if ((t->size(0) > 1 && t->stride(0) % 8 != 0) || (t->size(1) > 1 && t->stride(1) % 8 != 0))
         TVM_FFI_THROW(ValueError) << name << " strides must be multiples of 8 elements";
       check_aligned(data_of(*t), 16, name);
     }

@@ -13,6 +13,7 @@ cu_seqlens: [N+1] int32. The output has q's dtype.
 `reference_prefill`/`reference_decode` are the blocked torch path; `recurrent_*` the exact
 token-by-token recurrence used as ground truth in tests.
 """
+from . import cuda
 from .chunk import chunk_decode, chunk_prefill
 from .naive import recurrent_decode, recurrent_prefill
 
@@ -21,10 +22,14 @@ reference_decode = chunk_decode
 
 
 def prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens):
+    if cuda.supports(q, state_pool):
+        return cuda.prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens)
     return reference_prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens)
 
 
 def decode(q, k, v, slopes, state_pool, state_slots):
+    if cuda.supports(q, state_pool):
+        return cuda.decode(q, k, v, slopes, state_pool, state_slots)
     return reference_decode(q, k, v, slopes, state_pool, state_slots)
 
 

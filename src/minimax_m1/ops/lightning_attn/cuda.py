@@ -1,0 +1,162 @@
+"""Binding of the CUDA lightning-attention kernels (csrc/, exported through apache-tvm-ffi).
+
+The shared library is `$MINIMAX_M1_LIGHTNING_LIB` when set, else `minimax_m1/_kernels/liblightning_attn.so`
+(built by `pip install`). It is loaded on first use; importing this module never fails: without the
+library, tvm_ffi or a CUDA device, `available()` is False and `lightning_attn.prefill/decode` use the torch
+reference.
+
+The kernel calls are torch custom ops (`minimax_m1::lightning_prefill`, `minimax_m1::lightning_decode`)
+that mutate `state_pool` and have fake implementations, so torch.compile and CUDA graphs see through
+them. They run on torch's current stream; the prefill workspace is allocated through torch's caching
+allocator (graph-safe), and nothing reads device memory on the host.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import torch
+
+from .checks import check_args
+
+LIBRARY_ENV = "MINIMAX_M1_LIGHTNING_LIB"
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+_module = None
+_load_error: str | None = None
+_tried = False
+
+
+def library_path() -> pathlib.Path:
+    """Where the kernels are looked up."""
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        return pathlib.Path(override)
+    return pathlib.Path(__file__).resolve().parents[2] / "_kernels" / "liblightning_attn.so"
+
+
+def _load():
+    global _module, _load_error, _tried
+    if not _tried:
+        _tried = True
+        path = library_path()
+        if not path.is_file():
+            _load_error = f"{path} does not exist (build with `pip install .` where nvcc is present, or set {LIBRARY_ENV})"
+        else:
+            try:
+                import tvm_ffi
+
+                _module = tvm_ffi.load_module(str(path))
+            except Exception as exc:  # no tvm_ffi, or a library built against another ABI
+                _load_error = f"loading {path} failed: {type(exc).__name__}: {exc}"
+    return _module
+
+
+def available() -> bool:
+    """True when the kernels are loaded and a CUDA device is present."""
+    return torch.cuda.is_available() and _load() is not None
+
+
+def load_error() -> str | None:
+    """Why `available()` is False (None when it is True or nothing was tried yet)."""
+    _load()
+    return _load_error
+
+
+def supports(q: torch.Tensor, state_pool: torch.Tensor) -> bool:
+    """Whether the kernels handle these tensors (else the caller uses the reference)."""
+    return (
+        q.is_cuda
+        and q.dtype in DTYPES
+        and q.dim() == 3
+        and q.shape[-1] in HEAD_DIMS
+        and state_pool.dtype == torch.float32
+        and state_pool.device == q.device
+        and _load() is not None
+    )
+
+
+def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows of the last dimension (16-byte chunks for bf16): copy only when needed."""
+    dims_ok = all(x.stride(i) % 8 == 0 for i in range(2) if x.shape[i] > 1)
+    if x.stride(-1) != 1 or (x.dtype == torch.bfloat16 and (not dims_ok or x.data_ptr() % 16)):
+        return x.contiguous()
+    return x
+
+
+def _common(q, k, v, slopes, state_pool, state_slots):
+    if not state_pool.is_contiguous():
+        raise ValueError("state_pool must be contiguous (it is updated in place)")
+    q = _kernel_layout(q)
+    k = _kernel_layout(k.to(q.dtype))
+    v = _kernel_layout(v.to(q.dtype))
+    slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
+    state_slots = state_slots.to(device=q.device, dtype=torch.int32).contiguous()
+    return q, k, v, slopes, state_slots
+
+
+@torch.library.custom_op("minimax_m1::lightning_prefill", mutates_args=("state_pool",))
+def _prefill_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_slots: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seg_len: int,
+) -> torch.Tensor:
+    mod = _load()
+    tokens, heads, dim = q.shape
+    out = torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
+    split = q.dtype != torch.bfloat16
+    nbytes = mod.lightning_prefill_workspace_bytes(tokens, state_slots.numel(), heads, dim, split, q.device.index, seg_len)
+    workspace = torch.empty(max(int(nbytes), 16), dtype=torch.uint8, device=q.device)
+    mod.lightning_prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, out, workspace, seg_len)
+    return out
+
+
+@_prefill_op.register_fake
+def _prefill_fake(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("minimax_m1::lightning_decode", mutates_args=("state_pool",))
+def _decode_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_slots: torch.Tensor,
+) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _load().lightning_decode(q, k, v, slopes, state_pool, state_slots, out)
+    return out
+
+
+@_decode_op.register_fake
+def _decode_fake(q, k, v, slopes, state_pool, state_slots):
+    return q.new_empty(q.shape)
+
+
+def prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len: int = 0):
+    """Varlen prefill on the GPU; same contract as `naive.recurrent_prefill`.
+
+    q, k, v [T, H, D] (bf16/fp16/fp32; views such as splits of a [T, H, 3D] tensor are read in place),
+    slopes [H], state_pool [S, H, D, D] fp32 contiguous (updated in place), state_slots [N] (-1: padding),
+    cu_seqlens [N+1]. `seg_len` > 0 forces the segment length (tests, tuning); 0 picks it from the GPU size.
+    Returns o [T, H, D] in q's dtype. Tokens past cu_seqlens[N] are left unwritten.
+    """
+    check_args(q, k, v, slopes, state_pool, state_slots, cu_seqlens)
+    q, k, v, slopes, state_slots = _common(q, k, v, slopes, state_pool, state_slots)
+    cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    return torch.ops.minimax_m1.lightning_prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, int(seg_len))
+
+
+def decode(q, k, v, slopes, state_pool, state_slots):
+    """One token per sequence on the GPU: q, k, v [N, H, D]; slot -1 is padding (zero output, no update)."""
+    check_args(q, k, v, slopes, state_pool, state_slots)
+    q, k, v, slopes, state_slots = _common(q, k, v, slopes, state_pool, state_slots)
+    return torch.ops.minimax_m1.lightning_decode(q, k, v, slopes, state_pool, state_slots)
