@@ -1,7 +1,10 @@
-"""Command line: `minimax-m1 generate ...` (more subcommands join as they are built)."""
+"""Command line: `minimax-m1 generate ...` streams one prompt; `minimax-m1 serve ...` runs the OpenAI-compatible
+HTTP server."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 
@@ -38,6 +41,32 @@ def _generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(a: argparse.Namespace) -> int:
+    from .engine.builder import EngineArgs, build_engine
+    from .server.api import build_app, run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if a.chat_template is not None:
+        a.chat_template = _read_template(a.chat_template)
+    engine = build_engine(EngineArgs(model=a.model, progress=True, **_engine_kwargs(a)))
+    if a.chat_template is not None and engine.tokenizer is not None:
+        engine.tokenizer.chat_template = a.chat_template
+    app = build_app(engine, a.served_model_name or [a.model], api_key=a.api_key,
+                    reasoning_parser=a.reasoning_parser != "none", model_root=a.model)
+    run_server(app, a.host, a.port, log_level=a.uvicorn_log_level)
+    return 0
+
+
+def _read_template(value: str) -> str:
+    """--chat-template: a file, or the template itself (as vLLM takes it)."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise FileNotFoundError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="minimax-m1", description="Run the MiniMax-M1 language model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +82,22 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) over HTTP")
+    _add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("MINIMAX_M1_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MINIMAX_M1_API_KEY)")
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the model name(s) requests use; the first is reported (default: --model)")
+    s.add_argument("--chat-template", default=None, help="a Jinja chat template (file or text) to use instead "
+                   "of the checkpoint's")
+    s.add_argument("--reasoning-parser", default="minimax_m1", choices=["minimax_m1", "none"],
+                   help="split <think>...</think> into reasoning_content (none: return the raw text)")
+    s.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    s.set_defaults(func=_serve)
 
     a = parser.parse_args(argv)
     try:

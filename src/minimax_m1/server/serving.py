@@ -1,0 +1,150 @@
+"""What the completions and chat endpoints share: request checks, sampling parameters, engine requests
+(n copies of each prompt), logprob entries, usage, and server-sent events."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import uuid
+
+from pydantic import BaseModel
+
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .async_engine import AsyncEngine, EngineRequest
+from .protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
+
+
+class BadRequest(Exception):
+    """A request we refuse with HTTP 400 and an OpenAI error object."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+def sse(obj: BaseModel | dict) -> str:
+    """One server-sent event carrying obj as JSON."""
+    data = obj.model_dump_json() if isinstance(obj, BaseModel) else ErrorResponse(**obj).model_dump_json()
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, model_names: list[str], reasoning_parser: bool = True):
+        self.engine = engine
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+        self.model_names = model_names
+        self.reasoning_parser = reasoning_parser
+        self.token_str = functools.lru_cache(maxsize=1 << 16)(self._token_str)
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    @staticmethod
+    def response_id(requests: list[EngineRequest]) -> str:
+        """The id of the response: its engine requests' ids less their choice index."""
+        return requests[0].request_id.rsplit("-", 1)[0]
+
+    # ---- checks and parameters ------------------------------------------------------------------
+
+    def check_request(self, req: SamplingFields, unsupported: dict[str, object]) -> None:
+        """unsupported: field name -> the value the request gives it, None where the field is unused."""
+        if req.model is not None and req.model not in self.model_names:
+            raise BadRequest(f"the model {req.model!r} does not exist: this server serves {self.model_name!r} "
+                             f"(see /v1/models)", param="model", code="model_not_found")
+        if req.stream_options is not None and not req.stream:
+            raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
+        unsupported |= {"logit_bias": req.logit_bias or None, "min_tokens": req.min_tokens or None}
+        for name, value in unsupported.items():
+            if value is not None:
+                raise BadRequest(f"{name}={value!r} is not supported by this server", param=name)
+
+    def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        def pick(value, default):
+            return default if value is None else value
+
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0),
+                top_k=pick(req.top_k, 0), min_p=pick(req.min_p, 0.0), seed=req.seed, stop=req.stop,
+                stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+                repetition_penalty=pick(req.repetition_penalty, 1.0),
+                presence_penalty=pick(req.presence_penalty, 0.0), frequency_penalty=pick(req.frequency_penalty, 0.0),
+                logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+
+    def engine_requests(self, base_id: str, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
+                        n: int, param: str) -> list[EngineRequest]:
+        """n copies of each prompt (choice index = prompt index * n + copy). The copies sample independently;
+        with a seed, copy i uses seed + i so that each is reproducible and they differ."""
+        for _, ids in prompts:
+            try:
+                self.engine.engine.validate_prompt(ids)
+            except ValueError as e:
+                code = "context_length_exceeded" if len(ids) >= self.max_model_len else None
+                raise BadRequest(str(e), param=param, code=code) from e
+            if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+                raise BadRequest(
+                    f"this model's maximum context length is {self.max_model_len} tokens, but {len(ids)} prompt "
+                    f"tokens and max_tokens {params.max_tokens} ask for {len(ids) + params.max_tokens}: shorten "
+                    f"the prompt or lower max_tokens", param="max_tokens", code="context_length_exceeded")
+        requests = []
+        for p, (text, ids) in enumerate(prompts):
+            for i in range(n):
+                copy = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+                requests.append(EngineRequest(f"{base_id}-{p * n + i}", ids, copy, text))
+        return requests
+
+    async def collect(self, requests: list[EngineRequest]) -> list[RequestOutput]:
+        """Run the requests to their end; their final outputs, in the order of `requests`."""
+        final = {}
+        async for out in self.engine.generate(requests):
+            if out.finished:
+                final[out.request_id] = out
+        return [final[r.request_id] for r in requests]
+
+    # ---- outputs --------------------------------------------------------------------------------
+
+    def _token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def top_logprobs(self, entry: dict[int, float], k: int | None = None) -> list[tuple[str, float]]:
+        """(token text, logprob) of an engine logprob entry, best first; the first k when k is given.
+        -inf (a filtered token) becomes -9999 as in vLLM: JSON has no infinity."""
+        items = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+        return [(self.token_str(t), max(lp, -9999.0)) for t, lp in items]
+
+    def usage(self, requests: list[EngineRequest], outputs: list[RequestOutput], n: int) -> UsageInfo:
+        """Prompt tokens count once per prompt (not per copy), as OpenAI counts them."""
+        prompt = sum(len(r.prompt_token_ids) for r in requests[::n])
+        completion = sum(len(o.outputs[0].token_ids) for o in outputs)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+@dataclasses.dataclass
+class ChoiceProgress:
+    """How much of one choice's output a stream has sent."""
+    text: int = 0  # characters
+    tokens: int = 0
+    finished: bool = False
+
+    def advance(self, out: RequestOutput) -> tuple[str, list[int], list[dict] | None]:
+        """The new text, token ids and logprob entries since the last call."""
+        o = out.outputs[0]
+        text, tokens = o.text[self.text:], o.token_ids[self.tokens:]
+        logprobs = o.logprobs[self.tokens:] if o.logprobs is not None else None
+        self.text, self.tokens, self.finished = len(o.text), len(o.token_ids), out.finished
+        return text, tokens, logprobs
