@@ -269,6 +269,7 @@ def test_32_concurrent_requests(server):
     m = wait_until_idle(server.url)
     assert m["minimax_m1_time_to_first_token_seconds_count"] >= 32
     assert m["minimax_m1_generation_tokens_total"] >= 32 * 8
+    assert m["minimax_m1_generation_tokens_per_second"] > 0 and m["minimax_m1_num_requests_waiting"] == 0
 
 
 # ---- bad requests -------------------------------------------------------------------------------

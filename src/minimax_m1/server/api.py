@@ -109,17 +109,28 @@ async def _respond(request: Request, serving: OpenAIServing, body, endpoint) -> 
     if body.stream:
         return AbortingStreamingResponse(_events(endpoint.stream(serving, body, requests)),
                                          media_type="text/event-stream")
-    result = await _unless_disconnected(request, endpoint.response(serving, body, requests))
+    try:
+        result = await _unless_disconnected(request, endpoint.response(serving, body, requests))
+    except ValueError as e:  # the engine refused the request after all
+        raise BadRequest(str(e)) from e
     return Response(status_code=499) if result is None else JSONResponse(result.model_dump())
 
 
 async def _events(events):
-    """Server-sent events, ending with an error event rather than a cut connection when the engine fails."""
+    """Server-sent events, ending with an error event rather than a cut connection when something fails
+    after the response has started."""
     try:
         async for event in events:
             yield event
     except EngineDeadError as e:
         yield sse(error_body(f"the engine failed: {e}", "server_error", code="engine_dead"))
+        yield SSE_DONE
+    except ValueError as e:
+        yield sse(error_body(str(e), "invalid_request_error"))
+        yield SSE_DONE
+    except Exception as e:
+        logger.exception("a streamed request failed")
+        yield sse(error_body(f"internal server error: {type(e).__name__}: {e}", "server_error"))
         yield SSE_DONE
     finally:
         await events.aclose()  # aborts the engine requests if the stream ended early

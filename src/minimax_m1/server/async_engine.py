@@ -125,7 +125,7 @@ class AsyncEngine:
     def _add(self, req: EngineRequest, stream: _Stream) -> None:
         try:
             self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, prompt=req.prompt)
-        except ValueError as e:  # the server validates first; this is a backstop
+        except Exception as e:  # noqa: BLE001 - the server validates first; a bad request must not stop the engine
             _put(stream, e)
             return
         with self._cond:
