@@ -12,7 +12,7 @@ namespace minimax_m1 {
 namespace lightning_attn {
 namespace {
 
-constexpr int64_t kBlock = 32;
+constexpr int64_t kBlock = 64;  // the largest token block of the kernels; segments are multiples of it
 // Target CTAs per multiprocessor when cutting sequences into segments. More segments fill the GPU
 // with fewer heads, at the price of pass 1 (about 40% of pass 2's work on the segmented tokens).
 constexpr int64_t kCtasPerSm = 1;
@@ -67,7 +67,8 @@ void allow_smem(Kernel kernel, int bytes, int device_id, std::atomic<uint64_t>& 
 
 template <int D, bool kSplit, typename OutT>
 void launch_prefill(const PrefillParams& p, const Plan& plan, int64_t heads, int device_id, cudaStream_t stream) {
-  using L = PrefillLayout<D, kSplit>;
+  using L = PrefillLayout<D, kSplit, static_cast<int>(sizeof(OutT))>;
+  static_assert(L::output_bytes <= 227 * 1024, "prefill tiles exceed the shared memory of a multiprocessor");
   static std::atomic<uint64_t> smem_state_done{0}, smem_output_done{0};
   const dim3 grid(static_cast<unsigned>(plan.max_segments * 2), static_cast<unsigned>(heads));
   if (plan.segmented) {

@@ -7,15 +7,15 @@
 //   S'  = lambda^m S + sum_j lambda^(m-1-j) k_j^T v_j
 //
 // Work decomposition. A sequence is cut into segments of `seg_len` tokens (one segment unless the
-// batch is too small to fill the GPU). One CTA of 4 warps owns (segment, head, half of the value
-// columns e); each warp keeps a 32(e) x 64(d) tile of S^T in fp32 registers (for head_dim 128), so the
-// inter-block product O^T = S^T Q^T takes S^T straight from registers as the A operand. Pass 1
+// batch is too small to fill the GPU). One CTA of D/32 warps owns (segment, head, half of the value
+// columns e); each warp keeps a 16(e) x D(d) tile of S^T in fp32 registers, so the inter-block product
+// O^T = S^T Q^T takes S^T straight from registers as the A operand. Pass 1
 // computes each non-final segment's local state, a scan combines them with the slot's state, and
 // pass 2 recomputes outputs from the right incoming state. With one segment per sequence only
 // pass 2 runs and the state goes from the slot to the slot.
 //
 // Accuracy. Tensor-core operands are bf16. Inputs that are bf16 enter exactly; every derived operand
-// (the decayed scores P, the state S, the decayed keys lambda^x k) is split into bf16 hi + lo, so each
+// (the decayed scores P, the state S, the decayed values lambda^x v) is split into bf16 hi + lo, so each
 // product is accurate to ~2^-17 with fp32 accumulation. fp16/fp32 inputs are split into hi + lo by a
 // conversion kernel and the lo parts add one more product per term (kSplit).
 #pragma once
@@ -160,69 +160,149 @@ __global__ void __launch_bounds__(1024) prefill_plan_kernel(PrefillParams p) {
   }
 }
 
-// Shared-memory layout of the prefill CTAs (bf16 tiles padded by 16 bytes a row: ldmatrix without bank
-// conflicts). K/V tiles and the decayed keys come first so pass 1 allocates only those.
-template <int D, bool kSplit>
+// Shared-memory layout and thread mapping of the prefill CTAs. A CTA has D/32 warps; warp w owns value
+// columns e in [e_base + 16 w, e_base + 16 w + 16) and all D key dims d of the state, so no cross-warp
+// reduction is needed. bf16 tiles are padded by 16 bytes a row (ldmatrix without bank conflicts).
+// K/V tiles, the decayed values and the decay table come first: pass 1 allocates only those.
+template <int D, bool kSplit, int kOutBytes>
 struct PrefillLayout {
-  static constexpr int kBlock = 32;      // tokens per block
-  static constexpr int kThreads = 128;   // 4 warps: 2 (e slices) x 2 (d halves)
-  static constexpr int kEH = D / 2;      // value columns per CTA
-  static constexpr int kLdQ = D + 8;     // row pitch of Q, K and decayed-K tiles (elements)
-  static constexpr int kLdV = kEH + 8;
-  static constexpr int kLdP = kBlock + 8;
-  static constexpr int kLdO = kEH + 4;   // fp32 partial outputs
-  static constexpr int kTileQ = kBlock * kLdQ * 2;  // bytes
+  static constexpr int kBlock = kSplit ? 32 : 64;  // tokens per block (split inputs: smaller, smem)
+  static constexpr int kWarps = D / 32;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kEH = D / 2;                // value columns per CTA
+  static constexpr int kLdQ = D + 8;               // row pitch of Q and K tiles (elements)
+  static constexpr int kLdV = kEH + 8;             // V and decayed-V tiles
+  static constexpr int kLdP = kBlock + 8;          // decayed scores
+  static constexpr int kLdO = kEH + 16 / kOutBytes;  // output staging (elements of the output type)
+  static constexpr int kTileQ = kBlock * kLdQ * 2;   // bytes
   static constexpr int kTileV = kBlock * kLdV * 2;
-  static constexpr int k_hi = 0;                                   // [2][B][LdQ]
-  static constexpr int v_hi = k_hi + 2 * kTileQ;                   // [2][B][LdV]
-  static constexpr int k_lo = v_hi + 2 * kTileV;
-  static constexpr int v_lo = k_lo + (kSplit ? 2 * kTileQ : 0);
-  static constexpr int kt_hi = v_lo + (kSplit ? 2 * kTileV : 0);  // [B][LdQ]
-  static constexpr int kt_lo = kt_hi + kTileQ;
-  static constexpr int state_bytes = kt_lo + kTileQ;  // pass 1 ends here
-  static constexpr int q_hi = state_bytes;                         // [2][B][LdQ]
-  static constexpr int q_lo = q_hi + 2 * kTileQ;
-  static constexpr int p_hi = q_lo + (kSplit ? 2 * kTileQ : 0);    // [B][LdP]
-  static constexpr int p_lo = p_hi + kBlock * kLdP * 2;
-  static constexpr int o_part = p_lo + kBlock * kLdP * 2;          // [2][B][LdO] fp32
-  static constexpr int output_bytes = o_part + 2 * kBlock * kLdO * 4;
+  static constexpr int kTileP = kBlock * kLdP * 2;
+  static constexpr int kTab = ((kBlock + 1) * 4 + 15) / 16 * 16;
+  static constexpr int k_hi = 0;                                    // [2][B][LdQ]
+  static constexpr int k_lo = k_hi + 2 * kTileQ;                    // [2][B][LdQ] (split)
+  static constexpr int v_hi = k_lo + (kSplit ? 2 * kTileQ : 0);     // [2][B][LdV]
+  static constexpr int v_lo = v_hi + 2 * kTileV;                    // [2][B][LdV] (split)
+  static constexpr int vt_hi = v_lo + (kSplit ? 2 * kTileV : 0);    // [B][LdV]
+  static constexpr int vt_lo = vt_hi + kTileV;
+  static constexpr int tab = vt_lo + kTileV;                        // lambda^x, x = 0..B (fp32)
+  static constexpr int state_bytes = tab + kTab;                    // pass 1 ends here
+  static constexpr int q_hi = state_bytes;                          // [2][B][LdQ]
+  static constexpr int q_lo = q_hi + 2 * kTileQ;                    // (split)
+  static constexpr int p_hi = q_lo + (kSplit ? 2 * kTileQ : 0);     // [B][LdP]
+  static constexpr int p_lo = p_hi + kTileP;
+  static constexpr int o_stage = p_lo + kTileP;                     // [B][LdO] output type
+  static constexpr int output_bytes = o_stage + kBlock * kLdO * kOutBytes;
 };
 
-// Issues cp.async for a [kBlock x COLS] bf16 tile; rows >= rows_valid are zero-filled.
+// cp.async of a [ROWS x COLS] bf16 tile, rows >= rows_valid zero-filled. Thread offsets are fixed at
+// construction; per block only the tile's global base changes.
 template <int COLS, int LD, int THREADS, int ROWS>
-__device__ __forceinline__ void load_tile(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t stride_t,
-                                          int rows_valid, int tid) {
-  constexpr int kChunks = COLS / 8;
-#pragma unroll
-  for (int c = tid; c < ROWS * kChunks; c += THREADS) {
-    const int r = c / kChunks, col = (c % kChunks) * 8;
-    const bool ok = r < rows_valid;
-    const __nv_bfloat16* s = ok ? src + r * stride_t + col : src;
-    cp_async_16(smem_addr(dst + r * LD + col), s, ok);
-  }
-}
+struct TileLoader {
+  static constexpr int kChunks = COLS / 8;             // 16-byte chunks per row
+  static constexpr int kRowsPerPass = THREADS / kChunks;
+  static constexpr int kPasses = ROWS / kRowsPerPass;
+  static_assert(THREADS % kChunks == 0 && ROWS % kRowsPerPass == 0, "tile does not divide over the CTA");
+  int row0;          // first row of this thread
+  int col0;          // first column (elements)
+  uint32_t s_off;    // byte offset of (row0, col0) in the tile
+  int64_t g_row0;    // element offset of row0 in global memory
+  int64_t g_step;    // element offset between passes
 
-// Decayed keys for the state update: Kt[j][:] = lambda^(m-1-j) k_j (j < m), else 0, split hi + lo.
-template <int D, bool kSplit>
-__device__ __forceinline__ void build_decayed_keys(const __nv_bfloat16* ks, const __nv_bfloat16* ks_lo,
-                                                   __nv_bfloat16* kt_hi, __nv_bfloat16* kt_lo, int m,
-                                                   float ls, int tid) {
-  using L = PrefillLayout<D, kSplit>;
-  constexpr int kChunks = D / 8;
+  __device__ __forceinline__ TileLoader(int tid, int64_t stride_t) {
+    row0 = tid / kChunks;
+    col0 = (tid % kChunks) * 8;
+    s_off = static_cast<uint32_t>((row0 * LD + col0) * 2);
+    g_row0 = row0 * stride_t + col0;
+    g_step = kRowsPerPass * stride_t;
+  }
+  // src: element (row 0, column 0) of the tile in global memory; dst: shared address of the tile.
+  __device__ __forceinline__ void load(uint32_t dst, const __nv_bfloat16* src, int rows_valid) const {
+    const __nv_bfloat16* g = src + g_row0;
 #pragma unroll
-  for (int c = tid; c < L::kBlock * kChunks; c += L::kThreads) {
-    const int j = c / kChunks, col = (c % kChunks) * 8;
-    const int off = j * L::kLdQ + col;
+    for (int i = 0; i < kPasses; ++i) {
+      const bool ok = row0 + i * kRowsPerPass < rows_valid;
+      cp_async_16(dst + s_off + i * kRowsPerPass * LD * 2, ok ? g : src, ok);
+      g += g_step;
+    }
+  }
+};
+
+// Per-warp state tile S^T: rows e (16 of them, the warp's columns), columns d (all D), fp32 C fragments:
+// st[nj][r] <-> (e = e_off + g + 8 (r >> 1), d = 8 nj + 2t + (r & 1)).
+template <int D>
+struct WarpState {
+  static constexpr int NT = D / 8;
+  float st[NT][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) st[nj][r] = 0.f;
+  }
+  // src/dst: a [D][D] fp32 state (row d, column e); e_off: the warp's first column.
+  __device__ __forceinline__ void load(const float* src, int e_off, int lane) {
+    const float* p = src + (2 * (lane & 3)) * D + e_off + (lane >> 2);
+#pragma unroll
+    for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) st[nj][r] = p[(8 * nj + (r & 1)) * D + 8 * (r >> 1)];
+  }
+  __device__ __forceinline__ void store(float* dst, int e_off, int lane) const {
+    float* p = dst + (2 * (lane & 3)) * D + e_off + (lane >> 2);
+#pragma unroll
+    for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) p[(8 * nj + (r & 1)) * D + 8 * (r >> 1)] = st[nj][r];
+  }
+  __device__ __forceinline__ void scale(float f) {
+#pragma unroll
+    for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) st[nj][r] *= f;
+  }
+};
+
+// Per-thread shared-memory offsets (bytes, lane-dependent part) of the ldmatrix operands.
+template <int LDQ, int LDV, int LDP>
+struct LaneOffsets {
+  uint32_t q_b;   // Q as B operand (Q^T, k = d, n = queries) and K as B operand of Q K^T: non-trans
+  uint32_t q_a;   // Q as A operand of Q K^T: non-trans
+  uint32_t k_bt;  // K as B operand of the state update (k = tokens, n = d): trans
+  uint32_t v_at;  // V^T / decayed V^T as A operand (m = e, k = tokens): trans, includes the warp's columns
+  uint32_t p_b;   // P^T as B operand (k = keys, n = queries): non-trans
+  __device__ __forceinline__ LaneOffsets(int lane, int e_loc) {
+    const int r8 = lane & 7, b3 = (lane >> 3) & 1, b4 = lane >> 4;
+    q_b = ((r8 + 8 * b4) * LDQ + 8 * b3) * 2;
+    q_a = ((lane & 15) * LDQ + 8 * b4) * 2;
+    k_bt = ((r8 + 8 * b3) * LDQ + 8 * b4) * 2;
+    v_at = ((r8 + 8 * b4) * LDV + e_loc + 8 * b3) * 2;
+    p_b = ((r8 + 8 * b4) * LDP + 8 * b3) * 2;
+  }
+};
+
+// Decayed values for the state update: Vt[j][:] = lambda^(m-1-j) v_j (j < m, else 0), split hi + lo.
+template <int B, int EH, int LDV, int THREADS, bool kSplit>
+__device__ __forceinline__ void build_decayed_values(const unsigned char* smem, uint32_t v_off, uint32_t v_lo_off,
+                                                     uint32_t vt_hi_off, uint32_t vt_lo_off, const float* tab,
+                                                     int m, int tid) {
+  constexpr int kChunks = EH / 8;
+  constexpr int kRowsPerPass = THREADS / kChunks;
+  const int row0 = tid / kChunks, col0 = (tid % kChunks) * 8;
+#pragma unroll
+  for (int i = 0; i < B / kRowsPerPass; ++i) {
+    const int j = row0 + i * kRowsPerPass;
+    const int off = (j * LDV + col0) * 2;
     uint4 hi = make_uint4(0, 0, 0, 0), lo = make_uint4(0, 0, 0, 0);
     if (j < m) {
-      const float w = exp2f(-ls * static_cast<float>(m - 1 - j));
-      const uint4 raw = *reinterpret_cast<const uint4*>(ks + off);
+      const float w = tab[m - 1 - j];
+      const uint4 raw = *reinterpret_cast<const uint4*>(smem + v_off + off);
+      uint4 raw_lo = make_uint4(0, 0, 0, 0);
+      if constexpr (kSplit) raw_lo = *reinterpret_cast<const uint4*>(smem + v_lo_off + off);
       const uint32_t* r = reinterpret_cast<const uint32_t*>(&raw);
+      const uint32_t* rl = reinterpret_cast<const uint32_t*>(&raw_lo);
       uint32_t* h = reinterpret_cast<uint32_t*>(&hi);
       uint32_t* l = reinterpret_cast<uint32_t*>(&lo);
-      uint4 raw_lo = make_uint4(0, 0, 0, 0);
-      if constexpr (kSplit) raw_lo = *reinterpret_cast<const uint4*>(ks_lo + off);
-      const uint32_t* rl = reinterpret_cast<const uint32_t*>(&raw_lo);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float2 x = bf16x2_to_float2(r[e]);
@@ -234,108 +314,44 @@ __device__ __forceinline__ void build_decayed_keys(const __nv_bfloat16* ks, cons
         split_bf16x2(x.x * w, x.y * w, h[e], l[e]);
       }
     }
-    *reinterpret_cast<uint4*>(kt_hi + off) = hi;
-    *reinterpret_cast<uint4*>(kt_lo + off) = lo;
+    *reinterpret_cast<uint4*>(const_cast<unsigned char*>(smem) + vt_hi_off + off) = hi;
+    *reinterpret_cast<uint4*>(const_cast<unsigned char*>(smem) + vt_lo_off + off) = lo;
   }
 }
 
-// Per-warp state tile: S^T rows e in [e_off, e_off + 16 MT), columns d in [d_off, d_off + D/2),
-// held as C fragments st[mi][nj][r] <-> (e = e_off + 16 mi + g + 8 (r >> 1), d = d_off + 8 nj + 2t + (r & 1)).
-template <int D>
-struct WarpState {
-  static constexpr int MT = D / 64;   // 16-row tiles of e per warp
-  static constexpr int NT = D / 16;   // 8-column tiles of d per warp (D/2 columns)
-  float st[MT][NT][4];
-
-  __device__ __forceinline__ void zero() {
+// S^T += Vt^T K over one block (the caller has already decayed S^T by lambda^m). Addresses are shared
+// byte addresses with the lane offsets included: vt_* from LaneOffsets::v_at, k_* from LaneOffsets::k_bt.
+template <int D, int B, bool kSplit, int LDQ, int LDV>
+__device__ __forceinline__ void state_update(WarpState<D>& ws, uint32_t vt_hi, uint32_t vt_lo, uint32_t k_hi,
+                                             uint32_t k_lo) {
 #pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
+  for (int ks = 0; ks < B / 16; ++ks) {
+    uint32_t ah[4], al[4];
+    ldmatrix_x4_trans(ah, vt_hi + ks * 16 * LDV * 2);
+    ldmatrix_x4_trans(al, vt_lo + ks * 16 * LDV * 2);
 #pragma unroll
-      for (int nj = 0; nj < NT; ++nj)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) st[mi][nj][r] = 0.f;
-  }
-  // src/dst point at a [D][D] fp32 state (row d, column e); e_off includes the CTA's column base.
-  __device__ __forceinline__ void load(const float* src, int e_off, int d_off, int lane) {
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-      for (int nj = 0; nj < NT; ++nj)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int e = e_off + 16 * mi + g + 8 * (r >> 1);
-          const int d = d_off + 8 * nj + 2 * t + (r & 1);
-          st[mi][nj][r] = src[d * D + e];
-        }
-  }
-  __device__ __forceinline__ void store(float* dst, int e_off, int d_off, int lane) const {
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-      for (int nj = 0; nj < NT; ++nj)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int e = e_off + 16 * mi + g + 8 * (r >> 1);
-          const int d = d_off + 8 * nj + 2 * t + (r & 1);
-          dst[d * D + e] = st[mi][nj][r];
-        }
-  }
-  __device__ __forceinline__ void scale(float f) {
-#pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-      for (int nj = 0; nj < NT; ++nj)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) st[mi][nj][r] *= f;
-  }
-};
-
-// V^T A fragments (rows e, columns = 16 tokens of k-step ks) for the warp's MT row tiles.
-template <int D, int LDV>
-__device__ __forceinline__ void load_vt_frags(uint32_t (&av)[D / 64][4], const __nv_bfloat16* vs, int e_loc,
-                                              int ks, int lane) {
-#pragma unroll
-  for (int mi = 0; mi < D / 64; ++mi) {
-    const int row = 16 * ks + (lane & 7) + 8 * (lane >> 4);
-    const int col = e_loc + 16 * mi + 8 * ((lane >> 3) & 1);
-    ldmatrix_x4_trans(av[mi], smem_addr(vs + row * LDV + col));
-  }
-}
-
-// S^T += V^T Kt for one 16-token k-step over the warp's d half.
-template <int D, bool kSplit>
-__device__ __forceinline__ void state_update_step(WarpState<D>& ws, const uint32_t (&av)[D / 64][4],
-                                                  const uint32_t (&av_lo)[D / 64][4], const __nv_bfloat16* kt_hi,
-                                                  const __nv_bfloat16* kt_lo, int ks, int d_off, int lane) {
-  using L = PrefillLayout<D, kSplit>;
-  constexpr int MT = D / 64;
-#pragma unroll
-  for (int np = 0; np < WarpState<D>::NT / 2; ++np) {
-    const int row = 16 * ks + (lane & 7) + 8 * ((lane >> 3) & 1);
-    const int col = d_off + 16 * np + 8 * (lane >> 4);
-    uint32_t bh[4], bl[4];
-    ldmatrix_x4_trans(bh, smem_addr(kt_hi + row * L::kLdQ + col));
-    ldmatrix_x4_trans(bl, smem_addr(kt_lo + row * L::kLdQ + col));
-#pragma unroll
-    for (int mi = 0; mi < MT; ++mi) {
-      mma_bf16(ws.st[mi][2 * np], av[mi], bh[0], bh[1]);
-      mma_bf16(ws.st[mi][2 * np + 1], av[mi], bh[2], bh[3]);
-      mma_bf16(ws.st[mi][2 * np], av[mi], bl[0], bl[1]);
-      mma_bf16(ws.st[mi][2 * np + 1], av[mi], bl[2], bl[3]);
+    for (int np = 0; np < D / 16; ++np) {
+      const uint32_t off = (ks * 16 * LDQ + np * 16) * 2;
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, k_hi + off);
+      mma_bf16(ws.st[2 * np], ah, b[0], b[1]);
+      mma_bf16(ws.st[2 * np + 1], ah, b[2], b[3]);
+      mma_bf16(ws.st[2 * np], al, b[0], b[1]);
+      mma_bf16(ws.st[2 * np + 1], al, b[2], b[3]);
       if constexpr (kSplit) {
-        mma_bf16(ws.st[mi][2 * np], av_lo[mi], bh[0], bh[1]);
-        mma_bf16(ws.st[mi][2 * np + 1], av_lo[mi], bh[2], bh[3]);
+        uint32_t bl[4];
+        ldmatrix_x4_trans(bl, k_lo + off);
+        mma_bf16(ws.st[2 * np], ah, bl[0], bl[1]);
+        mma_bf16(ws.st[2 * np + 1], ah, bl[2], bl[3]);
       }
     }
   }
 }
 
-// Pass 1: local state of every non-final segment, sum_j lambda^(len-1-j) k_j^T v_j, into seg_state[g].
+// Pass 1: local state of every non-final segment, sum_j lambda^(len-1-j) k_j^T v_j, into seg_state.
 template <int D, bool kSplit>
-__global__ void __launch_bounds__(128) prefill_segment_state_kernel(PrefillParams p) {
-  using L = PrefillLayout<D, kSplit>;
+__global__ void __launch_bounds__(D) prefill_segment_state_kernel(PrefillParams p) {
+  using L = PrefillLayout<D, kSplit, 2>;
   constexpr int B = L::kBlock;
   extern __shared__ __align__(16) unsigned char smem[];
   const int g = blockIdx.x >> 1, e_half = blockIdx.x & 1, h = blockIdx.y;
@@ -344,29 +360,24 @@ __global__ void __launch_bounds__(128) prefill_segment_state_kernel(PrefillParam
   if (seg.slot < 0 || seg.index == seg.count - 1) return;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int e_slice = warp & 1, d_half = warp >> 1;
-  const int e_base = e_half * L::kEH;
-  const int e_loc = e_slice * (D / 4);
-  const int d_off = d_half * (D / 2);
-  const float ls = p.slopes[h] * kLog2e;
+  const int e_base = e_half * L::kEH, e_loc = 16 * warp;
+  const uint32_t s0 = smem_addr(smem);
+  float* tab = reinterpret_cast<float*>(smem + L::tab);
+  if (tid <= B) tab[tid] = exp2f(-p.slopes[h] * kLog2e * static_cast<float>(tid));
 
-  __nv_bfloat16* k_hi = reinterpret_cast<__nv_bfloat16*>(smem + L::k_hi);
-  __nv_bfloat16* v_hi = reinterpret_cast<__nv_bfloat16*>(smem + L::v_hi);
-  __nv_bfloat16* k_lo = reinterpret_cast<__nv_bfloat16*>(smem + L::k_lo);
-  __nv_bfloat16* v_lo = reinterpret_cast<__nv_bfloat16*>(smem + L::v_lo);
-  __nv_bfloat16* kt_hi = reinterpret_cast<__nv_bfloat16*>(smem + L::kt_hi);
-  __nv_bfloat16* kt_lo = reinterpret_cast<__nv_bfloat16*>(smem + L::kt_lo);
-
+  const TileLoader<D, L::kLdQ, L::kThreads, B> k_loader(tid, p.k_stride_t);
+  const TileLoader<L::kEH, L::kLdV, L::kThreads, B> v_loader(tid, p.v_stride_t);
+  const LaneOffsets<L::kLdQ, L::kLdV, L::kLdP> lo(lane, e_loc);
   auto issue_loads = [&](int blk, int buf) {
     const int t = seg.start + blk * B;
     const int rows = min(B, seg.len - blk * B);
     const int64_t ko = t * p.k_stride_t + h * p.k_stride_h;
     const int64_t vo = t * p.v_stride_t + h * p.v_stride_h + e_base;
-    load_tile<D, L::kLdQ, 128, B>(k_hi + buf * B * L::kLdQ, p.k + ko, p.k_stride_t, rows, tid);
-    load_tile<L::kEH, L::kLdV, 128, B>(v_hi + buf * B * L::kLdV, p.v + vo, p.v_stride_t, rows, tid);
+    k_loader.load(s0 + L::k_hi + buf * L::kTileQ, p.k + ko, rows);
+    v_loader.load(s0 + L::v_hi + buf * L::kTileV, p.v + vo, rows);
     if constexpr (kSplit) {
-      load_tile<D, L::kLdQ, 128, B>(k_lo + buf * B * L::kLdQ, p.k_lo + ko, p.k_stride_t, rows, tid);
-      load_tile<L::kEH, L::kLdV, 128, B>(v_lo + buf * B * L::kLdV, p.v_lo + vo, p.v_stride_t, rows, tid);
+      k_loader.load(s0 + L::k_lo + buf * L::kTileQ, p.k_lo + ko, rows);
+      v_loader.load(s0 + L::v_lo + buf * L::kTileV, p.v_lo + vo, rows);
     }
   };
 
@@ -382,22 +393,18 @@ __global__ void __launch_bounds__(128) prefill_segment_state_kernel(PrefillParam
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    build_decayed_keys<D, kSplit>(k_hi + buf * B * L::kLdQ, k_lo + buf * B * L::kLdQ, kt_hi, kt_lo, m, ls, tid);
+    build_decayed_values<B, L::kEH, L::kLdV, L::kThreads, kSplit>(smem, L::v_hi + buf * L::kTileV,
+                                                                  L::v_lo + buf * L::kTileV, L::vt_hi, L::vt_lo,
+                                                                  tab, m, tid);
     __syncthreads();
-    state.scale(exp2f(-ls * static_cast<float>(m)));
-    const __nv_bfloat16* vs = v_hi + buf * B * L::kLdV;
-    const __nv_bfloat16* vs_lo = v_lo + buf * B * L::kLdV;
-#pragma unroll
-    for (int ks = 0; ks < B / 16; ++ks) {
-      uint32_t av[D / 64][4], av_lo[D / 64][4];
-      load_vt_frags<D, L::kLdV>(av, vs, e_loc, ks, lane);
-      if constexpr (kSplit) load_vt_frags<D, L::kLdV>(av_lo, vs_lo, e_loc, ks, lane);
-      state_update_step<D, kSplit>(state, av, av_lo, kt_hi, kt_lo, ks, d_off, lane);
-    }
+    state.scale(tab[m]);
+    state_update<D, B, kSplit, L::kLdQ, L::kLdV>(state, s0 + L::vt_hi + lo.v_at, s0 + L::vt_lo + lo.v_at,
+                                                 s0 + L::k_hi + buf * L::kTileQ + lo.k_bt,
+                                                 s0 + L::k_lo + buf * L::kTileQ + lo.k_bt);
     __syncthreads();
   }
   float* dst = p.seg_state + (static_cast<int64_t>(seg.state_index) * p.num_heads + h) * D * D;
-  state.store(dst, e_base + e_loc, d_off, lane);
+  state.store(dst, e_base + e_loc, lane);
 }
 
 // Scan over segments: seg_state[g0 + k] becomes the state entering segment k (slot state for k = 0).
@@ -439,13 +446,14 @@ __global__ void __launch_bounds__(256) prefill_segment_scan_kernel(PrefillParams
   ws[(static_cast<int64_t>(g0 + count - 1) * p.num_heads + h) * head_stride / 4 + x] = s;
 }
 
-// Pass 2: outputs of one segment (one block of 32 tokens at a time) and, for the final segment of a
-// sequence, its final state into the slot.
+// Pass 2: outputs of one segment, one block of B tokens at a time, and for the final segment of a
+// sequence its final state into the slot. Per block: (A) all threads decay V into Vt, warps compute the
+// causal decayed score tiles P = lambda^(c-j) q_c . k_j; (B) each warp computes its 16 output columns
+// O^T = lambda^(c+1) S^T Q^T + V^T P^T and updates S^T; (C) the CTA stores the block's outputs.
 template <int D, bool kSplit, typename OutT>
-__global__ void __launch_bounds__(128) prefill_output_kernel(PrefillParams p) {
-  using L = PrefillLayout<D, kSplit>;
+__global__ void __launch_bounds__(D) prefill_output_kernel(PrefillParams p) {
+  using L = PrefillLayout<D, kSplit, static_cast<int>(sizeof(OutT))>;
   constexpr int B = L::kBlock;
-  constexpr int MT = D / 64;
   constexpr int NQ = B / 8;  // 8-query tiles per block
   extern __shared__ __align__(16) unsigned char smem[];
   const int g = blockIdx.x >> 1, e_half = blockIdx.x & 1, h = blockIdx.y;
@@ -454,49 +462,43 @@ __global__ void __launch_bounds__(128) prefill_output_kernel(PrefillParams p) {
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, tq = lane & 3;
-  const int e_base = e_half * L::kEH;
-  OutT* out = static_cast<OutT*>(p.o);
+  const int e_base = e_half * L::kEH, e_loc = 16 * warp;
   const int64_t out_stride_t = static_cast<int64_t>(p.num_heads) * D;
+  OutT* out = static_cast<OutT*>(p.o) + h * D + e_base;
+
+  // Output copy-out mapping: 16-byte chunks of a [B][EH] tile of OutT.
+  constexpr int kOutPerChunk = 16 / static_cast<int>(sizeof(OutT));
+  constexpr int kOutChunks = L::kEH / kOutPerChunk;
+  constexpr int kOutRowsPerPass = L::kThreads / kOutChunks;
+  const int out_row0 = tid / kOutChunks, out_col0 = (tid % kOutChunks) * kOutPerChunk;
 
   if (seg.slot < 0) {  // padding: zero output, no state access
-    for (int c = tid; c < seg.len * (L::kEH / 8); c += L::kThreads) {
-      const int r = c / (L::kEH / 8), col = (c % (L::kEH / 8)) * 8;
-      const float zeros[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      store8(out + (seg.start + r) * out_stride_t + h * D + e_base + col, zeros);
-    }
+    for (int r = out_row0; r < seg.len; r += kOutRowsPerPass)
+      *reinterpret_cast<uint4*>(out + (seg.start + r) * out_stride_t + out_col0) = make_uint4(0, 0, 0, 0);
     return;
   }
 
-  const int e_slice = warp & 1, d_half = warp >> 1;
-  const int e_loc = e_slice * (D / 4);
-  const int d_off = d_half * (D / 2);
-  const float ls = p.slopes[h] * kLog2e;
+  const uint32_t s0 = smem_addr(smem);
+  float* tab = reinterpret_cast<float*>(smem + L::tab);
+  if (tid <= B) tab[tid] = exp2f(-p.slopes[h] * kLog2e * static_cast<float>(tid));
 
-  __nv_bfloat16* k_hi = reinterpret_cast<__nv_bfloat16*>(smem + L::k_hi);
-  __nv_bfloat16* v_hi = reinterpret_cast<__nv_bfloat16*>(smem + L::v_hi);
-  __nv_bfloat16* k_lo = reinterpret_cast<__nv_bfloat16*>(smem + L::k_lo);
-  __nv_bfloat16* v_lo = reinterpret_cast<__nv_bfloat16*>(smem + L::v_lo);
-  __nv_bfloat16* q_hi = reinterpret_cast<__nv_bfloat16*>(smem + L::q_hi);
-  __nv_bfloat16* q_lo = reinterpret_cast<__nv_bfloat16*>(smem + L::q_lo);
-  __nv_bfloat16* kt_hi = reinterpret_cast<__nv_bfloat16*>(smem + L::kt_hi);
-  __nv_bfloat16* kt_lo = reinterpret_cast<__nv_bfloat16*>(smem + L::kt_lo);
-  __nv_bfloat16* p_hi = reinterpret_cast<__nv_bfloat16*>(smem + L::p_hi);
-  __nv_bfloat16* p_lo = reinterpret_cast<__nv_bfloat16*>(smem + L::p_lo);
-  float* o_part = reinterpret_cast<float*>(smem + L::o_part);
-
+  const TileLoader<D, L::kLdQ, L::kThreads, B> q_loader(tid, p.q_stride_t);
+  const TileLoader<D, L::kLdQ, L::kThreads, B> k_loader(tid, p.k_stride_t);
+  const TileLoader<L::kEH, L::kLdV, L::kThreads, B> v_loader(tid, p.v_stride_t);
+  const LaneOffsets<L::kLdQ, L::kLdV, L::kLdP> lo(lane, e_loc);
   auto issue_loads = [&](int blk, int buf) {
     const int t = seg.start + blk * B;
     const int rows = min(B, seg.len - blk * B);
     const int64_t qo = t * p.q_stride_t + h * p.q_stride_h;
     const int64_t ko = t * p.k_stride_t + h * p.k_stride_h;
     const int64_t vo = t * p.v_stride_t + h * p.v_stride_h + e_base;
-    load_tile<D, L::kLdQ, 128, B>(q_hi + buf * B * L::kLdQ, p.q + qo, p.q_stride_t, rows, tid);
-    load_tile<D, L::kLdQ, 128, B>(k_hi + buf * B * L::kLdQ, p.k + ko, p.k_stride_t, rows, tid);
-    load_tile<L::kEH, L::kLdV, 128, B>(v_hi + buf * B * L::kLdV, p.v + vo, p.v_stride_t, rows, tid);
+    q_loader.load(s0 + L::q_hi + buf * L::kTileQ, p.q + qo, rows);
+    k_loader.load(s0 + L::k_hi + buf * L::kTileQ, p.k + ko, rows);
+    v_loader.load(s0 + L::v_hi + buf * L::kTileV, p.v + vo, rows);
     if constexpr (kSplit) {
-      load_tile<D, L::kLdQ, 128, B>(q_lo + buf * B * L::kLdQ, p.q_lo + qo, p.q_stride_t, rows, tid);
-      load_tile<D, L::kLdQ, 128, B>(k_lo + buf * B * L::kLdQ, p.k_lo + ko, p.k_stride_t, rows, tid);
-      load_tile<L::kEH, L::kLdV, 128, B>(v_lo + buf * B * L::kLdV, p.v_lo + vo, p.v_stride_t, rows, tid);
+      q_loader.load(s0 + L::q_lo + buf * L::kTileQ, p.q_lo + qo, rows);
+      k_loader.load(s0 + L::k_lo + buf * L::kTileQ, p.k_lo + ko, rows);
+      v_loader.load(s0 + L::v_lo + buf * L::kTileV, p.v_lo + vo, rows);
     }
   };
 
@@ -504,11 +506,9 @@ __global__ void __launch_bounds__(128) prefill_output_kernel(PrefillParams p) {
   issue_loads(0, 0);
   cp_async_commit();
 
-  // Scores of (queries 0-15, keys 16-31) are causally zero and never written again.
-  for (int c = tid; c < B * L::kLdP / 2; c += L::kThreads) {
-    reinterpret_cast<uint32_t*>(p_hi)[c] = 0u;
-    reinterpret_cast<uint32_t*>(p_lo)[c] = 0u;
-  }
+  // Score tiles above the diagonal are causally zero and never written: zero them once.
+  for (int c = tid; c < 2 * L::kTileP / 16; c += L::kThreads)
+    *reinterpret_cast<uint4*>(smem + L::p_hi + 16 * c) = make_uint4(0, 0, 0, 0);
 
   WarpState<D> state;
   {
@@ -516,14 +516,8 @@ __global__ void __launch_bounds__(128) prefill_output_kernel(PrefillParams p) {
     const float* src = seg.count == 1
                            ? p.state_pool + (static_cast<int64_t>(seg.slot) * p.num_heads + h) * head_stride
                            : p.seg_state + (static_cast<int64_t>(seg.state_index) * p.num_heads + h) * head_stride;
-    state.load(src, e_base + e_loc, d_off, lane);
+    state.load(src, e_base + e_loc, lane);
   }
-  // lambda^(c+1) for this thread's query columns c = 8 nq + 2 tq + u of the inter term.
-  float inter_decay[NQ][2];
-#pragma unroll
-  for (int nq = 0; nq < NQ; ++nq)
-#pragma unroll
-    for (int u = 0; u < 2; ++u) inter_decay[nq][u] = exp2f(-ls * static_cast<float>(8 * nq + 2 * tq + u + 1));
 
   for (int blk = 0; blk < nblocks; ++blk) {
     const int buf = blk & 1;
@@ -533,167 +527,146 @@ __global__ void __launch_bounds__(128) prefill_output_kernel(PrefillParams p) {
     cp_async_wait<1>();
     __syncthreads();
 
-    const __nv_bfloat16* qs = q_hi + buf * B * L::kLdQ;
-    const __nv_bfloat16* qs_lo = q_lo + buf * B * L::kLdQ;
-    const __nv_bfloat16* kss = k_hi + buf * B * L::kLdQ;
-    const __nv_bfloat16* kss_lo = k_lo + buf * B * L::kLdQ;
-    const __nv_bfloat16* vs = v_hi + buf * B * L::kLdV;
-    const __nv_bfloat16* vs_lo = v_lo + buf * B * L::kLdV;
+    const uint32_t q_hi = s0 + L::q_hi + buf * L::kTileQ, q_lo = s0 + L::q_lo + buf * L::kTileQ;
+    const uint32_t k_hi = s0 + L::k_hi + buf * L::kTileQ, k_lo = s0 + L::k_lo + buf * L::kTileQ;
+    const uint32_t v_hi = s0 + L::v_hi + buf * L::kTileV, v_lo = s0 + L::v_lo + buf * L::kTileV;
 
-    build_decayed_keys<D, kSplit>(kss, kss_lo, kt_hi, kt_lo, m, ls, tid);
-    if (warp < 3) {
-      // Decayed causal scores P[c][j] = lambda^(c-j) q_c . k_j for one 16x16 tile per warp:
-      // warp 0: queries 0-15 x keys 0-15, warp 1: 16-31 x 0-15, warp 2: 16-31 x 16-31.
-      const int mq = warp == 0 ? 0 : 1, kk = warp == 2 ? 1 : 0;
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // (A) decayed values and decayed causal scores.
+    build_decayed_values<B, L::kEH, L::kLdV, L::kThreads, kSplit>(smem, L::v_hi + buf * L::kTileV,
+                                                                  L::v_lo + buf * L::kTileV, L::vt_hi, L::vt_lo,
+                                                                  tab, m, tid);
 #pragma unroll
-      for (int kd = 0; kd < D / 16; ++kd) {
-        const int a_off = (16 * mq + (lane & 15)) * L::kLdQ + 16 * kd + 8 * (lane >> 4);
-        const int b_off = (16 * kk + (lane & 7) + 8 * (lane >> 4)) * L::kLdQ + 16 * kd + 8 * ((lane >> 3) & 1);
-        uint32_t a[4], b[4];
-        ldmatrix_x4(a, smem_addr(qs + a_off));
-        ldmatrix_x4(b, smem_addr(kss + b_off));
-        mma_bf16(acc[0], a, b[0], b[1]);
-        mma_bf16(acc[1], a, b[2], b[3]);
-        if constexpr (kSplit) {
-          uint32_t al[4], bl[4];
-          ldmatrix_x4(al, smem_addr(qs_lo + a_off));
-          ldmatrix_x4(bl, smem_addr(kss_lo + b_off));
-          mma_bf16(acc[0], al, b[0], b[1]);
-          mma_bf16(acc[1], al, b[2], b[3]);
-          mma_bf16(acc[0], a, bl[0], bl[1]);
-          mma_bf16(acc[1], a, bl[2], bl[3]);
+    for (int tile = 0, mq = 0, kk = 0; tile < NQ / 2 * (NQ / 2 + 1) / 2; ++tile) {
+      // tiles (mq, kk), kk <= mq, in order (0,0) (1,0) (1,1) (2,0) ...; round-robin over the warps
+      if (tile % L::kWarps == warp) {
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kd = 0; kd < D / 16; ++kd) {
+          const uint32_t a_off = lo.q_a + (16 * mq * L::kLdQ + 16 * kd) * 2;
+          const uint32_t b_off = lo.q_b + (16 * kk * L::kLdQ + 16 * kd) * 2;
+          uint32_t a[4], b[4];
+          ldmatrix_x4(a, q_hi + a_off);
+          ldmatrix_x4(b, k_hi + b_off);
+          mma_bf16(acc[0], a, b[0], b[1]);
+          mma_bf16(acc[1], a, b[2], b[3]);
+          if constexpr (kSplit) {
+            uint32_t al[4], bl[4];
+            ldmatrix_x4(al, q_lo + a_off);
+            ldmatrix_x4(bl, k_lo + b_off);
+            mma_bf16(acc[0], al, b[0], b[1]);
+            mma_bf16(acc[1], al, b[2], b[3]);
+            mma_bf16(acc[0], a, bl[0], bl[1]);
+            mma_bf16(acc[1], a, bl[2], bl[3]);
+          }
         }
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int c = 16 * mq + gq + 8 * half;
+            const int j = 16 * kk + 8 * nj + 2 * tq;
+            const float x0 = j <= c ? acc[nj][2 * half] * tab[c - j] : 0.f;
+            const float x1 = j + 1 <= c ? acc[nj][2 * half + 1] * tab[c - j - 1] : 0.f;
+            uint32_t hi, lo2;
+            split_bf16x2(x0, x1, hi, lo2);
+            *reinterpret_cast<uint32_t*>(smem + L::p_hi + (c * L::kLdP + j) * 2) = hi;
+            *reinterpret_cast<uint32_t*>(smem + L::p_lo + (c * L::kLdP + j) * 2) = lo2;
+          }
       }
-#pragma unroll
-      for (int nj = 0; nj < 2; ++nj)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int c = 16 * mq + gq + 8 * half;
-          const int j = 16 * kk + 8 * nj + 2 * tq;
-          const float x0 = j <= c ? acc[nj][2 * half] * exp2f(-ls * static_cast<float>(c - j)) : 0.f;
-          const float x1 = j + 1 <= c ? acc[nj][2 * half + 1] * exp2f(-ls * static_cast<float>(c - j - 1)) : 0.f;
-          uint32_t hi, lo;
-          split_bf16x2(x0, x1, hi, lo);
-          *reinterpret_cast<uint32_t*>(p_hi + c * L::kLdP + j) = hi;
-          *reinterpret_cast<uint32_t*>(p_lo + c * L::kLdP + j) = lo;
-        }
+      if (kk == mq) {
+        ++mq;
+        kk = 0;
+      } else {
+        ++kk;
+      }
     }
     __syncthreads();
 
-    // O^T (warp's e rows x 32 queries), partial over the warp's d half: inter term, then intra.
-    float o[MT][NQ][4];
+    // (B) O^T (the warp's 16 columns x B queries): inter term from the old state, then intra.
+    float o[NQ][4];
 #pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
+    for (int nq = 0; nq < NQ; ++nq)
 #pragma unroll
-      for (int nq = 0; nq < NQ; ++nq)
+      for (int r = 0; r < 4; ++r) o[nq][r] = 0.f;
 #pragma unroll
-        for (int r = 0; r < 4; ++r) o[mi][nq][r] = 0.f;
-
-#pragma unroll
-    for (int kd = 0; kd < D / 32; ++kd) {  // 16 d per step over the warp's D/2
-      uint32_t ah[MT][4], al[MT][4];
-#pragma unroll
-      for (int mi = 0; mi < MT; ++mi) {
-        split_bf16x2(state.st[mi][2 * kd][0], state.st[mi][2 * kd][1], ah[mi][0], al[mi][0]);
-        split_bf16x2(state.st[mi][2 * kd][2], state.st[mi][2 * kd][3], ah[mi][1], al[mi][1]);
-        split_bf16x2(state.st[mi][2 * kd + 1][0], state.st[mi][2 * kd + 1][1], ah[mi][2], al[mi][2]);
-        split_bf16x2(state.st[mi][2 * kd + 1][2], state.st[mi][2 * kd + 1][3], ah[mi][3], al[mi][3]);
-      }
+    for (int kd = 0; kd < D / 16; ++kd) {
+      uint32_t ah[4], al[4];
+      split_bf16x2(state.st[2 * kd][0], state.st[2 * kd][1], ah[0], al[0]);
+      split_bf16x2(state.st[2 * kd][2], state.st[2 * kd][3], ah[1], al[1]);
+      split_bf16x2(state.st[2 * kd + 1][0], state.st[2 * kd + 1][1], ah[2], al[2]);
+      split_bf16x2(state.st[2 * kd + 1][2], state.st[2 * kd + 1][3], ah[3], al[3]);
 #pragma unroll
       for (int qp = 0; qp < NQ / 2; ++qp) {
-        const int off = (16 * qp + (lane & 7) + 8 * (lane >> 4)) * L::kLdQ + d_off + 16 * kd + 8 * ((lane >> 3) & 1);
+        const uint32_t off = lo.q_b + (16 * qp * L::kLdQ + 16 * kd) * 2;
         uint32_t b[4];
-        ldmatrix_x4(b, smem_addr(qs + off));
-#pragma unroll
-        for (int mi = 0; mi < MT; ++mi) {
-          mma_bf16(o[mi][2 * qp], ah[mi], b[0], b[1]);
-          mma_bf16(o[mi][2 * qp + 1], ah[mi], b[2], b[3]);
-          mma_bf16(o[mi][2 * qp], al[mi], b[0], b[1]);
-          mma_bf16(o[mi][2 * qp + 1], al[mi], b[2], b[3]);
-        }
+        ldmatrix_x4(b, q_hi + off);
+        mma_bf16(o[2 * qp], ah, b[0], b[1]);
+        mma_bf16(o[2 * qp + 1], ah, b[2], b[3]);
+        mma_bf16(o[2 * qp], al, b[0], b[1]);
+        mma_bf16(o[2 * qp + 1], al, b[2], b[3]);
         if constexpr (kSplit) {
           uint32_t bl[4];
-          ldmatrix_x4(bl, smem_addr(qs_lo + off));
-#pragma unroll
-          for (int mi = 0; mi < MT; ++mi) {
-            mma_bf16(o[mi][2 * qp], ah[mi], bl[0], bl[1]);
-            mma_bf16(o[mi][2 * qp + 1], ah[mi], bl[2], bl[3]);
-          }
+          ldmatrix_x4(bl, q_lo + off);
+          mma_bf16(o[2 * qp], ah, bl[0], bl[1]);
+          mma_bf16(o[2 * qp + 1], ah, bl[2], bl[3]);
         }
       }
     }
 #pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
-#pragma unroll
-      for (int nq = 0; nq < NQ; ++nq)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) o[mi][nq][r] *= inter_decay[nq][r & 1];
-
-    // The inter term has read the old state; decay it for the update that follows.
-    state.scale(exp2f(-ls * static_cast<float>(m)));
+    for (int nq = 0; nq < NQ; ++nq) {
+      const float f0 = tab[8 * nq + 2 * tq + 1], f1 = tab[8 * nq + 2 * tq + 2];
+      o[nq][0] *= f0;
+      o[nq][1] *= f1;
+      o[nq][2] *= f0;
+      o[nq][3] *= f1;
+    }
+    state.scale(tab[m]);  // the inter term has read the old state
 
 #pragma unroll
     for (int ks = 0; ks < B / 16; ++ks) {
-      uint32_t av[MT][4], av_lo[MT][4];
-      load_vt_frags<D, L::kLdV>(av, vs, e_loc, ks, lane);
-      if constexpr (kSplit) load_vt_frags<D, L::kLdV>(av_lo, vs_lo, e_loc, ks, lane);
-      if (ks == d_half) {
-        // Intra term for keys 16 ks .. 16 ks + 15 (the two d halves share the key steps).
+      uint32_t av[4], avl[4];
+      ldmatrix_x4_trans(av, v_hi + lo.v_at + ks * 16 * L::kLdV * 2);
+      if constexpr (kSplit) ldmatrix_x4_trans(avl, v_lo + lo.v_at + ks * 16 * L::kLdV * 2);
 #pragma unroll
-        for (int qp = 0; qp < NQ / 2; ++qp) {
-          if (qp < ks) continue;  // queries before these keys: causally zero
-          const int off = (16 * qp + (lane & 7) + 8 * (lane >> 4)) * L::kLdP + 16 * ks + 8 * ((lane >> 3) & 1);
-          uint32_t bh[4], bl[4];
-          ldmatrix_x4(bh, smem_addr(p_hi + off));
-          ldmatrix_x4(bl, smem_addr(p_lo + off));
-#pragma unroll
-          for (int mi = 0; mi < MT; ++mi) {
-            mma_bf16(o[mi][2 * qp], av[mi], bh[0], bh[1]);
-            mma_bf16(o[mi][2 * qp + 1], av[mi], bh[2], bh[3]);
-            mma_bf16(o[mi][2 * qp], av[mi], bl[0], bl[1]);
-            mma_bf16(o[mi][2 * qp + 1], av[mi], bl[2], bl[3]);
-            if constexpr (kSplit) {
-              mma_bf16(o[mi][2 * qp], av_lo[mi], bh[0], bh[1]);
-              mma_bf16(o[mi][2 * qp + 1], av_lo[mi], bh[2], bh[3]);
-            }
-          }
+      for (int qp = ks; qp < NQ / 2; ++qp) {  // queries before these keys are causally zero
+        const uint32_t off = lo.p_b + (16 * qp * L::kLdP + 16 * ks) * 2;
+        uint32_t bh[4], bl[4];
+        ldmatrix_x4(bh, s0 + L::p_hi + off);
+        ldmatrix_x4(bl, s0 + L::p_lo + off);
+        mma_bf16(o[2 * qp], av, bh[0], bh[1]);
+        mma_bf16(o[2 * qp + 1], av, bh[2], bh[3]);
+        mma_bf16(o[2 * qp], av, bl[0], bl[1]);
+        mma_bf16(o[2 * qp + 1], av, bl[2], bl[3]);
+        if constexpr (kSplit) {
+          mma_bf16(o[2 * qp], avl, bh[0], bh[1]);
+          mma_bf16(o[2 * qp + 1], avl, bh[2], bh[3]);
         }
       }
-      state_update_step<D, kSplit>(state, av, av_lo, kt_hi, kt_lo, ks, d_off, lane);
     }
+    state_update<D, B, kSplit, L::kLdQ, L::kLdV>(state, s0 + L::vt_hi + lo.v_at, s0 + L::vt_lo + lo.v_at,
+                                                 k_hi + lo.k_bt, k_lo + lo.k_bt);
 
-    // Partial outputs to shared memory as [query][e]; the two d halves are summed below.
-    float* op = o_part + d_half * B * L::kLdO;
+    // Stage O as [query][e] in the output type for coalesced stores.
+    OutT* stage = reinterpret_cast<OutT*>(smem + L::o_stage) + (2 * tq) * L::kLdO + e_loc + gq;
 #pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
+    for (int nq = 0; nq < NQ; ++nq)
 #pragma unroll
-      for (int nq = 0; nq < NQ; ++nq)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int c = 8 * nq + 2 * tq + (r & 1);
-          const int e = e_loc + 16 * mi + gq + 8 * (r >> 1);
-          op[c * L::kLdO + e] = o[mi][nq][r];
-        }
+      for (int r = 0; r < 4; ++r) stage[(8 * nq + (r & 1)) * L::kLdO + 8 * (r >> 1)] = from_float<OutT>(o[nq][r]);
     __syncthreads();
 
-    const int t_blk = seg.start + blk * B;
-    for (int c = tid; c < B * (L::kEH / 8); c += L::kThreads) {
-      const int r = c / (L::kEH / 8), col = (c % (L::kEH / 8)) * 8;
-      if (r < m) {
-        const float4* a = reinterpret_cast<const float4*>(o_part + r * L::kLdO + col);
-        const float4* b = reinterpret_cast<const float4*>(o_part + B * L::kLdO + r * L::kLdO + col);
-        const float4 a0 = a[0], a1 = a[1], b0 = b[0], b1 = b[1];
-        const float vals[8] = {a0.x + b0.x, a0.y + b0.y, a0.z + b0.z, a0.w + b0.w,
-                               a1.x + b1.x, a1.y + b1.y, a1.z + b1.z, a1.w + b1.w};
-        store8(out + (t_blk + r) * out_stride_t + h * D + e_base + col, vals);
-      }
-    }
+    // (C) copy the block's outputs out.
+    const OutT* src = reinterpret_cast<const OutT*>(smem + L::o_stage) + out_row0 * L::kLdO + out_col0;
+    OutT* dst = out + (seg.start + blk * B + out_row0) * out_stride_t + out_col0;
+#pragma unroll
+    for (int i = 0; i < B / kOutRowsPerPass; ++i)
+      if (out_row0 + i * kOutRowsPerPass < m)
+        *reinterpret_cast<uint4*>(dst + i * kOutRowsPerPass * out_stride_t) =
+            *reinterpret_cast<const uint4*>(src + i * kOutRowsPerPass * L::kLdO);
   }
 
   if (seg.index == seg.count - 1) {
     float* dst = p.state_pool + (static_cast<int64_t>(seg.slot) * p.num_heads + h) * static_cast<int64_t>(D) * D;
-    state.store(dst, e_base + e_loc, d_off, lane);
+    state.store(dst, e_base + e_loc, lane);
   }
 }
 

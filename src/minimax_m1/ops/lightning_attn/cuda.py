@@ -79,8 +79,9 @@ def supports(q: torch.Tensor, state_pool: torch.Tensor) -> bool:
 
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     """The kernels read rows of the last dimension (16-byte chunks for bf16): copy only when needed."""
+    # storage_offset rather than data_ptr: torch.compile traces this (allocations are 16-byte aligned)
     dims_ok = all(x.stride(i) % 8 == 0 for i in range(2) if x.shape[i] > 1)
-    if x.stride(-1) != 1 or (x.dtype == torch.bfloat16 and (not dims_ok or x.data_ptr() % 16)):
+    if x.stride(-1) != 1 or (x.dtype == torch.bfloat16 and (not dims_ok or x.storage_offset() % 8)):
         return x.contiguous()
     return x
 

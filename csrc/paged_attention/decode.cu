@@ -1,0 +1,204 @@
+// Paged decode launcher: validates the tensors, plans the splits and dispatches on head_dim and dtype.
+#include <tvm/ffi/extra/cuda/device_guard.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "../lightning_attn/check.h"
+#include "launchers.h"
+#include "minimax_m1/paged_attention/decode.cuh"
+
+namespace minimax_m1 {
+namespace paged_attention {
+namespace {
+
+using lightning_attn::check_aligned;
+using lightning_attn::check_contiguous;
+using lightning_attn::check_cuda;
+using lightning_attn::check_dtype;
+using lightning_attn::check_shape;
+using lightning_attn::current_stream;
+using lightning_attn::data_of;
+using lightning_attn::Dtype;
+using lightning_attn::dtype_name;
+using lightning_attn::dtype_of;
+using lightning_attn::multiprocessor_count;
+using tvm::ffi::TensorView;
+
+// CTAs of decode_kernel<D> resident on the whole device; read once per (device, D) and cached, so
+// plans made before a graph capture and during it agree.
+int64_t resident_ctas(int64_t device_id, int64_t head_dim) {
+  static std::mutex mutex;
+  static int64_t cache[64][2] = {};
+  const int slot = head_dim == 128 ? 1 : 0;
+  if (device_id < 0 || device_id >= 64) TVM_FFI_THROW(ValueError) << "bad device id " << device_id;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache[device_id][slot] == 0) {
+    tvm::ffi::CUDADeviceGuard guard(static_cast<int>(device_id));
+    int per_sm = 0;
+    const cudaError_t err =
+        head_dim == 128
+            ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_kernel<128, __nv_bfloat16>, kWarps * 32, 0)
+            : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_kernel<64, __nv_bfloat16>, kWarps * 32, 0);
+    if (err != cudaSuccess || per_sm <= 0) {
+      (void)cudaGetLastError();
+      per_sm = 2;
+    }
+    cache[device_id][slot] = static_cast<int64_t>(per_sm) * multiprocessor_count(static_cast<int>(device_id));
+  }
+  return cache[device_id][slot];
+}
+
+void check_head_dim(int64_t head_dim) {
+  if (head_dim != 64 && head_dim != 128) TVM_FFI_THROW(ValueError) << "head_dim must be 64 or 128, got " << head_dim;
+}
+
+// 16-byte vectors along the last dimension: unit stride there, multiples of 8 elements elsewhere.
+void check_rows_16b(const TensorView& t, const char* name) {
+  if (t.stride(t.ndim() - 1) != 1) TVM_FFI_THROW(ValueError) << name << " must have a contiguous last dimension";
+  for (int i = 0; i < t.ndim() - 1; ++i)
+    if (t.size(i) > 1 && t.stride(i) % 8 != 0)
+      TVM_FFI_THROW(ValueError) << name << ": stride " << i << " (" << t.stride(i)
+                                << " elements) must be a multiple of 8 (16 bytes); pass a contiguous tensor";
+  check_aligned(data_of(t), 16, name);
+}
+
+template <int D, typename T>
+void launch(const DecodeParams& p, int64_t batch, int64_t num_q_heads, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(batch));
+  decode_kernel<D, T><<<grid, kWarps * 32, 0, stream>>>(p);
+  MINIMAX_CHECK_LAUNCH();
+  if (p.num_splits > 1) {
+    const int64_t rows = batch * num_q_heads;
+    constexpr int kRowsPerCta = 128 / (D / 4);
+    combine_kernel<D, T><<<static_cast<unsigned>((rows + kRowsPerCta - 1) / kRowsPerCta), 128, 0, stream>>>(
+        p.partial_o, p.partial_lse, static_cast<T*>(p.out), rows, p.num_splits);
+    MINIMAX_CHECK_LAUNCH();
+  }
+}
+
+template <int D>
+void dispatch_dtype(Dtype dtype, const DecodeParams& p, int64_t batch, int64_t num_q_heads, cudaStream_t stream) {
+  if (dtype == Dtype::kBF16) launch<D, __nv_bfloat16>(p, batch, num_q_heads, stream);
+  else launch<D, __half>(p, batch, num_q_heads, stream);
+}
+
+}  // namespace
+
+int64_t decode_num_splits(int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t max_context,
+                          int64_t device_id) {
+  check_head_dim(head_dim);
+  if (batch < 0 || num_kv_heads < 1 || max_context < 1)
+    TVM_FFI_THROW(ValueError) << "need batch >= 0, num_kv_heads >= 1 and max_context >= 1";
+  return plan_num_splits(batch * num_kv_heads, max_context, resident_ctas(device_id, head_dim));
+}
+
+int64_t decode_workspace_bytes(int64_t batch, int64_t num_q_heads, int64_t head_dim, int64_t max_context,
+                               int64_t device_id) {
+  check_head_dim(head_dim);
+  if (batch < 0 || num_q_heads < 1 || max_context < 1)
+    TVM_FFI_THROW(ValueError) << "need batch >= 0, num_q_heads >= 1 and max_context >= 1";
+  // The largest need over every smaller batch and every valid kv-head count: a batch of at least
+  // resident_ctas sequences never splits.
+  const int64_t resident = resident_ctas(device_id, head_dim);
+  int64_t bytes = 0;
+  for (int64_t kv = 1; kv <= num_q_heads; ++kv) {
+    if (num_q_heads % kv != 0 || num_q_heads / kv > kMaxGroup) continue;
+    for (int64_t n = 1; n <= std::min(batch, resident); ++n) {
+      const int splits = plan_num_splits(n * kv, max_context, resident);
+      bytes = std::max(bytes, workspace_bytes_for(n, num_q_heads, head_dim, splits));
+    }
+  }
+  return bytes;
+}
+
+void decode(TensorView q, TensorView kv_cache, TensorView block_tables, TensorView context_lens, TensorView out,
+            TensorView workspace, double scale, int64_t max_context) {
+  if (q.ndim() != 3) TVM_FFI_THROW(ValueError) << "q must be [batch, num_q_heads, head_dim]";
+  const int64_t batch = q.size(0), num_q_heads = q.size(1), dim = q.size(2);
+  const int device_id = q.device().device_id;
+  check_cuda(q, "q", device_id);
+  check_cuda(kv_cache, "kv_cache", device_id);
+  check_cuda(block_tables, "block_tables", device_id);
+  check_cuda(context_lens, "context_lens", device_id);
+  check_cuda(out, "out", device_id);
+  check_cuda(workspace, "workspace", device_id);
+  const Dtype dtype = dtype_of(q);
+  if (dtype != Dtype::kBF16 && dtype != Dtype::kF16)
+    TVM_FFI_THROW(ValueError) << "q must be bfloat16 or float16, got " << dtype_name(dtype);
+  check_head_dim(dim);
+  check_rows_16b(q, "q");
+
+  check_dtype(kv_cache, "kv_cache", dtype);
+  if (kv_cache.ndim() != 5 || kv_cache.size(0) != 2 || kv_cache.size(4) != dim)
+    TVM_FFI_THROW(ValueError) << "kv_cache must be [2, num_blocks, block_size, num_kv_heads, " << dim << "]";
+  const int64_t block_size = kv_cache.size(2), num_kv_heads = kv_cache.size(3);
+  if (block_size < 16 || block_size % 16 != 0 || block_size > (int64_t{1} << 20))
+    TVM_FFI_THROW(ValueError) << "kv_cache block_size must be a positive multiple of 16, got " << block_size;
+  if (num_kv_heads < 1 || num_q_heads % num_kv_heads != 0 || num_q_heads / num_kv_heads > kMaxGroup)
+    TVM_FFI_THROW(ValueError) << "num_q_heads (" << num_q_heads << ") must be a multiple of num_kv_heads ("
+                              << num_kv_heads << ") with at most " << kMaxGroup << " query heads per kv head";
+  check_rows_16b(kv_cache, "kv_cache");
+
+  check_dtype(block_tables, "block_tables", Dtype::kI32);
+  if (block_tables.ndim() != 2 || block_tables.size(0) != batch)
+    TVM_FFI_THROW(ValueError) << "block_tables must be [" << batch << ", max_blocks]";
+  if (block_tables.size(1) > 1 && block_tables.stride(1) != 1)
+    TVM_FFI_THROW(ValueError) << "block_tables must have a contiguous last dimension";
+  const int64_t max_blocks = block_tables.size(1);
+  if (max_blocks >= (int64_t{1} << 31) / block_size) TVM_FFI_THROW(ValueError) << "block_tables too wide";
+  check_dtype(context_lens, "context_lens", Dtype::kI32);
+  check_shape(context_lens, "context_lens", {batch});
+  check_contiguous(context_lens, "context_lens");
+
+  check_dtype(out, "out", dtype);
+  check_shape(out, "out", {batch, num_q_heads, dim});
+  check_contiguous(out, "out");
+  check_aligned(data_of(out), 16, "out");
+  if (max_context < 1) TVM_FFI_THROW(ValueError) << "max_context must be >= 1, got " << max_context;
+  if (batch > 65535 || num_kv_heads > 65535) TVM_FFI_THROW(ValueError) << "batch and num_kv_heads must be <= 65535";
+  if (batch == 0) return;
+
+  const int splits = static_cast<int>(decode_num_splits(batch, num_kv_heads, dim, max_context, device_id));
+  const int64_t need = workspace_bytes_for(batch, num_q_heads, dim, splits);
+  const int64_t have = workspace.numel() * ((workspace.dtype().bits * workspace.dtype().lanes + 7) / 8);
+  if (have < need)
+    TVM_FFI_THROW(ValueError) << "workspace has " << have << " bytes, this launch needs " << need
+                              << " (size it with paged_decode_workspace_bytes)";
+  if (need > 0) {
+    check_contiguous(workspace, "workspace");
+    check_aligned(data_of(workspace), 16, "workspace");
+  }
+
+  tvm::ffi::CUDADeviceGuard guard(device_id);
+  DecodeParams p{};
+  p.q = data_of(q);
+  p.q_stride_n = q.stride(0);
+  p.q_stride_h = q.stride(1);
+  p.k_cache = data_of(kv_cache);
+  p.v_cache = static_cast<const char*>(data_of(kv_cache)) + kv_cache.stride(0) * 2;  // 16-bit elements
+  p.kv_stride_block = kv_cache.stride(1);
+  p.kv_stride_token = kv_cache.stride(2);
+  p.kv_stride_head = kv_cache.stride(3);
+  p.block_tables = static_cast<const int32_t*>(data_of(block_tables));
+  p.block_table_stride = block_tables.stride(0);
+  p.context_lens = static_cast<const int32_t*>(data_of(context_lens));
+  p.out = data_of(out);
+  if (splits > 1) {
+    const int64_t rows = batch * num_q_heads * splits;
+    p.partial_o = static_cast<float*>(data_of(workspace));
+    p.partial_lse = p.partial_o + rows * dim;
+  }
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.group = static_cast<int>(num_q_heads / num_kv_heads);
+  p.block_size = static_cast<int>(block_size);
+  p.max_blocks = static_cast<int>(max_blocks);
+  p.num_splits = splits;
+  const cudaStream_t stream = current_stream(device_id);
+  if (dim == 128) dispatch_dtype<128>(dtype, p, batch, num_q_heads, stream);
+  else dispatch_dtype<64>(dtype, p, batch, num_q_heads, stream);
+}
+
+}  // namespace paged_attention
+}  // namespace minimax_m1
