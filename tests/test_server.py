@@ -4,7 +4,6 @@ server still serving, client disconnects freeing their requests, the API key."""
 import asyncio
 import contextlib
 import os
-import re
 import socket
 import subprocess
 import sys

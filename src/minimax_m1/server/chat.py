@@ -111,7 +111,7 @@ async def stream(s: OpenAIServing, req: ChatCompletionRequest, requests: list[En
         if not (reasoning or content or entries or out.finished):
             continue
         delta = DeltaMessage(content=content or None, reasoning_content=reasoning or None)
-        yield chunk([ChatStreamChoice(index=i, delta=delta, logprobs=_logprobs(s, tokens, entries, req.top_logprobs or 0),
-                                      **_finish(out))])
+        logprobs = _logprobs(s, tokens, entries, req.top_logprobs or 0)
+        yield chunk([ChatStreamChoice(index=i, delta=delta, logprobs=logprobs, **_finish(out))])
     yield chunk([], usage=s.usage(requests, [final[r.request_id] for r in requests], req.n))
     yield SSE_DONE
