@@ -67,7 +67,7 @@ void allow_smem(Kernel kernel, int bytes, int device_id, std::atomic<uint64_t>& 
 
 template <int D, bool kSplit, typename OutT>
 void launch_prefill(const PrefillParams& p, const Plan& plan, int64_t heads, int device_id, cudaStream_t stream) {
-  using L = PrefillLayout<D, kSplit, static_cast<int>(sizeof(OutT))>;
+  using L = PrefillLayout<D, kSplit>;
   static_assert(L::output_bytes <= 227 * 1024, "prefill tiles exceed the shared memory of a multiprocessor");
   static std::atomic<uint64_t> smem_state_done{0}, smem_output_done{0};
   const dim3 grid(static_cast<unsigned>(plan.max_segments * 2), static_cast<unsigned>(heads));

@@ -7,8 +7,8 @@
 //   S'  = lambda^m S + sum_j lambda^(m-1-j) k_j^T v_j
 //
 // Work decomposition. A sequence is cut into segments of `seg_len` tokens (one segment unless the
-// batch is too small to fill the GPU). One CTA of D/32 warps owns (segment, head, half of the value
-// columns e); each warp keeps a 16(e) x D(d) tile of S^T in fp32 registers, so the inter-block product
+// batch is too small to fill the GPU). One CTA of D/16 warps owns (segment, head, half of the value
+// columns e); each warp keeps a 16(e) x D/2(d) tile of S^T in fp32 registers, so the inter-block product
 // O^T = S^T Q^T takes S^T straight from registers as the A operand. Pass 1
 // computes each non-final segment's local state, a scan combines them with the slot's state, and
 // pass 2 recomputes outputs from the right incoming state. With one segment per sequence only
@@ -160,23 +160,27 @@ __global__ void __launch_bounds__(1024) prefill_plan_kernel(PrefillParams p) {
   }
 }
 
-// Shared-memory layout and thread mapping of the prefill CTAs. A CTA has D/32 warps; warp w owns value
-// columns e in [e_base + 16 w, e_base + 16 w + 16) and all D key dims d of the state, so no cross-warp
-// reduction is needed. bf16 tiles are padded by 16 bytes a row (ldmatrix without bank conflicts).
-// K/V tiles, the decayed values and the decay table come first: pass 1 allocates only those.
-template <int D, bool kSplit, int kOutBytes>
+// Shared-memory layout and thread mapping of the prefill CTAs. A CTA owns half of the value columns
+// (e_base .. e_base + D/2) and has D/16 warps: warp w owns 16 value columns (e slice w % (D/32)) and half
+// of the key dims d (d half w / (D/32)) of the state, so two warps per scheduler share the work of one
+// head half; their partial outputs are summed when the block is stored. bf16 tiles are padded by 16 bytes
+// a row (ldmatrix without bank conflicts). K/V tiles, decayed values and the decay table come first:
+// pass 1 allocates only those.
+template <int D, bool kSplit>
 struct PrefillLayout {
   static constexpr int kBlock = kSplit ? 32 : 64;  // tokens per block (split inputs: smaller, smem)
-  static constexpr int kWarps = D / 32;
+  static constexpr int kWarps = D / 16;
   static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kSlices = D / 32;           // e slices of 16 columns per CTA
   static constexpr int kEH = D / 2;                // value columns per CTA
   static constexpr int kLdQ = D + 8;               // row pitch of Q and K tiles (elements)
   static constexpr int kLdV = kEH + 8;             // V and decayed-V tiles
   static constexpr int kLdP = kBlock + 8;          // decayed scores
-  static constexpr int kLdO = kEH + 16 / kOutBytes;  // output staging (elements of the output type)
+  static constexpr int kLdO = kEH + 4;             // fp32 partial outputs
   static constexpr int kTileQ = kBlock * kLdQ * 2;   // bytes
   static constexpr int kTileV = kBlock * kLdV * 2;
   static constexpr int kTileP = kBlock * kLdP * 2;
+  static constexpr int kTileO = kBlock * kLdO * 4;
   static constexpr int kTab = ((kBlock + 1) * 4 + 15) / 16 * 16;
   static constexpr int k_hi = 0;                                    // [2][B][LdQ]
   static constexpr int k_lo = k_hi + 2 * kTileQ;                    // [2][B][LdQ] (split)
@@ -190,8 +194,8 @@ struct PrefillLayout {
   static constexpr int q_lo = q_hi + 2 * kTileQ;                    // (split)
   static constexpr int p_hi = q_lo + (kSplit ? 2 * kTileQ : 0);     // [B][LdP]
   static constexpr int p_lo = p_hi + kTileP;
-  static constexpr int o_stage = p_lo + kTileP;                     // [B][LdO] output type
-  static constexpr int output_bytes = o_stage + kBlock * kLdO * kOutBytes;
+  static constexpr int o_part = p_lo + kTileP;                      // [2 d halves][B][LdO] fp32
+  static constexpr int output_bytes = o_part + 2 * kTileO;
 };
 
 // cp.async of a [ROWS x COLS] bf16 tile, rows >= rows_valid zero-filled. Thread offsets are fixed at
@@ -203,14 +207,13 @@ struct TileLoader {
   static constexpr int kPasses = ROWS / kRowsPerPass;
   static_assert(THREADS % kChunks == 0 && ROWS % kRowsPerPass == 0, "tile does not divide over the CTA");
   int row0;          // first row of this thread
-  int col0;          // first column (elements)
   uint32_t s_off;    // byte offset of (row0, col0) in the tile
-  int64_t g_row0;    // element offset of row0 in global memory
+  int64_t g_row0;    // element offset of (row0, col0) in global memory
   int64_t g_step;    // element offset between passes
 
   __device__ __forceinline__ TileLoader(int tid, int64_t stride_t) {
     row0 = tid / kChunks;
-    col0 = (tid % kChunks) * 8;
+    const int col0 = (tid % kChunks) * 8;
     s_off = static_cast<uint32_t>((row0 * LD + col0) * 2);
     g_row0 = row0 * stride_t + col0;
     g_step = kRowsPerPass * stride_t;
@@ -227,11 +230,11 @@ struct TileLoader {
   }
 };
 
-// Per-warp state tile S^T: rows e (16 of them, the warp's columns), columns d (all D), fp32 C fragments:
-// st[nj][r] <-> (e = e_off + g + 8 (r >> 1), d = 8 nj + 2t + (r & 1)).
+// Per-warp state tile S^T: rows e (the warp's 16 value columns), columns d (the warp's D/2 key dims),
+// fp32 C fragments st[nj][r] <-> (e = e_off + g + 8 (r >> 1), d = d_off + 8 nj + 2t + (r & 1)).
 template <int D>
 struct WarpState {
-  static constexpr int NT = D / 8;
+  static constexpr int NT = D / 16;
   float st[NT][4];
 
   __device__ __forceinline__ void zero() {
@@ -240,16 +243,16 @@ struct WarpState {
 #pragma unroll
       for (int r = 0; r < 4; ++r) st[nj][r] = 0.f;
   }
-  // src/dst: a [D][D] fp32 state (row d, column e); e_off: the warp's first column.
-  __device__ __forceinline__ void load(const float* src, int e_off, int lane) {
-    const float* p = src + (2 * (lane & 3)) * D + e_off + (lane >> 2);
+  // src/dst: a [D][D] fp32 state (row d, column e).
+  __device__ __forceinline__ void load(const float* src, int e_off, int d_off, int lane) {
+    const float* p = src + (d_off + 2 * (lane & 3)) * D + e_off + (lane >> 2);
 #pragma unroll
     for (int nj = 0; nj < NT; ++nj)
 #pragma unroll
       for (int r = 0; r < 4; ++r) st[nj][r] = p[(8 * nj + (r & 1)) * D + 8 * (r >> 1)];
   }
-  __device__ __forceinline__ void store(float* dst, int e_off, int lane) const {
-    float* p = dst + (2 * (lane & 3)) * D + e_off + (lane >> 2);
+  __device__ __forceinline__ void store(float* dst, int e_off, int d_off, int lane) const {
+    float* p = dst + (d_off + 2 * (lane & 3)) * D + e_off + (lane >> 2);
 #pragma unroll
     for (int nj = 0; nj < NT; ++nj)
 #pragma unroll
@@ -268,14 +271,14 @@ template <int LDQ, int LDV, int LDP>
 struct LaneOffsets {
   uint32_t q_b;   // Q as B operand (Q^T, k = d, n = queries) and K as B operand of Q K^T: non-trans
   uint32_t q_a;   // Q as A operand of Q K^T: non-trans
-  uint32_t k_bt;  // K as B operand of the state update (k = tokens, n = d): trans
+  uint32_t k_bt;  // K as B operand of the state update (k = tokens, n = d): trans, includes the d half
   uint32_t v_at;  // V^T / decayed V^T as A operand (m = e, k = tokens): trans, includes the warp's columns
   uint32_t p_b;   // P^T as B operand (k = keys, n = queries): non-trans
-  __device__ __forceinline__ LaneOffsets(int lane, int e_loc) {
+  __device__ __forceinline__ LaneOffsets(int lane, int e_loc, int d_off) {
     const int r8 = lane & 7, b3 = (lane >> 3) & 1, b4 = lane >> 4;
     q_b = ((r8 + 8 * b4) * LDQ + 8 * b3) * 2;
     q_a = ((lane & 15) * LDQ + 8 * b4) * 2;
-    k_bt = ((r8 + 8 * b3) * LDQ + 8 * b4) * 2;
+    k_bt = ((r8 + 8 * b3) * LDQ + d_off + 8 * b4) * 2;
     v_at = ((r8 + 8 * b4) * LDV + e_loc + 8 * b3) * 2;
     p_b = ((r8 + 8 * b4) * LDP + 8 * b3) * 2;
   }
@@ -283,11 +286,11 @@ struct LaneOffsets {
 
 // Decayed values for the state update: Vt[j][:] = lambda^(m-1-j) v_j (j < m, else 0), split hi + lo.
 template <int B, int EH, int LDV, int THREADS, bool kSplit>
-__device__ __forceinline__ void build_decayed_values(const unsigned char* smem, uint32_t v_off, uint32_t v_lo_off,
-                                                     uint32_t vt_hi_off, uint32_t vt_lo_off, const float* tab,
-                                                     int m, int tid) {
+__device__ __forceinline__ void build_decayed_values(unsigned char* smem, int v_off, int v_lo_off, int vt_hi_off,
+                                                     int vt_lo_off, const float* tab, int m, int tid) {
   constexpr int kChunks = EH / 8;
   constexpr int kRowsPerPass = THREADS / kChunks;
+  static_assert(B % kRowsPerPass == 0, "decayed-value tile does not divide over the CTA");
   const int row0 = tid / kChunks, col0 = (tid % kChunks) * 8;
 #pragma unroll
   for (int i = 0; i < B / kRowsPerPass; ++i) {
@@ -314,13 +317,13 @@ __device__ __forceinline__ void build_decayed_values(const unsigned char* smem, 
         split_bf16x2(x.x * w, x.y * w, h[e], l[e]);
       }
     }
-    *reinterpret_cast<uint4*>(const_cast<unsigned char*>(smem) + vt_hi_off + off) = hi;
-    *reinterpret_cast<uint4*>(const_cast<unsigned char*>(smem) + vt_lo_off + off) = lo;
+    *reinterpret_cast<uint4*>(smem + vt_hi_off + off) = hi;
+    *reinterpret_cast<uint4*>(smem + vt_lo_off + off) = lo;
   }
 }
 
-// S^T += Vt^T K over one block (the caller has already decayed S^T by lambda^m). Addresses are shared
-// byte addresses with the lane offsets included: vt_* from LaneOffsets::v_at, k_* from LaneOffsets::k_bt.
+// S^T += Vt^T K over one block for the warp's d half (the caller has already decayed S^T by lambda^m).
+// Addresses are shared byte addresses with the lane offsets included (LaneOffsets::v_at, ::k_bt).
 template <int D, int B, bool kSplit, int LDQ, int LDV>
 __device__ __forceinline__ void state_update(WarpState<D>& ws, uint32_t vt_hi, uint32_t vt_lo, uint32_t k_hi,
                                              uint32_t k_lo) {
@@ -330,7 +333,7 @@ __device__ __forceinline__ void state_update(WarpState<D>& ws, uint32_t vt_hi, u
     ldmatrix_x4_trans(ah, vt_hi + ks * 16 * LDV * 2);
     ldmatrix_x4_trans(al, vt_lo + ks * 16 * LDV * 2);
 #pragma unroll
-    for (int np = 0; np < D / 16; ++np) {
+    for (int np = 0; np < D / 32; ++np) {
       const uint32_t off = (ks * 16 * LDQ + np * 16) * 2;
       uint32_t b[4];
       ldmatrix_x4_trans(b, k_hi + off);
@@ -348,10 +351,15 @@ __device__ __forceinline__ void state_update(WarpState<D>& ws, uint32_t vt_hi, u
   }
 }
 
+template <int B, int THREADS>
+__device__ __forceinline__ void fill_decay_table(float* tab, float ls, int tid) {
+  for (int x = tid; x <= B; x += THREADS) tab[x] = exp2f(-ls * static_cast<float>(x));
+}
+
 // Pass 1: local state of every non-final segment, sum_j lambda^(len-1-j) k_j^T v_j, into seg_state.
 template <int D, bool kSplit>
-__global__ void __launch_bounds__(D) prefill_segment_state_kernel(PrefillParams p) {
-  using L = PrefillLayout<D, kSplit, 2>;
+__global__ void __launch_bounds__(2 * D) prefill_segment_state_kernel(PrefillParams p) {
+  using L = PrefillLayout<D, kSplit>;
   constexpr int B = L::kBlock;
   extern __shared__ __align__(16) unsigned char smem[];
   const int g = blockIdx.x >> 1, e_half = blockIdx.x & 1, h = blockIdx.y;
@@ -360,14 +368,14 @@ __global__ void __launch_bounds__(D) prefill_segment_state_kernel(PrefillParams 
   if (seg.slot < 0 || seg.index == seg.count - 1) return;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int e_base = e_half * L::kEH, e_loc = 16 * warp;
+  const int e_base = e_half * L::kEH, e_loc = 16 * (warp % L::kSlices), d_off = (warp / L::kSlices) * (D / 2);
   const uint32_t s0 = smem_addr(smem);
   float* tab = reinterpret_cast<float*>(smem + L::tab);
-  if (tid <= B) tab[tid] = exp2f(-p.slopes[h] * kLog2e * static_cast<float>(tid));
+  fill_decay_table<B, L::kThreads>(tab, p.slopes[h] * kLog2e, tid);
 
   const TileLoader<D, L::kLdQ, L::kThreads, B> k_loader(tid, p.k_stride_t);
   const TileLoader<L::kEH, L::kLdV, L::kThreads, B> v_loader(tid, p.v_stride_t);
-  const LaneOffsets<L::kLdQ, L::kLdV, L::kLdP> lo(lane, e_loc);
+  const LaneOffsets<L::kLdQ, L::kLdV, L::kLdP> lo(lane, e_loc, d_off);
   auto issue_loads = [&](int blk, int buf) {
     const int t = seg.start + blk * B;
     const int rows = min(B, seg.len - blk * B);
@@ -404,7 +412,7 @@ __global__ void __launch_bounds__(D) prefill_segment_state_kernel(PrefillParams 
     __syncthreads();
   }
   float* dst = p.seg_state + (static_cast<int64_t>(seg.state_index) * p.num_heads + h) * D * D;
-  state.store(dst, e_base + e_loc, lane);
+  state.store(dst, e_base + e_loc, d_off, lane);
 }
 
 // Scan over segments: seg_state[g0 + k] becomes the state entering segment k (slot state for k = 0).
@@ -448,13 +456,16 @@ __global__ void __launch_bounds__(256) prefill_segment_scan_kernel(PrefillParams
 
 // Pass 2: outputs of one segment, one block of B tokens at a time, and for the final segment of a
 // sequence its final state into the slot. Per block: (A) all threads decay V into Vt, warps compute the
-// causal decayed score tiles P = lambda^(c-j) q_c . k_j; (B) each warp computes its 16 output columns
-// O^T = lambda^(c+1) S^T Q^T + V^T P^T and updates S^T; (C) the CTA stores the block's outputs.
+// causal decayed score tiles P = lambda^(c-j) q_c . k_j; (B) each warp computes its partial
+// O^T = lambda^(c+1) S^T Q^T + V^T P^T over its d half (and its share of the key steps) and updates its
+// S^T tile; (C) the CTA sums the two d halves and stores the block's outputs.
 template <int D, bool kSplit, typename OutT>
-__global__ void __launch_bounds__(D) prefill_output_kernel(PrefillParams p) {
-  using L = PrefillLayout<D, kSplit, static_cast<int>(sizeof(OutT))>;
+__global__ void __launch_bounds__(2 * D) prefill_output_kernel(PrefillParams p) {
+  using L = PrefillLayout<D, kSplit>;
   constexpr int B = L::kBlock;
-  constexpr int NQ = B / 8;  // 8-query tiles per block
+  constexpr int NQ = B / 8;                            // 8-query tiles per block
+  constexpr int kTiles = (B / 16) * (B / 16 + 1) / 2;  // causal 16x16 score tiles
+  constexpr int kMaxTiles = (kTiles + L::kWarps - 1) / L::kWarps;
   extern __shared__ __align__(16) unsigned char smem[];
   const int g = blockIdx.x >> 1, e_half = blockIdx.x & 1, h = blockIdx.y;
   SegmentInfo seg;
@@ -462,30 +473,31 @@ __global__ void __launch_bounds__(D) prefill_output_kernel(PrefillParams p) {
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, tq = lane & 3;
-  const int e_base = e_half * L::kEH, e_loc = 16 * warp;
+  const int d_half = warp / L::kSlices;
+  const int e_base = e_half * L::kEH, e_loc = 16 * (warp % L::kSlices), d_off = d_half * (D / 2);
   const int64_t out_stride_t = static_cast<int64_t>(p.num_heads) * D;
   OutT* out = static_cast<OutT*>(p.o) + h * D + e_base;
 
-  // Output copy-out mapping: 16-byte chunks of a [B][EH] tile of OutT.
-  constexpr int kOutPerChunk = 16 / static_cast<int>(sizeof(OutT));
-  constexpr int kOutChunks = L::kEH / kOutPerChunk;
+  // Output mapping: chunks of 8 consecutive values of a [B][EH] tile.
+  constexpr int kOutChunks = L::kEH / 8;
   constexpr int kOutRowsPerPass = L::kThreads / kOutChunks;
-  const int out_row0 = tid / kOutChunks, out_col0 = (tid % kOutChunks) * kOutPerChunk;
+  static_assert(B % kOutRowsPerPass == 0, "output tile does not divide over the CTA");
+  const int out_row0 = tid / kOutChunks, out_col0 = (tid % kOutChunks) * 8;
 
   if (seg.slot < 0) {  // padding: zero output, no state access
-    for (int r = out_row0; r < seg.len; r += kOutRowsPerPass)
-      *reinterpret_cast<uint4*>(out + (seg.start + r) * out_stride_t + out_col0) = make_uint4(0, 0, 0, 0);
+    const float zeros[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int r = out_row0; r < seg.len; r += kOutRowsPerPass) store8(out + (seg.start + r) * out_stride_t + out_col0, zeros);
     return;
   }
 
   const uint32_t s0 = smem_addr(smem);
   float* tab = reinterpret_cast<float*>(smem + L::tab);
-  if (tid <= B) tab[tid] = exp2f(-p.slopes[h] * kLog2e * static_cast<float>(tid));
+  fill_decay_table<B, L::kThreads>(tab, p.slopes[h] * kLog2e, tid);
 
   const TileLoader<D, L::kLdQ, L::kThreads, B> q_loader(tid, p.q_stride_t);
   const TileLoader<D, L::kLdQ, L::kThreads, B> k_loader(tid, p.k_stride_t);
   const TileLoader<L::kEH, L::kLdV, L::kThreads, B> v_loader(tid, p.v_stride_t);
-  const LaneOffsets<L::kLdQ, L::kLdV, L::kLdP> lo(lane, e_loc);
+  const LaneOffsets<L::kLdQ, L::kLdV, L::kLdP> lo(lane, e_loc, d_off);
   auto issue_loads = [&](int blk, int buf) {
     const int t = seg.start + blk * B;
     const int rows = min(B, seg.len - blk * B);
@@ -510,13 +522,26 @@ __global__ void __launch_bounds__(D) prefill_output_kernel(PrefillParams p) {
   for (int c = tid; c < 2 * L::kTileP / 16; c += L::kThreads)
     *reinterpret_cast<uint4*>(smem + L::p_hi + 16 * c) = make_uint4(0, 0, 0, 0);
 
+  // This warp's score tiles (mq, kk), kk <= mq, numbered (0,0) (1,0) (1,1) (2,0) ... round-robin.
+  int tile_mq[kMaxTiles], tile_kk[kMaxTiles];
+  bool tile_ok[kMaxTiles];
+#pragma unroll
+  for (int i = 0; i < kMaxTiles; ++i) {
+    const int t = warp + i * L::kWarps;
+    int mq = 0;
+    while ((mq + 1) * (mq + 2) / 2 <= t) ++mq;
+    tile_ok[i] = t < kTiles;
+    tile_mq[i] = mq;
+    tile_kk[i] = t - mq * (mq + 1) / 2;
+  }
+
   WarpState<D> state;
   {
     const int64_t head_stride = static_cast<int64_t>(D) * D;
     const float* src = seg.count == 1
                            ? p.state_pool + (static_cast<int64_t>(seg.slot) * p.num_heads + h) * head_stride
                            : p.seg_state + (static_cast<int64_t>(seg.state_index) * p.num_heads + h) * head_stride;
-    state.load(src, e_base + e_loc, lane);
+    state.load(src, e_base + e_loc, d_off, lane);
   }
 
   for (int blk = 0; blk < nblocks; ++blk) {
@@ -535,61 +560,70 @@ __global__ void __launch_bounds__(D) prefill_output_kernel(PrefillParams p) {
     build_decayed_values<B, L::kEH, L::kLdV, L::kThreads, kSplit>(smem, L::v_hi + buf * L::kTileV,
                                                                   L::v_lo + buf * L::kTileV, L::vt_hi, L::vt_lo,
                                                                   tab, m, tid);
+    {
+      // Two accumulator sets (even/odd k steps) and all of the warp's tiles at once: independent chains.
+      float acc[kMaxTiles][2][2][4];
 #pragma unroll
-    for (int tile = 0, mq = 0, kk = 0; tile < NQ / 2 * (NQ / 2 + 1) / 2; ++tile) {
-      // tiles (mq, kk), kk <= mq, in order (0,0) (1,0) (1,1) (2,0) ...; round-robin over the warps
-      if (tile % L::kWarps == warp) {
-        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      for (int i = 0; i < kMaxTiles; ++i)
 #pragma unroll
-        for (int kd = 0; kd < D / 16; ++kd) {
-          const uint32_t a_off = lo.q_a + (16 * mq * L::kLdQ + 16 * kd) * 2;
-          const uint32_t b_off = lo.q_b + (16 * kk * L::kLdQ + 16 * kd) * 2;
+        for (int par = 0; par < 2; ++par)
+#pragma unroll
+          for (int nj = 0; nj < 2; ++nj)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][par][nj][r] = 0.f;
+#pragma unroll
+      for (int kd = 0; kd < D / 16; ++kd) {
+#pragma unroll
+        for (int i = 0; i < kMaxTiles; ++i) {
+          if (!tile_ok[i]) continue;
+          const uint32_t a_off = lo.q_a + (16 * tile_mq[i] * L::kLdQ + 16 * kd) * 2;
+          const uint32_t b_off = lo.q_b + (16 * tile_kk[i] * L::kLdQ + 16 * kd) * 2;
           uint32_t a[4], b[4];
           ldmatrix_x4(a, q_hi + a_off);
           ldmatrix_x4(b, k_hi + b_off);
-          mma_bf16(acc[0], a, b[0], b[1]);
-          mma_bf16(acc[1], a, b[2], b[3]);
+          mma_bf16(acc[i][kd & 1][0], a, b[0], b[1]);
+          mma_bf16(acc[i][kd & 1][1], a, b[2], b[3]);
           if constexpr (kSplit) {
             uint32_t al[4], bl[4];
             ldmatrix_x4(al, q_lo + a_off);
             ldmatrix_x4(bl, k_lo + b_off);
-            mma_bf16(acc[0], al, b[0], b[1]);
-            mma_bf16(acc[1], al, b[2], b[3]);
-            mma_bf16(acc[0], a, bl[0], bl[1]);
-            mma_bf16(acc[1], a, bl[2], bl[3]);
+            mma_bf16(acc[i][kd & 1][0], al, b[0], b[1]);
+            mma_bf16(acc[i][kd & 1][1], al, b[2], b[3]);
+            mma_bf16(acc[i][kd & 1][0], a, bl[0], bl[1]);
+            mma_bf16(acc[i][kd & 1][1], a, bl[2], bl[3]);
           }
         }
+      }
+#pragma unroll
+      for (int i = 0; i < kMaxTiles; ++i) {
+        if (!tile_ok[i]) continue;
 #pragma unroll
         for (int nj = 0; nj < 2; ++nj)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const int c = 16 * mq + gq + 8 * half;
-            const int j = 16 * kk + 8 * nj + 2 * tq;
-            const float x0 = j <= c ? acc[nj][2 * half] * tab[c - j] : 0.f;
-            const float x1 = j + 1 <= c ? acc[nj][2 * half + 1] * tab[c - j - 1] : 0.f;
+            const int c = 16 * tile_mq[i] + gq + 8 * half;
+            const int j = 16 * tile_kk[i] + 8 * nj + 2 * tq;
+            const float s0v = acc[i][0][nj][2 * half] + acc[i][1][nj][2 * half];
+            const float s1v = acc[i][0][nj][2 * half + 1] + acc[i][1][nj][2 * half + 1];
+            const float x0 = j <= c ? s0v * tab[c - j] : 0.f;
+            const float x1 = j + 1 <= c ? s1v * tab[c - j - 1] : 0.f;
             uint32_t hi, lo2;
             split_bf16x2(x0, x1, hi, lo2);
             *reinterpret_cast<uint32_t*>(smem + L::p_hi + (c * L::kLdP + j) * 2) = hi;
             *reinterpret_cast<uint32_t*>(smem + L::p_lo + (c * L::kLdP + j) * 2) = lo2;
           }
       }
-      if (kk == mq) {
-        ++mq;
-        kk = 0;
-      } else {
-        ++kk;
-      }
     }
     __syncthreads();
 
-    // (B) O^T (the warp's 16 columns x B queries): inter term from the old state, then intra.
+    // (B) partial O^T (the warp's 16 columns x B queries over its d half): inter term from the old state.
     float o[NQ][4];
 #pragma unroll
     for (int nq = 0; nq < NQ; ++nq)
 #pragma unroll
       for (int r = 0; r < 4; ++r) o[nq][r] = 0.f;
 #pragma unroll
-    for (int kd = 0; kd < D / 16; ++kd) {
+    for (int kd = 0; kd < D / 32; ++kd) {
       uint32_t ah[4], al[4];
       split_bf16x2(state.st[2 * kd][0], state.st[2 * kd][1], ah[0], al[0]);
       split_bf16x2(state.st[2 * kd][2], state.st[2 * kd][3], ah[1], al[1]);
@@ -597,7 +631,7 @@ __global__ void __launch_bounds__(D) prefill_output_kernel(PrefillParams p) {
       split_bf16x2(state.st[2 * kd + 1][2], state.st[2 * kd + 1][3], ah[3], al[3]);
 #pragma unroll
       for (int qp = 0; qp < NQ / 2; ++qp) {
-        const uint32_t off = lo.q_b + (16 * qp * L::kLdQ + 16 * kd) * 2;
+        const uint32_t off = lo.q_b + (16 * qp * L::kLdQ + d_off + 16 * kd) * 2;
         uint32_t b[4];
         ldmatrix_x4(b, q_hi + off);
         mma_bf16(o[2 * qp], ah, b[0], b[1]);
@@ -622,8 +656,10 @@ __global__ void __launch_bounds__(D) prefill_output_kernel(PrefillParams p) {
     }
     state.scale(tab[m]);  // the inter term has read the old state
 
+    // Intra term: the two d halves take alternate 16-key steps.
 #pragma unroll
     for (int ks = 0; ks < B / 16; ++ks) {
+      if ((ks & 1) != d_half) continue;
       uint32_t av[4], avl[4];
       ldmatrix_x4_trans(av, v_hi + lo.v_at + ks * 16 * L::kLdV * 2);
       if constexpr (kSplit) ldmatrix_x4_trans(avl, v_lo + lo.v_at + ks * 16 * L::kLdV * 2);
@@ -646,27 +682,33 @@ __global__ void __launch_bounds__(D) prefill_output_kernel(PrefillParams p) {
     state_update<D, B, kSplit, L::kLdQ, L::kLdV>(state, s0 + L::vt_hi + lo.v_at, s0 + L::vt_lo + lo.v_at,
                                                  k_hi + lo.k_bt, k_lo + lo.k_bt);
 
-    // Stage O as [query][e] in the output type for coalesced stores.
-    OutT* stage = reinterpret_cast<OutT*>(smem + L::o_stage) + (2 * tq) * L::kLdO + e_loc + gq;
+    // Partial outputs as [query][e] fp32, one buffer per d half.
+    float* part = reinterpret_cast<float*>(smem + L::o_part + d_half * L::kTileO) + (2 * tq) * L::kLdO + e_loc + gq;
 #pragma unroll
     for (int nq = 0; nq < NQ; ++nq)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) stage[(8 * nq + (r & 1)) * L::kLdO + 8 * (r >> 1)] = from_float<OutT>(o[nq][r]);
+      for (int r = 0; r < 4; ++r) part[(8 * nq + (r & 1)) * L::kLdO + 8 * (r >> 1)] = o[nq][r];
     __syncthreads();
 
-    // (C) copy the block's outputs out.
-    const OutT* src = reinterpret_cast<const OutT*>(smem + L::o_stage) + out_row0 * L::kLdO + out_col0;
+    // (C) sum the d halves and store the block's outputs.
+    const float* pa = reinterpret_cast<const float*>(smem + L::o_part) + out_row0 * L::kLdO + out_col0;
     OutT* dst = out + (seg.start + blk * B + out_row0) * out_stride_t + out_col0;
 #pragma unroll
-    for (int i = 0; i < B / kOutRowsPerPass; ++i)
-      if (out_row0 + i * kOutRowsPerPass < m)
-        *reinterpret_cast<uint4*>(dst + i * kOutRowsPerPass * out_stride_t) =
-            *reinterpret_cast<const uint4*>(src + i * kOutRowsPerPass * L::kLdO);
+    for (int i = 0; i < B / kOutRowsPerPass; ++i) {
+      if (out_row0 + i * kOutRowsPerPass < m) {
+        const float4* a = reinterpret_cast<const float4*>(pa + i * kOutRowsPerPass * L::kLdO);
+        const float4* b = reinterpret_cast<const float4*>(pa + L::kTileO / 4 + i * kOutRowsPerPass * L::kLdO);
+        const float4 a0 = a[0], a1 = a[1], b0 = b[0], b1 = b[1];
+        const float vals[8] = {a0.x + b0.x, a0.y + b0.y, a0.z + b0.z, a0.w + b0.w,
+                               a1.x + b1.x, a1.y + b1.y, a1.z + b1.z, a1.w + b1.w};
+        store8(dst + i * kOutRowsPerPass * out_stride_t, vals);
+      }
+    }
   }
 
   if (seg.index == seg.count - 1) {
     float* dst = p.state_pool + (static_cast<int64_t>(seg.slot) * p.num_heads + h) * static_cast<int64_t>(D) * D;
-    state.store(dst, e_base + e_loc, lane);
+    state.store(dst, e_base + e_loc, d_off, lane);
   }
 }
 

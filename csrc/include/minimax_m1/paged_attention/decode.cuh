@@ -32,6 +32,10 @@ constexpr int kTile = 16;              // tokens per warp iteration (the k of on
 constexpr int kMaxGroup = 16;          // query heads per kv head (the mma's rows)
 constexpr int kMinSplitTokens = 128;   // no split is planned shorter than this (two tiles per warp)
 constexpr int kMaxSplits = 128;
+#ifndef MINIMAX_M1_PAGED_MIN_CTAS_PER_SM
+#define MINIMAX_M1_PAGED_MIN_CTAS_PER_SM 2
+#endif
+constexpr int kMinCtasPerSm = MINIMAX_M1_PAGED_MIN_CTAS_PER_SM;  // register cap: 65536 / (128 * this)
 
 struct DecodeParams {
   const void* q;  // [N, Hq, D]; last dim contiguous, 16-byte aligned rows
@@ -79,7 +83,7 @@ inline int64_t workspace_bytes_for(int64_t batch, int64_t num_q_heads, int64_t h
 }
 
 template <int D, typename T>
-__global__ void __launch_bounds__(kWarps * 32) decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kWarps * 32, kMinCtasPerSm) decode_kernel(const DecodeParams p) {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   constexpr int kKVec = D / 32;  // 16-byte K loads per token per thread (4 threads share a token)
   constexpr int kVVec = D / 64;  // 16-byte V loads per token per thread (8 threads share a token)

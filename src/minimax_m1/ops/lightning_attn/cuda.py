@@ -86,15 +86,17 @@ def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _common(q, k, v, slopes, state_pool, state_slots):
+def _kernel_inputs(q, k, v, state_pool):
+    """Runs inside the custom ops (eagerly, also under torch.compile): copies only what the kernels need."""
     if not state_pool.is_contiguous():
         raise ValueError("state_pool must be contiguous (it is updated in place)")
-    q = _kernel_layout(q)
-    k = _kernel_layout(k.to(q.dtype))
-    v = _kernel_layout(v.to(q.dtype))
+    return _kernel_layout(q), _kernel_layout(k.to(q.dtype)), _kernel_layout(v.to(q.dtype))
+
+
+def _common(q, slopes, state_slots):
     slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
     state_slots = state_slots.to(device=q.device, dtype=torch.int32).contiguous()
-    return q, k, v, slopes, state_slots
+    return slopes, state_slots
 
 
 @torch.library.custom_op("minimax_m1::lightning_prefill", mutates_args=("state_pool",))
@@ -109,6 +111,7 @@ def _prefill_op(
     seg_len: int,
 ) -> torch.Tensor:
     mod = _load()
+    q, k, v = _kernel_inputs(q, k, v, state_pool)
     tokens, heads, dim = q.shape
     out = torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
     split = q.dtype != torch.bfloat16
@@ -132,6 +135,7 @@ def _decode_op(
     state_pool: torch.Tensor,
     state_slots: torch.Tensor,
 ) -> torch.Tensor:
+    q, k, v = _kernel_inputs(q, k, v, state_pool)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _load().lightning_decode(q, k, v, slopes, state_pool, state_slots, out)
     return out
@@ -151,7 +155,7 @@ def prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len: int =
     Returns o [T, H, D] in q's dtype. Tokens past cu_seqlens[N] are left unwritten.
     """
     check_args(q, k, v, slopes, state_pool, state_slots, cu_seqlens)
-    q, k, v, slopes, state_slots = _common(q, k, v, slopes, state_pool, state_slots)
+    slopes, state_slots = _common(q, slopes, state_slots)
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     return torch.ops.minimax_m1.lightning_prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, int(seg_len))
 
@@ -159,5 +163,5 @@ def prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len: int =
 def decode(q, k, v, slopes, state_pool, state_slots):
     """One token per sequence on the GPU: q, k, v [N, H, D]; slot -1 is padding (zero output, no update)."""
     check_args(q, k, v, slopes, state_pool, state_slots)
-    q, k, v, slopes, state_slots = _common(q, k, v, slopes, state_pool, state_slots)
+    slopes, state_slots = _common(q, slopes, state_slots)
     return torch.ops.minimax_m1.lightning_decode(q, k, v, slopes, state_pool, state_slots)
