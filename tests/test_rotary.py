@@ -30,7 +30,7 @@ def test_partial_rotary_pairs():
 
 
 def test_model_with_partial_rotary_matches_patched_transformers(tmp_path, monkeypatch):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.minimax import modeling_minimax
 
     from hf_util import tiny_hf_model

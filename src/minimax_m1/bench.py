@@ -16,10 +16,9 @@ from .sampling_params import SamplingParams
 
 def measure_card(device) -> tuple[float, float]:
     """(copy bandwidth in bytes/s counting read + write, bf16 GEMM FLOP/s at 8192^3), medians of 10."""
-    src = torch.empty(2 << 30, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    copy_s = _time(lambda: dst.copy_(src), 10)
-    del src, dst
+    buffers = torch.empty(2, 2 << 30, dtype=torch.uint8, device=device).random_()
+    copy_s = _time(lambda: buffers[1].copy_(buffers[0]), 10)
+    del buffers
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     gemm_s = _time(lambda: a @ b, 10)
@@ -198,7 +197,6 @@ def bench_transformers(engine, context: int, steps: int = 3) -> dict | None:
             cache = hf(nxt, past_key_values=cache, use_cache=True).past_key_values
 
         t = _time(step, steps, warmup=1)
-    del hf
     return dict(step_ms=t * 1e3, tok_s=1 / t)
 
 

@@ -1,6 +1,7 @@
 """Offline API: LLM(model).generate(...), .chat(...), .prompt_logits(...)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 
@@ -38,7 +39,7 @@ class LLM:
         try:
             for (text, tokens), p in zip(requests, params):
                 rid = f"offline-{next(self._ids)}"
-                self.engine.add_request(rid, tokens, p, prompt=text)
+                self.engine.add_request(rid, tokens, dataclasses.replace(p, output_kind="final_only"), prompt=text)
                 ids.append(rid)
             final: dict[str, RequestOutput] = {}
             while self.engine.has_unfinished():
@@ -67,16 +68,13 @@ class LLM:
         """Yield the generated text piece by piece as it is produced."""
         (text, tokens), = self._requests(prompt, None)
         rid = f"stream-{next(self._ids)}"
-        self.engine.add_request(rid, tokens, sampling_params or SamplingParams(), prompt=text)
-        sent = 0
+        params = dataclasses.replace(sampling_params or SamplingParams(), output_kind="delta")
+        self.engine.add_request(rid, tokens, params, prompt=text)
         try:
             while self.engine.has_unfinished():
                 for out in self.engine.step():
-                    if out.request_id == rid:
-                        piece = out.outputs[0].text[sent:]
-                        sent += len(piece)
-                        if piece:
-                            yield piece
+                    if out.request_id == rid and out.outputs[0].text:
+                        yield out.outputs[0].text
         finally:
             self.engine.abort_request(rid)
 

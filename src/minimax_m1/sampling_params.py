@@ -24,6 +24,9 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # what each engine output carries: everything so far ("cumulative"), only what is new ("delta", for
+    # streaming: no copying that grows with the output), or nothing until the end ("final_only")
+    output_kind: str = "cumulative"
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -44,6 +47,8 @@ class SamplingParams:
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}"),
+            (self.output_kind in ("cumulative", "delta", "final_only"),
+             f"output_kind must be 'cumulative', 'delta' or 'final_only', got {self.output_kind!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -13,7 +13,6 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .config import ModelConfig
 from .models.minimax_m1 import MiniMaxM1ForCausalLM
 
 # Buffers transformers derives from the config and saves anyway; the engine recomputes them.

@@ -10,7 +10,6 @@ import pathlib
 import torch
 
 from ..config import ModelConfig, minimax_m1_config, minimax_m1_slice, tiny_config
-from ..forward_batch import Caches
 from ..models.minimax_m1 import MiniMaxM1ForCausalLM
 from ..tokenizer import Tokenizer, tiny_tokenizer
 from ..weights import init_dummy, load_checkpoint
@@ -204,8 +203,8 @@ def _why_eager(args: EngineArgs, config: ModelConfig) -> str | None:
         return f"{args.dtype} has no flash-attention path"
     if config.linear_layers and not _lightning_kernels_built():
         return "the lightning-attention CUDA kernels are not built"
-    if config.softmax_layers and paged_attention._VARLEN_PAGED is None:
-        return f"torch {torch.__version__} has no paged varlen flash attention"
+    if config.softmax_layers and not (paged_attention._VARLEN_PAGED or paged_attention._paged_decode_kernel()):
+        return f"torch {torch.__version__} has no paged flash attention and the paged decode kernel is not built"
     return None
 
 

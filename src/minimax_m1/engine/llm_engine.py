@@ -61,7 +61,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one model step; return an output for every request that got a token or finished."""
         chunks = self.scheduler.schedule()
-        finished_early = [s for s in list(self.requests.values()) if s.finished]
+        finished_early = [s for s in self.requests.values() if s.finished]  # by the scheduler (too long)
         if not chunks:
             return [self._pop_finished(s) for s in finished_early]
         done = [c.seq for c in chunks if c.completes]  # before run() advances num_computed
@@ -77,7 +77,7 @@ class LLMEngine:
         for seq in done:
             if seq.finished:
                 self.requests.pop(seq.request_id, None)
-        return outputs
+        return [o for o in outputs if o is not None]
 
     def _pop_finished(self, seq: Sequence) -> RequestOutput:
         self.requests.pop(seq.request_id, None)
@@ -114,10 +114,16 @@ class LLMEngine:
             seq.stop_reason = stop_reason
             self.scheduler.finish(seq, reason)
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        out = CompletionOutput(index=0, text=seq.text, token_ids=list(seq.output_token_ids),
+    def _output(self, seq: Sequence) -> RequestOutput | None:
+        """The request's output in its params' output_kind (None: a final_only request still running)."""
+        kind = seq.params.output_kind
+        if kind == "final_only" and not seq.finished:
+            return None
+        start, chars = (seq.sent_tokens, seq.sent_chars) if kind == "delta" else (0, 0)
+        seq.sent_tokens, seq.sent_chars = len(seq.output_token_ids), len(seq.text)
+        out = CompletionOutput(index=0, text=seq.text[chars:], token_ids=seq.output_token_ids[start:],
                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                               logprobs=list(seq.logprobs) if seq.logprobs is not None else None)
+                               logprobs=seq.logprobs[start:] if seq.logprobs is not None else None)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [out], finished=seq.finished)
 
     # ---- whole-prompt logits (numerical comparison with other implementations) -----------------

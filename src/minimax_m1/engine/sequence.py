@@ -36,6 +36,8 @@ class Sequence:
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
         self.text = ""  # the output text as returned (stop strings cut off)
+        self.sent_tokens = 0  # how much of the output "delta" outputs have already carried
+        self.sent_chars = 0
         # a seed gives the same tokens whatever else runs in the batch: a generator of its own
         self.generator = None
         if params.seed is not None:

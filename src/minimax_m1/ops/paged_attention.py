@@ -9,31 +9,60 @@ import torch
 import torch.nn.functional as F
 
 
-def _find_varlen_paged():
-    """PyTorch's flash-attention varlen kernel with a block table (paged KV), where this torch has it."""
+def _find_varlen():
+    """PyTorch's flash-attention varlen kernel, and whether it reads a paged cache (block_table) itself."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
+        return None, False
     params = inspect.signature(varlen_attn).parameters
-    return varlen_attn if "block_table" in params and "seqused_k" in params else None
+    return varlen_attn, "block_table" in params and "seqused_k" in params
 
 
-_VARLEN_PAGED = _find_varlen_paged()
+_VARLEN, _VARLEN_PAGED = _find_varlen()
 
 
 def paged_attention(q, kv_cache, batch, scale):
-    """Causal attention of the batch's new tokens over their cached context. On CUDA in bf16/fp16 this is
-    flash attention over the paged cache in one launch for the whole batch (no gather); elsewhere the
-    torch reference. The flash kernel aligns the causal mask bottom-right: query j of a chunk of n sees
-    the first context_len - n + j + 1 keys."""
-    if _VARLEN_PAGED is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    """Causal attention of the batch's new tokens over their cached context (GQA: query head h reads kv
+    head h // (Hq / Hkv)). On CUDA in bf16/fp16: PyTorch's flash-attention varlen kernel, one launch for the
+    whole batch; where that torch cannot read a paged cache, the batch's context is first gathered into
+    contiguous K/V (cheap next to prefill's arithmetic; decode uses the paged decode kernel when built).
+    Elsewhere the torch reference. The flash kernel aligns the causal mask bottom-right: query j of a
+    chunk of n new tokens sees the first context_len - n + j + 1 keys."""
+    if _VARLEN is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         cu_k = F.pad(batch.context_lens_t.cumsum(0, dtype=torch.int32), (1, 0))
-        return _VARLEN_PAGED(q, kv_cache[0], kv_cache[1], batch.cu_seqlens, cu_k, batch.max_seqlen_q,
-                             batch.max_seqlen_k, scale=scale, window_size=(-1, 0),
-                             enable_gqa=q.shape[1] != kv_cache.shape[3], seqused_k=batch.context_lens_t,
-                             block_table=batch.block_tables)
+        if _VARLEN_PAGED:
+            return _VARLEN(q, kv_cache[0], kv_cache[1], batch.cu_seqlens, cu_k, batch.max_seqlen_q,
+                           batch.max_seqlen_k, scale=scale, window_size=(-1, 0), enable_gqa=True,
+                           seqused_k=batch.context_lens_t, block_table=batch.block_tables)
+        if batch.is_decode and _paged_decode_kernel() is not None:
+            return _paged_decode_kernel()(q, kv_cache, batch.block_tables, batch.context_lens_t, scale,
+                                          batch.max_seqlen_k)
+        k, v = _gather_context(kv_cache, batch, cu_k)
+        return _VARLEN(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen_q, batch.max_seqlen_k, scale=scale,
+                       window_size=(-1, 0))
     return reference_paged_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.context_lens, scale)
+
+
+def _gather_context(kv_cache, batch, cu_k):
+    """Every sequence's cached K and V, packed: ([sum context_lens, Hkv, D], same)."""
+    block_size = kv_cache.shape[2]
+    total = sum(batch.context_lens)
+    n = batch.context_lens_t.shape[0]
+    seq = torch.repeat_interleave(torch.arange(n, device=cu_k.device), batch.context_lens_t.long(),
+                                  output_size=total)
+    pos = torch.arange(total, device=cu_k.device) - cu_k[seq]
+    flat = batch.block_tables[seq, pos // block_size].long() * block_size + pos % block_size
+    cache = kv_cache.view(2, -1, *kv_cache.shape[-2:])
+    return cache[0].index_select(0, flat), cache[1].index_select(0, flat)
+
+
+def _paged_decode_kernel():
+    try:
+        from . import paged_attention_cuda
+    except ImportError:
+        return None
+    return paged_attention_cuda.paged_decode if paged_attention_cuda.available() else None
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -85,7 +85,7 @@ async def response(s: OpenAIServing, req: ChatCompletionRequest,
                                   logprobs=_logprobs(s, o.token_ids, o.logprobs, req.top_logprobs or 0),
                                   **_finish(out)))
     return ChatCompletionResponse(id=s.response_id(requests), model=s.model_name, choices=choices,
-                                  usage=s.usage(requests, outputs, req.n))
+                                  usage=s.usage(requests, sum(len(o.outputs[0].token_ids) for o in outputs), req.n))
 
 
 async def stream(s: OpenAIServing, req: ChatCompletionRequest, requests: list[EngineRequest]) -> AsyncIterator[str]:
@@ -101,17 +101,14 @@ async def stream(s: OpenAIServing, req: ChatCompletionRequest, requests: list[En
     index = {r.request_id: i for i, r in enumerate(requests)}
     progress = [ChoiceProgress() for _ in requests]
     parsers = [ReasoningParser(r.prompt) if s.reasoning_parser else None for r in requests]
-    final: dict[str, RequestOutput] = {}
     async for out in s.engine.generate(requests):
         i = index[out.request_id]
         text, tokens, entries = progress[i].advance(out)
-        reasoning, content = parsers[i].feed(out.outputs[0].text, out.finished) if parsers[i] else ("", text)
-        if out.finished:
-            final[out.request_id] = out
+        reasoning, content = parsers[i].feed(progress[i].text, out.finished) if parsers[i] else ("", text)
         if not (reasoning or content or entries or out.finished):
             continue
         delta = DeltaMessage(content=content or None, reasoning_content=reasoning or None)
         logprobs = _logprobs(s, tokens, entries, req.top_logprobs or 0)
         yield chunk([ChatStreamChoice(index=i, delta=delta, logprobs=logprobs, **_finish(out))])
-    yield chunk([], usage=s.usage(requests, [final[r.request_id] for r in requests], req.n))
+    yield chunk([], usage=s.usage(requests, sum(p.tokens for p in progress), req.n))
     yield SSE_DONE

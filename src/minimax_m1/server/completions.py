@@ -60,7 +60,7 @@ async def response(s: OpenAIServing, req: CompletionRequest, requests: list[Engi
     choices = [_choice(s, i, o.outputs[0].text, o, o.outputs[0].token_ids, o.outputs[0].logprobs, 0)
                for i, o in enumerate(outputs)]
     return CompletionResponse(id=s.response_id(requests), model=s.model_name, choices=choices,
-                              usage=s.usage(requests, outputs, req.n))
+                              usage=s.usage(requests, sum(len(o.outputs[0].token_ids) for o in outputs), req.n))
 
 
 async def stream(s: OpenAIServing, req: CompletionRequest, requests: list[EngineRequest]) -> AsyncIterator[str]:
@@ -69,7 +69,6 @@ async def stream(s: OpenAIServing, req: CompletionRequest, requests: list[Engine
     index = {r.request_id: i for i, r in enumerate(requests)}
     progress = [ChoiceProgress() for _ in requests]
     offsets = [0] * len(requests)
-    final: dict[str, RequestOutput] = {}
     async for out in s.engine.generate(requests):
         i = index[out.request_id]
         text, tokens, logprobs = progress[i].advance(out)
@@ -78,8 +77,6 @@ async def stream(s: OpenAIServing, req: CompletionRequest, requests: list[Engine
         choice = _choice(s, i, text, out, tokens, logprobs, offsets[i])
         offsets[i] += sum(map(len, choice.logprobs.tokens)) if choice.logprobs else 0
         yield sse(CompletionResponse(id=base_id, created=created, model=s.model_name, choices=[choice]))
-        if out.finished:
-            final[out.request_id] = out
-    usage = s.usage(requests, [final[r.request_id] for r in requests], req.n)
+    usage = s.usage(requests, sum(p.tokens for p in progress), req.n)
     yield sse(CompletionResponse(id=base_id, created=created, model=s.model_name, choices=[], usage=usage))
     yield SSE_DONE

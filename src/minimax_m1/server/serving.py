@@ -82,7 +82,8 @@ class OpenAIServing:
                 repetition_penalty=pick(req.repetition_penalty, 1.0),
                 presence_penalty=pick(req.presence_penalty, 0.0), frequency_penalty=pick(req.frequency_penalty, 0.0),
                 logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output)
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                output_kind="delta" if req.stream else "final_only")
         except ValueError as e:
             raise BadRequest(str(e)) from e
 
@@ -127,24 +128,23 @@ class OpenAIServing:
         items = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
         return [(self.token_str(t), max(lp, -9999.0)) for t, lp in items]
 
-    def usage(self, requests: list[EngineRequest], outputs: list[RequestOutput], n: int) -> UsageInfo:
+    def usage(self, requests: list[EngineRequest], completion: int, n: int) -> UsageInfo:
         """Prompt tokens count once per prompt (not per copy), as OpenAI counts them."""
         prompt = sum(len(r.prompt_token_ids) for r in requests[::n])
-        completion = sum(len(o.outputs[0].token_ids) for o in outputs)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 @dataclasses.dataclass
 class ChoiceProgress:
-    """How much of one choice's output a stream has sent."""
-    text: int = 0  # characters
+    """One choice of a stream: the engine sends deltas ("delta" output kind); this keeps the totals."""
+    text: str = ""  # all the output text so far
     tokens: int = 0
     finished: bool = False
 
     def advance(self, out: RequestOutput) -> tuple[str, list[int], list[dict] | None]:
-        """The new text, token ids and logprob entries since the last call."""
+        """The new text, token ids and logprob entries this output brings."""
         o = out.outputs[0]
-        text, tokens = o.text[self.text:], o.token_ids[self.tokens:]
-        logprobs = o.logprobs[self.tokens:] if o.logprobs is not None else None
-        self.text, self.tokens, self.finished = len(o.text), len(o.token_ids), out.finished
-        return text, tokens, logprobs
+        self.text += o.text
+        self.tokens += len(o.token_ids)
+        self.finished = out.finished
+        return o.text, o.token_ids, o.logprobs
