@@ -18,7 +18,6 @@ def measure_card(device) -> tuple[float, float]:
     """(copy bandwidth in bytes/s counting read + write, bf16 GEMM FLOP/s at 8192^3), medians of 10."""
     buffers = torch.empty(2, 2 << 30, dtype=torch.uint8, device=device).random_()
     copy_s = _time(lambda: buffers[1].copy_(buffers[0]), 10)
-    del buffers
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     gemm_s = _time(lambda: a @ b, 10)
