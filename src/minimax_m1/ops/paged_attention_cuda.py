@@ -1,0 +1,158 @@
+"""Binding of the CUDA paged decode-attention kernel (csrc/paged_attention/, exported through apache-tvm-ffi).
+
+The shared library is `$MINIMAX_M1_PAGED_ATTN_LIB` when set, else `minimax_m1/_kernels/libpaged_attn.so`
+(built by `pip install`). It is loaded on first use; importing this module never fails: without the library,
+tvm_ffi or a CUDA device, `available()` is False and callers keep the torch path.
+
+`paged_decode` is a torch custom op (`minimax_m1::paged_decode`) with a fake implementation, so torch.compile
+and CUDA graphs see through it. It runs on torch's current stream and never reads device memory on the host.
+Long contexts are split over several CTAs (flash-decoding); the number of splits depends on the batch size,
+the head counts, `max_context` and the GPU only, so a captured graph stays right for any context lengths.
+The splits' partial results go to one workspace buffer per device, cached here: it grows on demand outside
+graph capture, and `reserve` allocates it for the largest decode batch before any capture.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+
+import torch
+
+LIBRARY_ENV = "MINIMAX_M1_PAGED_ATTN_LIB"
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16)
+MAX_GROUP = 16  # query heads per kv head
+
+_module = None
+_load_error: str | None = None
+_tried = False
+_workspaces: dict[int, torch.Tensor] = {}  # device index -> the current (largest) workspace
+_retired: list[torch.Tensor] = []  # outgrown workspaces: graphs captured earlier may still point at them
+
+
+def library_path() -> pathlib.Path:
+    """Where the kernel library is looked up."""
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        return pathlib.Path(override)
+    return pathlib.Path(__file__).resolve().parents[1] / "_kernels" / "libpaged_attn.so"
+
+
+def _load():
+    global _module, _load_error, _tried
+    if not _tried:
+        _tried = True
+        path = library_path()
+        if not path.is_file():
+            _load_error = f"{path} does not exist (build with `pip install .` where nvcc is present, or set {LIBRARY_ENV})"
+        else:
+            try:
+                import tvm_ffi
+
+                _module = tvm_ffi.load_module(str(path))
+            except Exception as exc:  # no tvm_ffi, or a library built against another ABI
+                _load_error = f"loading {path} failed: {type(exc).__name__}: {exc}"
+    return _module
+
+
+def available() -> bool:
+    """True when the kernel library is loaded and a CUDA device is present."""
+    return torch.cuda.is_available() and _load() is not None
+
+
+def load_error() -> str | None:
+    """Why `available()` is False (None when it is True or nothing was tried yet)."""
+    _load()
+    return _load_error
+
+
+def supports(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether the kernel handles these shapes and dtypes (else the caller keeps its torch path)."""
+    if not (q.is_cuda and q.dim() == 3 and kv_cache.dim() == 5 and _load() is not None):
+        return False
+    hq, d = q.shape[1], q.shape[2]
+    block_size, hkv = kv_cache.shape[2], kv_cache.shape[3]
+    return (q.dtype in DTYPES and kv_cache.dtype == q.dtype and kv_cache.device == q.device and d in HEAD_DIMS
+            and kv_cache.shape[4] == d and block_size % 16 == 0 and hkv > 0 and hq % hkv == 0
+            and hq // hkv <= MAX_GROUP)
+
+
+def _device_index(device) -> int:
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=256)
+def workspace_bytes(batch: int, num_q_heads: int, head_dim: int, max_context: int, device_index: int) -> int:
+    """Workspace bytes enough for every decode of at most `batch` sequences with these sizes."""
+    return int(_load().paged_decode_workspace_bytes(batch, num_q_heads, head_dim, max_context, device_index))
+
+
+def num_splits(batch: int, num_kv_heads: int, head_dim: int, max_context: int, device=None) -> int:
+    """CTAs per (sequence, kv head) that a decode with these sizes uses (1: no combine step)."""
+    return int(_load().paged_decode_num_splits(batch, num_kv_heads, head_dim, max_context, _device_index(device)))
+
+
+def _workspace(device_index: int, nbytes: int) -> torch.Tensor:
+    ws = _workspaces.get(device_index)
+    if ws is None or ws.numel() < nbytes:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"paged_decode needs a {nbytes}-byte workspace on cuda:{device_index} during CUDA graph capture; "
+                "call minimax_m1.ops.paged_attention_cuda.reserve(max_batch, num_q_heads, head_dim, max_context) "
+                "before capturing")
+        if ws is not None:
+            _retired.append(ws)
+        ws = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=torch.device("cuda", device_index))
+        _workspaces[device_index] = ws
+    return ws
+
+
+def reserve(max_batch: int, num_q_heads: int, head_dim: int, max_context: int, device=None) -> None:
+    """Allocate the workspace for any decode of up to `max_batch` sequences whose `max_context` argument is
+    this one (call before capturing CUDA graphs, where nothing may be allocated)."""
+    index = _device_index(device)
+    _workspace(index, workspace_bytes(max_batch, num_q_heads, head_dim, max_context, index))
+
+
+@torch.library.custom_op("minimax_m1::paged_decode", mutates_args=())
+def _paged_decode_op(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_context: int,
+) -> torch.Tensor:
+    batch, heads, dim = q.shape
+    index = q.device.index
+    out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
+    workspace = _workspace(index, workspace_bytes(batch, heads, dim, max_context, index))
+    _load().paged_decode(q, kv_cache, block_tables, context_lens, out, workspace, scale, max_context)
+    return out
+
+
+@_paged_decode_op.register_fake
+def _paged_decode_fake(q, kv_cache, block_tables, context_lens, scale, max_context):
+    return q.new_empty(q.shape)
+
+
+def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 scale: float, max_context: int) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged KV cache.
+
+    q [N, Hq, D] bf16/fp16 (D 64 or 128); kv_cache [2, num_blocks, block_size, Hkv, D], q's dtype, block_size a
+    multiple of 16, Hq / Hkv in 1..16 (query head h reads kv head h // (Hq / Hkv)); block_tables [N, max_blocks]
+    int32; context_lens [N] int32, the keys to attend to with the new token's (already written) included.
+    Returns softmax(q k^T * scale) v over keys 0..context_lens[i]-1 of sequence i, [N, Hq, D] in q's dtype
+    (zeros where context_lens[i] == 0). `max_context` bounds the lengths for planning the splits (the
+    engine's max_model_len); longer contexts are still exact.
+    """
+    if q.stride(-1) != 1 or q.data_ptr() % 16 or any(q.stride(i) % 8 for i in range(2) if q.shape[i] > 1):
+        q = q.clone(memory_format=torch.contiguous_format)  # a fresh, aligned allocation
+    block_tables = block_tables.to(device=q.device, dtype=torch.int32)
+    if block_tables.dim() == 2 and block_tables.shape[1] > 1 and block_tables.stride(1) != 1:
+        block_tables = block_tables.contiguous()
+    context_lens = context_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    return torch.ops.minimax_m1.paged_decode(q, kv_cache, block_tables, context_lens, float(scale), int(max_context))
