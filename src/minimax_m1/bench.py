@@ -3,6 +3,7 @@ next to the card's measured limits (copy bandwidth, bf16 GEMM rate), and transfo
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enforce-eager", action="store_true")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("minimax-m1 bench: error: needs a CUDA GPU")
+        print("minimax-m1 bench: error: needs a CUDA GPU", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)

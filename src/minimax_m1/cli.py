@@ -99,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.set_defaults(func=_serve)
 
+    # the benchmark has its own flags (minimax_m1.bench): everything after `bench` goes to it
+    sub.add_parser("bench", help="decode/prefill speed of a real-shape MiniMax-M1 slice on one GPU "
+                                 "(see `minimax-m1 bench --help`)", add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
+
     a = parser.parse_args(argv)
     try:
         return a.func(a)
