@@ -13,9 +13,12 @@ namespace lightning_attn {
 namespace {
 
 constexpr int64_t kBlock = 64;  // the largest token block of the kernels; segments are multiples of it
-// Target CTAs per multiprocessor when cutting sequences into segments. More segments fill the GPU
-// with fewer heads, at the price of pass 1 (about 40% of pass 2's work on the segmented tokens).
-constexpr int64_t kCtasPerSm = 1;
+// Cutting sequences into segments fills the GPU when heads alone do not, at the price of pass 1 (about
+// 40% of pass 2's work on the segmented tokens). Measured on an H200 (64 heads: 128 CTAs): one segment
+// is best when the heads give about one CTA per multiprocessor; with 8 heads about two CTAs per
+// multiprocessor's worth of segments is best (32K: 16 segments of 2048, 128K: 16 of 8192).
+constexpr double kFullEnough = 0.9;    // CTAs per multiprocessor from heads alone that need no segments
+constexpr int64_t kCtasPerSm = 2;      // otherwise, target CTAs per multiprocessor
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -33,7 +36,9 @@ Plan make_plan(int64_t tokens, int64_t seqs, int64_t heads, int64_t dim, bool sp
     p.seg_len = round_up(seg_len, kBlock);
   } else {
     const int64_t ctas_per_set = 2 * heads;  // pass-2 CTAs for one segment of every head
-    const int64_t want = std::max<int64_t>(1, (sms * kCtasPerSm + ctas_per_set / 2) / ctas_per_set);
+    const int64_t want = ctas_per_set >= kFullEnough * sms
+                             ? 1
+                             : std::max<int64_t>(1, (sms * kCtasPerSm + ctas_per_set / 2) / ctas_per_set);
     p.seg_len = round_up(std::max<int64_t>(1, (tokens + want - 1) / want), 256);
   }
   p.segmented = p.seg_len < tokens;

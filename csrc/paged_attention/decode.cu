@@ -64,23 +64,16 @@ void check_rows_16b(const TensorView& t, const char* name) {
 }
 
 template <int D, typename T>
-void launch(const DecodeParams& p, int64_t batch, int64_t num_q_heads, cudaStream_t stream) {
+void launch(const DecodeParams& p, int64_t batch, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(batch));
   decode_kernel<D, T><<<grid, kWarps * 32, 0, stream>>>(p);
   MINIMAX_CHECK_LAUNCH();
-  if (p.num_splits > 1) {
-    const int64_t rows = batch * num_q_heads;
-    constexpr int kRowsPerCta = 128 / (D / 4);
-    combine_kernel<D, T><<<static_cast<unsigned>((rows + kRowsPerCta - 1) / kRowsPerCta), 128, 0, stream>>>(
-        p.partial_o, p.partial_lse, static_cast<T*>(p.out), rows, p.num_splits);
-    MINIMAX_CHECK_LAUNCH();
-  }
 }
 
 template <int D>
-void dispatch_dtype(Dtype dtype, const DecodeParams& p, int64_t batch, int64_t num_q_heads, cudaStream_t stream) {
-  if (dtype == Dtype::kBF16) launch<D, __nv_bfloat16>(p, batch, num_q_heads, stream);
-  else launch<D, __half>(p, batch, num_q_heads, stream);
+void dispatch_dtype(Dtype dtype, const DecodeParams& p, int64_t batch, cudaStream_t stream) {
+  if (dtype == Dtype::kBF16) launch<D, __nv_bfloat16>(p, batch, stream);
+  else launch<D, __half>(p, batch, stream);
 }
 
 }  // namespace
@@ -160,6 +153,8 @@ void decode(TensorView q, TensorView kv_cache, TensorView block_tables, TensorVi
   if (batch == 0) return;
 
   const int splits = static_cast<int>(decode_num_splits(batch, num_kv_heads, dim, max_context, device_id));
+  if (splits > 1 && batch * num_kv_heads > kMaxCounters)
+    TVM_FFI_THROW(RuntimeError) << "internal: a split launch over " << batch * num_kv_heads << " (sequence, kv head) pairs";
   const int64_t need = workspace_bytes_for(batch, num_q_heads, dim, splits);
   const int64_t have = workspace.numel() * ((workspace.dtype().bits * workspace.dtype().lanes + 7) / 8);
   if (have < need)
@@ -186,7 +181,8 @@ void decode(TensorView q, TensorView kv_cache, TensorView block_tables, TensorVi
   p.out = data_of(out);
   if (splits > 1) {
     const int64_t rows = batch * num_q_heads * splits;
-    p.partial_o = static_cast<float*>(data_of(workspace));
+    p.counters = static_cast<int*>(data_of(workspace));
+    p.partial_o = reinterpret_cast<float*>(static_cast<char*>(data_of(workspace)) + kCounterBytes);
     p.partial_lse = p.partial_o + rows * dim;
   }
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
@@ -196,8 +192,8 @@ void decode(TensorView q, TensorView kv_cache, TensorView block_tables, TensorVi
   p.max_blocks = static_cast<int>(max_blocks);
   p.num_splits = splits;
   const cudaStream_t stream = current_stream(device_id);
-  if (dim == 128) dispatch_dtype<128>(dtype, p, batch, num_q_heads, stream);
-  else dispatch_dtype<64>(dtype, p, batch, num_q_heads, stream);
+  if (dim == 128) dispatch_dtype<128>(dtype, p, batch, stream);
+  else dispatch_dtype<64>(dtype, p, batch, stream);
 }
 
 }  // namespace paged_attention

@@ -24,8 +24,10 @@ int64_t decode_workspace_bytes(int64_t batch, int64_t num_q_heads, int64_t head_
 // q [N, Hq, D] (bf16/fp16, last dim contiguous); kv_cache [2, num_blocks, block_size, Hkv, D] (q's dtype,
 // last dim contiguous, block_size % 16 == 0); block_tables [N, max_blocks] int32 (last dim contiguous);
 // context_lens [N] int32 (keys to attend to, the new token's included); out [N, Hq, D] contiguous, q's
-// dtype; workspace: any CUDA tensor of at least decode_workspace_bytes(N, Hq, D, max_context) bytes,
-// 16-byte aligned. `max_context` (>= 1) only sets the number of splits: lengths above it are still exact.
+// dtype; workspace: a CUDA tensor of at least decode_workspace_bytes(N, Hq, D, max_context) bytes, 16-byte
+// aligned, ZERO-FILLED once when allocated (its first bytes count finished splits; every launch leaves
+// them zero again), used by one stream at a time. `max_context` (>= 1) only sets the number of splits:
+// lengths above it are still exact.
 void decode(tvm::ffi::TensorView q, tvm::ffi::TensorView kv_cache, tvm::ffi::TensorView block_tables,
             tvm::ffi::TensorView context_lens, tvm::ffi::TensorView out, tvm::ffi::TensorView workspace, double scale,
             int64_t max_context);

@@ -358,7 +358,7 @@ __device__ __forceinline__ void fill_decay_table(float* tab, float ls, int tid) 
 
 // Pass 1: local state of every non-final segment, sum_j lambda^(len-1-j) k_j^T v_j, into seg_state.
 template <int D, bool kSplit>
-__global__ void __launch_bounds__(2 * D) prefill_segment_state_kernel(PrefillParams p) {
+__global__ void __launch_bounds__(2 * D, 1) prefill_segment_state_kernel(PrefillParams p) {
   using L = PrefillLayout<D, kSplit>;
   constexpr int B = L::kBlock;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -460,7 +460,7 @@ __global__ void __launch_bounds__(256) prefill_segment_scan_kernel(PrefillParams
 // O^T = lambda^(c+1) S^T Q^T + V^T P^T over its d half (and its share of the key steps) and updates its
 // S^T tile; (C) the CTA sums the two d halves and stores the block's outputs.
 template <int D, bool kSplit, typename OutT>
-__global__ void __launch_bounds__(2 * D) prefill_output_kernel(PrefillParams p) {
+__global__ void __launch_bounds__(2 * D, 1) prefill_output_kernel(PrefillParams p) {
   using L = PrefillLayout<D, kSplit>;
   constexpr int B = L::kBlock;
   constexpr int NQ = B / 8;                            // 8-query tiles per block

@@ -11,9 +11,11 @@
 //              dims of one token (one 16-byte load); Q's A fragment is loaded with the same permutation.
 //   O = P V:   P's A fragment is S's accumulator (the FA2 identity), and the output columns are permuted
 //              so that a thread's B fragment is 8 consecutive dims of each of its 4 tokens.
-// The warps then merge through shared memory; with one split the CTA writes the output, otherwise the
-// normalised partial output and its log-sum-exp (base 2) go to the workspace and combine_kernel merges
-// the splits.
+// A tile's K and V loads are issued together, and the next tile's K (V) loads as soon as this tile's
+// Q K^T (P V) has consumed the registers, so a warp always has a tile in flight.
+// The warps then merge through shared memory. With one split the CTA writes the output; otherwise it
+// writes its normalised partial output and log-sum-exp (base 2) to the workspace, and the last CTA of the
+// (sequence, kv head) to finish, counted with an atomic, merges all splits (no second kernel).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,10 +34,9 @@ constexpr int kTile = 16;              // tokens per warp iteration (the k of on
 constexpr int kMaxGroup = 16;          // query heads per kv head (the mma's rows)
 constexpr int kMinSplitTokens = 128;   // no split is planned shorter than this (two tiles per warp)
 constexpr int kMaxSplits = 128;
-#ifndef MINIMAX_M1_PAGED_MIN_CTAS_PER_SM
-#define MINIMAX_M1_PAGED_MIN_CTAS_PER_SM 2
-#endif
-constexpr int kMinCtasPerSm = MINIMAX_M1_PAGED_MIN_CTAS_PER_SM;  // register cap: 65536 / (128 * this)
+constexpr int kMinCtasPerSm = 2;         // register cap of decode_kernel: 65536 / (128 * 2) = 256
+constexpr int kMaxCounters = 8192;       // (sequence, kv head) pairs of a split launch (< resident CTAs)
+constexpr int64_t kCounterBytes = kMaxCounters * 4;
 
 struct DecodeParams {
   const void* q;  // [N, Hq, D]; last dim contiguous, 16-byte aligned rows
@@ -49,6 +50,7 @@ struct DecodeParams {
   void* out;                    // [N, Hq, D] contiguous; written directly when num_splits == 1
   float* partial_o;             // [N, Hq, num_splits, D] when num_splits > 1
   float* partial_lse;           // [N, Hq, num_splits], base 2
+  int* counters;                // [N, Hkv] finished splits; zero between launches (the merging CTA resets it)
   float scale_log2;             // softmax scale * log2(e)
   int num_kv_heads;
   int group;  // Hq / Hkv
@@ -57,29 +59,59 @@ struct DecodeParams {
   int num_splits;
 };
 
-// Splits per (sequence, kv head): enough CTAs to fill `resident_ctas` slots when the batch alone does
-// not (flash-attention 2's wave-efficiency rule), never more than max_context / kMinSplitTokens.
+// Splits per (sequence, kv head): when the batch alone fills less than 80% of the device's resident CTA
+// slots, as many splits as fit in one wave (more CTAs in flight, each with a shorter chain of tiles), but
+// never a split shorter than kMinSplitTokens of max_context.
 inline int plan_num_splits(int64_t batch_kv_heads, int64_t max_context, int64_t resident_ctas) {
-  int64_t max_splits = (max_context + kMinSplitTokens - 1) / kMinSplitTokens;
-  if (max_splits > kMaxSplits) max_splits = kMaxSplits;
-  if (max_splits <= 1 || batch_kv_heads * 5 >= resident_ctas * 4) return 1;
-  double best = 0.0;
-  for (int64_t s = 1; s <= max_splits; ++s) {
-    const double waves = static_cast<double>(batch_kv_heads * s) / static_cast<double>(resident_ctas);
-    best = fmax(best, waves / ceil(waves));
-  }
-  for (int64_t s = 1; s <= max_splits; ++s) {
-    const double waves = static_cast<double>(batch_kv_heads * s) / static_cast<double>(resident_ctas);
-    if (waves / ceil(waves) >= 0.85 * best) return static_cast<int>(s);
-  }
-  return 1;
+  int64_t splits = (max_context + kMinSplitTokens - 1) / kMinSplitTokens;
+  if (splits > kMaxSplits) splits = kMaxSplits;
+  if (batch_kv_heads < 1 || batch_kv_heads * 5 >= resident_ctas * 4) return 1;
+  if (splits > resident_ctas / batch_kv_heads) splits = resident_ctas / batch_kv_heads;
+  return splits < 1 ? 1 : static_cast<int>(splits);
 }
 
-// Workspace bytes of one launch: partial outputs, then their log-sum-exps (16-byte aligned offset).
+// Workspace bytes of one launch: the split counters (a fixed region, so that they stay zero whatever
+// sizes earlier launches had), the partial outputs, then their log-sum-exps.
 inline int64_t workspace_bytes_for(int64_t batch, int64_t num_q_heads, int64_t head_dim, int num_splits) {
   if (num_splits <= 1) return 0;
   const int64_t rows = batch * num_q_heads * num_splits;
-  return rows * head_dim * 4 + (rows * 4 + 15) / 16 * 16;
+  return kCounterBytes + rows * head_dim * 4 + (rows * 4 + 15) / 16 * 16;
+}
+
+// The last CTA of a (sequence, kv head) to finish merges every split's rows:
+// out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the non-empty splits. All threads call this.
+template <int D, typename T>
+__device__ __forceinline__ void finish_split(const DecodeParams& p, int64_t row0, int64_t pair) {
+  __shared__ int s_last;
+  __threadfence();  // this thread's partial writes, visible device-wide before the count
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(p.counters + pair, 1) == p.num_splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int num_splits = p.num_splits;
+  for (int i = threadIdx.x; i < p.group * (D / 4); i += kWarps * 32) {
+    const int r = i / (D / 4), d = (i % (D / 4)) * 4;
+    const float* lse = p.partial_lse + (row0 + r) * num_splits;
+    float mx = -INFINITY;
+    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, __ldcg(lse + s));
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (mx != -INFINITY) {  // else an empty sequence: zeros
+      float sum = 0.f;
+      for (int s = 0; s < num_splits; ++s) {
+        const float ls = __ldcg(lse + s);
+        if (ls == -INFINITY) continue;  // an empty split wrote no partial output
+        const float f = exp2f(ls - mx);
+        const float4 x = __ldcg(reinterpret_cast<const float4*>(p.partial_o + ((row0 + r) * num_splits + s) * D + d));
+        sum += f;
+        acc.x += f * x.x, acc.y += f * x.y, acc.z += f * x.z, acc.w += f * x.w;
+      }
+      const float inv = 1.f / sum;
+      acc.x *= inv, acc.y *= inv, acc.z *= inv, acc.w *= inv;
+    }
+    store4<T>(static_cast<T*>(p.out) + (row0 + r) * D + d, acc);
+  }
+  if (threadIdx.x == 0) p.counters[pair] = 0;  // ready for the next launch
 }
 
 template <int D, typename T>
@@ -104,9 +136,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtasPerSm) decode_kernel(cons
   const int chunk = ((len + num_splits - 1) / num_splits + kTile - 1) / kTile * kTile;
   const int begin = split * chunk;
   const int end = min(begin + chunk, len);
+  const int64_t pair = static_cast<int64_t>(n) * p.num_kv_heads + kvh;
   if (begin >= end) {  // a split past a short context (or an empty sequence)
     if (num_splits > 1) {
       if (threadIdx.x < p.group) p.partial_lse[(row0 + threadIdx.x) * num_splits + split] = -INFINITY;
+      finish_split<D, T>(p, row0, pair);
     } else {
       T* out = static_cast<T*>(p.out) + row0 * D;
       for (int i = threadIdx.x * 4; i < p.group * D; i += kWarps * 32 * 4) store4<T>(out + i, make_float4(0.f, 0.f, 0.f, 0.f));
@@ -140,81 +174,96 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtasPerSm) decode_kernel(cons
   const T* v_head = static_cast<const T*>(p.v_cache) + static_cast<int64_t>(kvh) * p.kv_stride_head;
   const int32_t* table = p.block_tables + static_cast<int64_t>(n) * p.block_table_stride;
   const int64_t st = p.kv_stride_token;
-  int tile = begin + warp * kTile;
-  int block = tile < end ? __ldg(table + tile / p.block_size) : 0;
-
-  for (; tile < end; tile += kWarps * kTile) {
-    const int remaining = end - tile;  // >= 1; a tile never crosses a block (block_size % 16 == 0)
-    const int64_t base = static_cast<int64_t>(block) * p.kv_stride_block + static_cast<int64_t>(tile % p.block_size) * st;
-    // K: this thread's tokens g and g + 8, dims 32c + 8t .. +8. V: tokens 2t, 2t+1, 2t+8, 2t+9, dims 64u + 8g .. +8.
-    uint4 kr[2][kKVec], vr[4][kVVec];
+  // K: this thread's tokens g and g + 8, dims 32c + 8t .. +8. V: tokens 2t, 2t+1, 2t+8, 2t+9, dims 64u + 8g .. +8.
+  // A tile never crosses a block (block_size % 16 == 0); tokens at or past `end` are not read (zeros).
+  uint4 kr[2][kKVec], vr[4][kVVec];
+  auto load_k = [&](int at, int block, bool any) {
+    const T* src = k_head + static_cast<int64_t>(block) * p.kv_stride_block + static_cast<int64_t>(at % p.block_size) * st;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int tok = g + 8 * j;
-      const T* src = k_head + base + tok * st + 8 * t;
 #pragma unroll
-      for (int c = 0; c < kKVec; ++c) kr[j][c] = load_stream_16(src + 32 * c, tok < remaining);
+      for (int c = 0; c < kKVec; ++c) kr[j][c] = load_stream_16(src + tok * st + 8 * t + 32 * c, any && at + tok < end);
     }
+  };
+  auto load_v = [&](int at, int block, bool any) {
+    const T* src = v_head + static_cast<int64_t>(block) * p.kv_stride_block + static_cast<int64_t>(at % p.block_size) * st;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int tok = 2 * t + (i & 1) + 8 * (i >> 1);
-      const T* src = v_head + base + tok * st + 8 * g;
 #pragma unroll
-      for (int u = 0; u < kVVec; ++u) vr[i][u] = load_stream_16(src + 64 * u, tok < remaining);
+      for (int u = 0; u < kVVec; ++u) vr[i][u] = load_stream_16(src + tok * st + 8 * g + 64 * u, any && at + tok < end);
     }
-    const int next = tile + kWarps * kTile;
-    if (next < end) block = __ldg(table + next / p.block_size);  // in flight with this tile's loads
+  };
 
-    float s[2][4];
+  int tile = begin + warp * kTile;
+  if (tile < end) {
+    int block = __ldg(table + tile / p.block_size);
+    load_k(tile, block, true);
+    load_v(tile, block, true);
+    for (;;) {
+      const int next = tile + kWarps * kTile;
+      const bool more = next < end;
+      const int next_block = more ? __ldg(table + next / p.block_size) : block;
+      const int remaining = end - tile;  // >= 1
+
+      float s[2][4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      for (int j = 0; j < 2; ++j) {
+        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-      for (int c = 0; c < kKVec; ++c) {
-        mma_16816<T>(s[j], qa[2 * c], kr[j][c].x, kr[j][c].y);
-        mma_16816<T>(s[j], qa[2 * c + 1], kr[j][c].z, kr[j][c].w);
+        for (int c = 0; c < kKVec; ++c) {
+          mma_16816<T>(s[j], qa[2 * c], kr[j][c].x, kr[j][c].y);
+          mma_16816<T>(s[j], qa[2 * c + 1], kr[j][c].z, kr[j][c].w);
+        }
       }
-    }
-    // s[j][e]: row g (e < 2) or g + 8, token 8j + 2t + (e & 1).
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        s[j][e] = 8 * j + 2 * t + (e & 1) < remaining ? s[j][e] * p.scale_log2 : -INFINITY;
+      load_k(next, next_block, more);  // K's registers are free again
 
-    float mx_lo = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
-    float mx_hi = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-    const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);  // finite: token 0 of the tile is valid
-    const float alpha_lo = exp2f(m_lo - new_lo), alpha_hi = exp2f(m_hi - new_hi);
-    m_lo = new_lo, m_hi = new_hi;
+      // s[j][e]: row g (e < 2) or g + 8, token 8j + 2t + (e & 1).
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      s[j][0] = exp2f(s[j][0] - new_lo), s[j][1] = exp2f(s[j][1] - new_lo);
-      s[j][2] = exp2f(s[j][2] - new_hi), s[j][3] = exp2f(s[j][3] - new_hi);
-    }
-    l_lo = l_lo * alpha_lo + (s[0][0] + s[0][1]) + (s[1][0] + s[1][1]);
-    l_hi = l_hi * alpha_hi + (s[0][2] + s[0][3]) + (s[1][2] + s[1][3]);
-    const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
-                            pack2<T>(s[1][2], s[1][3])};
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[j][e] = 8 * j + 2 * t + (e & 1) < remaining ? s[j][e] * p.scale_log2 : -INFINITY;
 
+      float mx_lo = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+      float mx_hi = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+      const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);  // finite: token 0 of the tile is valid
+      const float alpha_lo = exp2f(m_lo - new_lo), alpha_hi = exp2f(m_hi - new_hi);
+      m_lo = new_lo, m_hi = new_hi;
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      // n-tile nt, column g is dim 64u + 8g + e: element e of each token's vr[.][u].
-      const int u = nt / 8, e = nt % 8;
-      uint32_t b0, b1;
-      if (e % 2 == 0) {
-        b0 = pick_halves<0>(word_of(vr[0][u], e / 2), word_of(vr[1][u], e / 2));
-        b1 = pick_halves<0>(word_of(vr[2][u], e / 2), word_of(vr[3][u], e / 2));
-      } else {
-        b0 = pick_halves<1>(word_of(vr[0][u], e / 2), word_of(vr[1][u], e / 2));
-        b1 = pick_halves<1>(word_of(vr[2][u], e / 2), word_of(vr[3][u], e / 2));
+      for (int j = 0; j < 2; ++j) {
+        s[j][0] = exp2f(s[j][0] - new_lo), s[j][1] = exp2f(s[j][1] - new_lo);
+        s[j][2] = exp2f(s[j][2] - new_hi), s[j][3] = exp2f(s[j][3] - new_hi);
       }
-      o[nt][0] *= alpha_lo, o[nt][1] *= alpha_lo, o[nt][2] *= alpha_hi, o[nt][3] *= alpha_hi;
-      mma_16816<T>(o[nt], pa, b0, b1);
+      l_lo = l_lo * alpha_lo + (s[0][0] + s[0][1]) + (s[1][0] + s[1][1]);
+      l_hi = l_hi * alpha_hi + (s[0][2] + s[0][3]) + (s[1][2] + s[1][3]);
+      const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
+                              pack2<T>(s[1][2], s[1][3])};
+
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        // n-tile nt, column g is dim 64u + 8g + e: element e of each token's vr[.][u].
+        const int u = nt / 8, e = nt % 8;
+        uint32_t b0, b1;
+        if (e % 2 == 0) {
+          b0 = pick_halves<0>(word_of(vr[0][u], e / 2), word_of(vr[1][u], e / 2));
+          b1 = pick_halves<0>(word_of(vr[2][u], e / 2), word_of(vr[3][u], e / 2));
+        } else {
+          b0 = pick_halves<1>(word_of(vr[0][u], e / 2), word_of(vr[1][u], e / 2));
+          b1 = pick_halves<1>(word_of(vr[2][u], e / 2), word_of(vr[3][u], e / 2));
+        }
+        o[nt][0] *= alpha_lo, o[nt][1] *= alpha_lo, o[nt][2] *= alpha_hi, o[nt][3] *= alpha_hi;
+        mma_16816<T>(o[nt], pa, b0, b1);
+      }
+      load_v(next, next_block, more);  // V's registers are free again
+      if (!more) break;
+      tile = next;
+      block = next_block;
     }
   }
 
@@ -269,37 +318,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtasPerSm) decode_kernel(cons
       if (d == 0) p.partial_lse[prow] = mx + log2f(sum);
     }
   }
-}
-
-// out[row] = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the non-empty splits of each
-// (sequence, query head) row. D / 4 threads per row, 4 dims each.
-template <int D, typename T>
-__global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ partial_o,
-                                                      const float* __restrict__ partial_lse, T* __restrict__ out,
-                                                      int64_t num_rows, int num_splits) {
-  constexpr int kThreadsPerRow = D / 4;
-  constexpr int kRowsPerCta = 128 / kThreadsPerRow;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerCta + threadIdx.x / kThreadsPerRow;
-  const int d = (threadIdx.x % kThreadsPerRow) * 4;
-  if (row >= num_rows) return;
-  const float* lse = partial_lse + row * num_splits;
-  float mx = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, lse[s]);
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (mx != -INFINITY) {  // else an empty sequence: zeros
-    float sum = 0.f;
-    for (int s = 0; s < num_splits; ++s) {
-      const float ls = lse[s];
-      if (ls == -INFINITY) continue;  // an empty split: its partial output was never written
-      const float f = exp2f(ls - mx);
-      const float4 x = *reinterpret_cast<const float4*>(partial_o + (row * num_splits + s) * D + d);
-      sum += f;
-      acc.x += f * x.x, acc.y += f * x.y, acc.z += f * x.z, acc.w += f * x.w;
-    }
-    const float inv = 1.f / sum;
-    acc.x *= inv, acc.y *= inv, acc.z *= inv, acc.w *= inv;
-  }
-  store4<T>(out + row * D + d, acc);
+  if (num_splits > 1) finish_split<D, T>(p, row0, pair);
 }
 
 }  // namespace paged_attention

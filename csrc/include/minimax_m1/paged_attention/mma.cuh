@@ -54,11 +54,12 @@ __device__ __forceinline__ uint32_t pack2<__half>(float x0, float x1) {
 }
 
 // The KV cache is read exactly once per step: skip L1 so it keeps the block tables and Q. Predicated in
-// the instruction (zeros when `valid` is false) so the loads stay straight-line code; not volatile: the
-// cache does not change during a launch, so the compiler may schedule them freely.
+// the instruction (zeros when `valid` is false) so the loads stay straight-line code. Volatile, like the
+// mma: the kernel's source order is its issue order (left free, the compiler sank V's loads below the
+// first Q K^T mma, which serialised two memory round trips per tile).
 __device__ __forceinline__ uint4 load_stream_16(const void* p, bool valid) {
   uint4 r = make_uint4(0u, 0u, 0u, 0u);
-  asm("{\n"
+  asm volatile("{\n"
       "  .reg .pred p;\n"
       "  setp.ne.b32 p, %5, 0;\n"
       "  @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
