@@ -38,7 +38,7 @@ Plan make_plan(int64_t tokens, int64_t seqs, int64_t heads, int64_t dim, bool sp
     const int64_t ctas_per_set = 2 * heads;  // pass-2 CTAs for one segment of every head
     const int64_t want = ctas_per_set >= kFullEnough * sms
                              ? 1
-                             : std::max<int64_t>(1, (sms * kCtasPerSm + ctas_per_set / 2) / ctas_per_set);
+                             : std::max<int64_t>(1, sms * kCtasPerSm / ctas_per_set);  // whole waves
     p.seg_len = round_up(std::max<int64_t>(1, (tokens + want - 1) / want), 256);
   }
   p.segmented = p.seg_len < tokens;

@@ -285,16 +285,14 @@ struct LaneOffsets {
 };
 
 // Decayed values for the state update: Vt[j][:] = lambda^(m-1-j) v_j (j < m, else 0), split hi + lo.
-template <int B, int EH, int LDV, int THREADS, bool kSplit>
+// Threads `first` .. `first + count - 1` of the CTA share the work (`tid` is the CTA thread index).
+template <int B, int EH, int LDV, bool kSplit>
 __device__ __forceinline__ void build_decayed_values(unsigned char* smem, int v_off, int v_lo_off, int vt_hi_off,
-                                                     int vt_lo_off, const float* tab, int m, int tid) {
+                                                     int vt_lo_off, const float* tab, int m, int tid, int first,
+                                                     int count) {
   constexpr int kChunks = EH / 8;
-  constexpr int kRowsPerPass = THREADS / kChunks;
-  static_assert(B % kRowsPerPass == 0, "decayed-value tile does not divide over the CTA");
-  const int row0 = tid / kChunks, col0 = (tid % kChunks) * 8;
-#pragma unroll
-  for (int i = 0; i < B / kRowsPerPass; ++i) {
-    const int j = row0 + i * kRowsPerPass;
+  for (int c = tid - first; c < B * kChunks; c += count) {
+    const int j = c / kChunks, col0 = (c % kChunks) * 8;
     const int off = (j * LDV + col0) * 2;
     uint4 hi = make_uint4(0, 0, 0, 0), lo = make_uint4(0, 0, 0, 0);
     if (j < m) {
@@ -401,9 +399,8 @@ __global__ void __launch_bounds__(2 * D, 1) prefill_segment_state_kernel(Prefill
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    build_decayed_values<B, L::kEH, L::kLdV, L::kThreads, kSplit>(smem, L::v_hi + buf * L::kTileV,
-                                                                  L::v_lo + buf * L::kTileV, L::vt_hi, L::vt_lo,
-                                                                  tab, m, tid);
+    build_decayed_values<B, L::kEH, L::kLdV, kSplit>(smem, L::v_hi + buf * L::kTileV, L::v_lo + buf * L::kTileV,
+                                                     L::vt_hi, L::vt_lo, tab, m, tid, 0, L::kThreads);
     __syncthreads();
     state.scale(tab[m]);
     state_update<D, B, kSplit, L::kLdQ, L::kLdV>(state, s0 + L::vt_hi + lo.v_at, s0 + L::vt_lo + lo.v_at,
@@ -466,6 +463,7 @@ __global__ void __launch_bounds__(2 * D, 1) prefill_output_kernel(PrefillParams 
   constexpr int NQ = B / 8;                            // 8-query tiles per block
   constexpr int kTiles = (B / 16) * (B / 16 + 1) / 2;  // causal 16x16 score tiles
   constexpr int kMaxTiles = (kTiles + L::kWarps - 1) / L::kWarps;
+  constexpr int kBusyWarps = kTiles % L::kWarps;  // warps with one score tile more than the others
   extern __shared__ __align__(16) unsigned char smem[];
   const int g = blockIdx.x >> 1, e_half = blockIdx.x & 1, h = blockIdx.y;
   SegmentInfo seg;
@@ -523,8 +521,12 @@ __global__ void __launch_bounds__(2 * D, 1) prefill_output_kernel(PrefillParams 
     *reinterpret_cast<uint4*>(smem + L::p_hi + 16 * c) = make_uint4(0, 0, 0, 0);
 
   // This warp's score tiles (mq, kk), kk <= mq, numbered (0,0) (1,0) (1,1) (2,0) ... round-robin.
+  // Decay factors that do not change from block to block are kept in registers: lambda^(c-j) (0 above
+  // the diagonal) of this thread's score elements, lambda^(c+1) of its query columns, lambda^B.
+  const float ls = p.slopes[h] * kLog2e;
   int tile_mq[kMaxTiles], tile_kk[kMaxTiles];
   bool tile_ok[kMaxTiles];
+  float score_decay[kMaxTiles][2][2][2];
 #pragma unroll
   for (int i = 0; i < kMaxTiles; ++i) {
     const int t = warp + i * L::kWarps;
@@ -533,7 +535,22 @@ __global__ void __launch_bounds__(2 * D, 1) prefill_output_kernel(PrefillParams 
     tile_ok[i] = t < kTiles;
     tile_mq[i] = mq;
     tile_kk[i] = t - mq * (mq + 1) / 2;
+#pragma unroll
+    for (int nj = 0; nj < 2; ++nj)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int dist = 16 * (tile_mq[i] - tile_kk[i]) + gq + 8 * half - 8 * nj - 2 * tq - u;
+          score_decay[i][nj][half][u] = dist >= 0 ? exp2f(-ls * static_cast<float>(dist)) : 0.f;
+        }
   }
+  float inter_decay[NQ][2];
+#pragma unroll
+  for (int nq = 0; nq < NQ; ++nq)
+#pragma unroll
+    for (int u = 0; u < 2; ++u) inter_decay[nq][u] = exp2f(-ls * static_cast<float>(8 * nq + 2 * tq + u + 1));
+  const float block_decay = exp2f(-ls * static_cast<float>(B));
 
   WarpState<D> state;
   {
@@ -556,10 +573,11 @@ __global__ void __launch_bounds__(2 * D, 1) prefill_output_kernel(PrefillParams 
     const uint32_t k_hi = s0 + L::k_hi + buf * L::kTileQ, k_lo = s0 + L::k_lo + buf * L::kTileQ;
     const uint32_t v_hi = s0 + L::v_hi + buf * L::kTileV, v_lo = s0 + L::v_lo + buf * L::kTileV;
 
-    // (A) decayed values and decayed causal scores.
-    build_decayed_values<B, L::kEH, L::kLdV, L::kThreads, kSplit>(smem, L::v_hi + buf * L::kTileV,
-                                                                  L::v_lo + buf * L::kTileV, L::vt_hi, L::vt_lo,
-                                                                  tab, m, tid);
+    // (A) decayed values (by the warps with fewer score tiles) and decayed causal scores.
+    if (warp >= kBusyWarps)
+      build_decayed_values<B, L::kEH, L::kLdV, kSplit>(smem, L::v_hi + buf * L::kTileV, L::v_lo + buf * L::kTileV,
+                                                       L::vt_hi, L::vt_lo, tab, m, tid, 32 * kBusyWarps,
+                                                       L::kThreads - 32 * kBusyWarps);
     {
       // Two accumulator sets (even/odd k steps) and all of the warp's tiles at once: independent chains.
       float acc[kMaxTiles][2][2][4];
@@ -605,8 +623,8 @@ __global__ void __launch_bounds__(2 * D, 1) prefill_output_kernel(PrefillParams 
             const int j = 16 * tile_kk[i] + 8 * nj + 2 * tq;
             const float s0v = acc[i][0][nj][2 * half] + acc[i][1][nj][2 * half];
             const float s1v = acc[i][0][nj][2 * half + 1] + acc[i][1][nj][2 * half + 1];
-            const float x0 = j <= c ? s0v * tab[c - j] : 0.f;
-            const float x1 = j + 1 <= c ? s1v * tab[c - j - 1] : 0.f;
+            const float x0 = s0v * score_decay[i][nj][half][0];
+            const float x1 = s1v * score_decay[i][nj][half][1];
             uint32_t hi, lo2;
             split_bf16x2(x0, x1, hi, lo2);
             *reinterpret_cast<uint32_t*>(smem + L::p_hi + (c * L::kLdP + j) * 2) = hi;
@@ -648,13 +666,12 @@ __global__ void __launch_bounds__(2 * D, 1) prefill_output_kernel(PrefillParams 
     }
 #pragma unroll
     for (int nq = 0; nq < NQ; ++nq) {
-      const float f0 = tab[8 * nq + 2 * tq + 1], f1 = tab[8 * nq + 2 * tq + 2];
-      o[nq][0] *= f0;
-      o[nq][1] *= f1;
-      o[nq][2] *= f0;
-      o[nq][3] *= f1;
+      o[nq][0] *= inter_decay[nq][0];
+      o[nq][1] *= inter_decay[nq][1];
+      o[nq][2] *= inter_decay[nq][0];
+      o[nq][3] *= inter_decay[nq][1];
     }
-    state.scale(tab[m]);  // the inter term has read the old state
+    state.scale(m == B ? block_decay : tab[m]);  // the inter term has read the old state
 
     // Intra term: the two d halves take alternate 16-key steps.
 #pragma unroll
