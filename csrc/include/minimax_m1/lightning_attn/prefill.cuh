@@ -7,8 +7,8 @@
 //   S'  = lambda^m S + sum_j lambda^(m-1-j) k_j^T v_j
 //
 // Work decomposition. A sequence is cut into segments of `seg_len` tokens (one segment unless the
-// batch is too small to fill the GPU). One CTA of D/8 warps owns (segment, head, half of the value
-// columns e); each warp keeps a 16(e) x D/4(d) tile of S^T in fp32 registers, so the inter-block product
+// batch is too small to fill the GPU). One CTA of D/16 warps owns (segment, head, half of the value
+// columns e); each warp keeps a 16(e) x D/2(d) tile of S^T in fp32 registers, so the inter-block product
 // O^T = S^T Q^T takes S^T straight from registers as the A operand. Pass 1
 // computes each non-final segment's local state, a scan combines them with the slot's state, and
 // pass 2 recomputes outputs from the right incoming state. With one segment per sequence only
@@ -161,18 +161,17 @@ __global__ void __launch_bounds__(1024) prefill_plan_kernel(PrefillParams p) {
 }
 
 // Shared-memory layout and thread mapping of the prefill CTAs. A CTA owns half of the value columns
-// (e_base .. e_base + D/2) and has D/8 warps: warp w owns 16 value columns (e slice w % (D/32)) and a
-// quarter of the key dims d (d part w / (D/32)) of the state, so four warps per scheduler share the work
-// of one head half; their partial outputs are summed when the block is stored. bf16 tiles are padded by 16 bytes
+// (e_base .. e_base + D/2) and has D/16 warps: warp w owns 16 value columns (e slice w % (D/32)) and half
+// of the key dims d (d half w / (D/32)) of the state, so two warps per scheduler share the work of one
+// head half; their partial outputs are summed when the block is stored. bf16 tiles are padded by 16 bytes
 // a row (ldmatrix without bank conflicts). K/V tiles, decayed values and the decay table come first:
 // pass 1 allocates only those.
 template <int D, bool kSplit>
 struct PrefillLayout {
   static constexpr int kBlock = kSplit ? 32 : 64;  // tokens per block (split inputs: smaller, smem)
-  static constexpr int kDParts = 4;                // warps sharing one e slice, each over D/4 key dims
-  static constexpr int kSlices = D / 32;           // e slices of 16 columns per CTA
-  static constexpr int kWarps = kSlices * kDParts;
+  static constexpr int kWarps = D / 16;
   static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kSlices = D / 32;           // e slices of 16 columns per CTA
   static constexpr int kEH = D / 2;                // value columns per CTA
   static constexpr int kLdQ = D + 8;               // row pitch of Q and K tiles (elements)
   static constexpr int kLdV = kEH + 8;             // V and decayed-V tiles
@@ -195,8 +194,8 @@ struct PrefillLayout {
   static constexpr int q_lo = q_hi + 2 * kTileQ;                    // (split)
   static constexpr int p_hi = q_lo + (kSplit ? 2 * kTileQ : 0);     // [B][LdP]
   static constexpr int p_lo = p_hi + kTileP;
-  static constexpr int o_part = p_lo + kTileP;                      // [d parts][B][LdO] fp32
-  static constexpr int output_bytes = o_part + kDParts * kTileO;
+  static constexpr int o_part = p_lo + kTileP;                      // [2 d halves][B][LdO] fp32
+  static constexpr int output_bytes = o_part + 2 * kTileO;
 };
 
 // cp.async of a [ROWS x COLS] bf16 tile, rows >= rows_valid zero-filled. Thread offsets are fixed at
@@ -205,8 +204,8 @@ template <int COLS, int LD, int THREADS, int ROWS>
 struct TileLoader {
   static constexpr int kChunks = COLS / 8;             // 16-byte chunks per row
   static constexpr int kRowsPerPass = THREADS / kChunks;
-  static constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass;
-  static_assert(THREADS % kChunks == 0 && (ROWS % kRowsPerPass == 0 || kPasses == 1), "tile does not divide");
+  static constexpr int kPasses = ROWS / kRowsPerPass;
+  static_assert(THREADS % kChunks == 0 && ROWS % kRowsPerPass == 0, "tile does not divide over the CTA");
   int row0;          // first row of this thread
   uint32_t s_off;    // byte offset of (row0, col0) in the tile
   int64_t g_row0;    // element offset of (row0, col0) in global memory
@@ -222,7 +221,6 @@ struct TileLoader {
   // src: element (row 0, column 0) of the tile in global memory; dst: shared address of the tile.
   __device__ __forceinline__ void load(uint32_t dst, const __nv_bfloat16* src, int rows_valid) const {
     const __nv_bfloat16* g = src + g_row0;
-    if (kRowsPerPass > ROWS && row0 >= ROWS) return;  // more threads than chunks
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       const bool ok = row0 + i * kRowsPerPass < rows_valid;
@@ -232,11 +230,11 @@ struct TileLoader {
   }
 };
 
-// Per-warp state tile S^T: rows e (the warp's 16 value columns), columns d (the warp's D/4 key dims),
+// Per-warp state tile S^T: rows e (the warp's 16 value columns), columns d (the warp's D/2 key dims),
 // fp32 C fragments st[nj][r] <-> (e = e_off + g + 8 (r >> 1), d = d_off + 8 nj + 2t + (r & 1)).
 template <int D>
 struct WarpState {
-  static constexpr int NT = D / 32;
+  static constexpr int NT = D / 16;
   float st[NT][4];
 
   __device__ __forceinline__ void zero() {
@@ -322,7 +320,7 @@ __device__ __forceinline__ void build_decayed_values(unsigned char* smem, int v_
   }
 }
 
-// S^T += Vt^T K over one block for the warp's d part (the caller has already decayed S^T by lambda^m).
+// S^T += Vt^T K over one block for the warp's d half (the caller has already decayed S^T by lambda^m).
 // Addresses are shared byte addresses with the lane offsets included (LaneOffsets::v_at, ::k_bt).
 template <int D, int B, bool kSplit, int LDQ, int LDV>
 __device__ __forceinline__ void state_update(WarpState<D>& ws, uint32_t vt_hi, uint32_t vt_lo, uint32_t k_hi,
@@ -333,7 +331,7 @@ __device__ __forceinline__ void state_update(WarpState<D>& ws, uint32_t vt_hi, u
     ldmatrix_x4_trans(ah, vt_hi + ks * 16 * LDV * 2);
     ldmatrix_x4_trans(al, vt_lo + ks * 16 * LDV * 2);
 #pragma unroll
-    for (int np = 0; np < D / 64; ++np) {
+    for (int np = 0; np < D / 32; ++np) {
       const uint32_t off = (ks * 16 * LDQ + np * 16) * 2;
       uint32_t b[4];
       ldmatrix_x4_trans(b, k_hi + off);
@@ -358,7 +356,7 @@ __device__ __forceinline__ void fill_decay_table(float* tab, float ls, int tid) 
 
 // Pass 1: local state of every non-final segment, sum_j lambda^(len-1-j) k_j^T v_j, into seg_state.
 template <int D, bool kSplit>
-__global__ void __launch_bounds__(4 * D, 1) prefill_segment_state_kernel(PrefillParams p) {
+__global__ void __launch_bounds__(2 * D, 1) prefill_segment_state_kernel(PrefillParams p) {
   using L = PrefillLayout<D, kSplit>;
   constexpr int B = L::kBlock;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -368,7 +366,7 @@ __global__ void __launch_bounds__(4 * D, 1) prefill_segment_state_kernel(Prefill
   if (seg.slot < 0 || seg.index == seg.count - 1) return;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int e_base = e_half * L::kEH, e_loc = 16 * (warp % L::kSlices), d_off = (warp / L::kSlices) * (D / 4);
+  const int e_base = e_half * L::kEH, e_loc = 16 * (warp % L::kSlices), d_off = (warp / L::kSlices) * (D / 2);
   const uint32_t s0 = smem_addr(smem);
   float* tab = reinterpret_cast<float*>(smem + L::tab);
   fill_decay_table<B, L::kThreads>(tab, p.slopes[h] * kLog2e, tid);
@@ -456,10 +454,10 @@ __global__ void __launch_bounds__(256) prefill_segment_scan_kernel(PrefillParams
 // Pass 2: outputs of one segment, one block of B tokens at a time, and for the final segment of a
 // sequence its final state into the slot. Per block: (A) all threads decay V into Vt, warps compute the
 // causal decayed score tiles P = lambda^(c-j) q_c . k_j; (B) each warp computes its partial
-// O^T = lambda^(c+1) S^T Q^T + V^T P^T over its d part (and its share of the key steps) and updates its
-// S^T tile; (C) the CTA sums the d parts and stores the block's outputs.
+// O^T = lambda^(c+1) S^T Q^T + V^T P^T over its d half (and its share of the key steps) and updates its
+// S^T tile; (C) the CTA sums the two d halves and stores the block's outputs.
 template <int D, bool kSplit, typename OutT>
-__global__ void __launch_bounds__(4 * D, 1) prefill_output_kernel(PrefillParams p) {
+__global__ void __launch_bounds__(2 * D, 1) prefill_output_kernel(PrefillParams p) {
   using L = PrefillLayout<D, kSplit>;
   constexpr int B = L::kBlock;
   constexpr int NQ = B / 8;                            // 8-query tiles per block
@@ -473,16 +471,15 @@ __global__ void __launch_bounds__(4 * D, 1) prefill_output_kernel(PrefillParams 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, tq = lane & 3;
-  const int d_part = warp / L::kSlices;
-  const int e_base = e_half * L::kEH, e_loc = 16 * (warp % L::kSlices), d_off = d_part * (D / 4);
+  const int d_half = warp / L::kSlices;
+  const int e_base = e_half * L::kEH, e_loc = 16 * (warp % L::kSlices), d_off = d_half * (D / 2);
   const int64_t out_stride_t = static_cast<int64_t>(p.num_heads) * D;
   OutT* out = static_cast<OutT*>(p.o) + h * D + e_base;
 
   // Output mapping: chunks of 8 consecutive values of a [B][EH] tile.
   constexpr int kOutChunks = L::kEH / 8;
   constexpr int kOutRowsPerPass = L::kThreads / kOutChunks;
-  constexpr int kOutPasses = (B + kOutRowsPerPass - 1) / kOutRowsPerPass;
-  static_assert(B % kOutRowsPerPass == 0 || kOutPasses == 1, "output tile does not divide over the CTA");
+  static_assert(B % kOutRowsPerPass == 0, "output tile does not divide over the CTA");
   const int out_row0 = tid / kOutChunks, out_col0 = (tid % kOutChunks) * 8;
 
   if (seg.slot < 0) {  // padding: zero output, no state access
@@ -637,14 +634,14 @@ __global__ void __launch_bounds__(4 * D, 1) prefill_output_kernel(PrefillParams 
     }
     __syncthreads();
 
-    // (B) partial O^T (the warp's 16 columns x B queries over its d part): inter term from the old state.
+    // (B) partial O^T (the warp's 16 columns x B queries over its d half): inter term from the old state.
     float o[NQ][4];
 #pragma unroll
     for (int nq = 0; nq < NQ; ++nq)
 #pragma unroll
       for (int r = 0; r < 4; ++r) o[nq][r] = 0.f;
 #pragma unroll
-    for (int kd = 0; kd < D / 64; ++kd) {
+    for (int kd = 0; kd < D / 32; ++kd) {
       uint32_t ah[4], al[4];
       split_bf16x2(state.st[2 * kd][0], state.st[2 * kd][1], ah[0], al[0]);
       split_bf16x2(state.st[2 * kd][2], state.st[2 * kd][3], ah[1], al[1]);
@@ -676,10 +673,10 @@ __global__ void __launch_bounds__(4 * D, 1) prefill_output_kernel(PrefillParams 
     }
     state.scale(m == B ? block_decay : tab[m]);  // the inter term has read the old state
 
-    // Intra term: the d parts take turns over the 16-key steps.
+    // Intra term: the two d halves take alternate 16-key steps.
 #pragma unroll
     for (int ks = 0; ks < B / 16; ++ks) {
-      if (ks % L::kDParts != d_part) continue;
+      if ((ks & 1) != d_half) continue;
       uint32_t av[4], avl[4];
       ldmatrix_x4_trans(av, v_hi + lo.v_at + ks * 16 * L::kLdV * 2);
       if constexpr (kSplit) ldmatrix_x4_trans(avl, v_lo + lo.v_at + ks * 16 * L::kLdV * 2);
@@ -702,34 +699,25 @@ __global__ void __launch_bounds__(4 * D, 1) prefill_output_kernel(PrefillParams 
     state_update<D, B, kSplit, L::kLdQ, L::kLdV>(state, s0 + L::vt_hi + lo.v_at, s0 + L::vt_lo + lo.v_at,
                                                  k_hi + lo.k_bt, k_lo + lo.k_bt);
 
-    // Partial outputs as [query][e] fp32, one buffer per d part.
-    float* part = reinterpret_cast<float*>(smem + L::o_part + d_part * L::kTileO) + (2 * tq) * L::kLdO + e_loc + gq;
+    // Partial outputs as [query][e] fp32, one buffer per d half.
+    float* part = reinterpret_cast<float*>(smem + L::o_part + d_half * L::kTileO) + (2 * tq) * L::kLdO + e_loc + gq;
 #pragma unroll
     for (int nq = 0; nq < NQ; ++nq)
 #pragma unroll
       for (int r = 0; r < 4; ++r) part[(8 * nq + (r & 1)) * L::kLdO + 8 * (r >> 1)] = o[nq][r];
     __syncthreads();
 
-    // (C) sum the d parts and store the block's outputs.
+    // (C) sum the d halves and store the block's outputs.
     const float* pa = reinterpret_cast<const float*>(smem + L::o_part) + out_row0 * L::kLdO + out_col0;
     OutT* dst = out + (seg.start + blk * B + out_row0) * out_stride_t + out_col0;
 #pragma unroll
-    for (int i = 0; i < kOutPasses; ++i) {
+    for (int i = 0; i < B / kOutRowsPerPass; ++i) {
       if (out_row0 + i * kOutRowsPerPass < m) {
-        float vals[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int part_i = 0; part_i < L::kDParts; ++part_i) {
-          const float4* a = reinterpret_cast<const float4*>(pa + part_i * (L::kTileO / 4) + i * kOutRowsPerPass * L::kLdO);
-          const float4 a0 = a[0], a1 = a[1];
-          vals[0] += a0.x;
-          vals[1] += a0.y;
-          vals[2] += a0.z;
-          vals[3] += a0.w;
-          vals[4] += a1.x;
-          vals[5] += a1.y;
-          vals[6] += a1.z;
-          vals[7] += a1.w;
-        }
+        const float4* a = reinterpret_cast<const float4*>(pa + i * kOutRowsPerPass * L::kLdO);
+        const float4* b = reinterpret_cast<const float4*>(pa + L::kTileO / 4 + i * kOutRowsPerPass * L::kLdO);
+        const float4 a0 = a[0], a1 = a[1], b0 = b[0], b1 = b[1];
+        const float vals[8] = {a0.x + b0.x, a0.y + b0.y, a0.z + b0.z, a0.w + b0.w,
+                               a1.x + b1.x, a1.y + b1.y, a1.z + b1.z, a1.w + b1.w};
         store8(dst + i * kOutRowsPerPass * out_stride_t, vals);
       }
     }
