@@ -24,7 +24,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-KERNEL_EXT = "minimax_m1._kernels.liblightning_attn"
+# One shared library per csrc/<folder>/ (its *.cu files, headers from csrc/include), placed in minimax_m1/_kernels/.
+KERNEL_LIBS = {
+    "lightning_attn": "liblightning_attn",
+}
 DEFAULT_ARCHS = "80;90a"
 
 
@@ -62,15 +65,16 @@ def tvm_ffi_paths():
 
 
 class CUDAExtension(Extension):
-    """Built by nvcc from csrc/ (see BuildExt); setuptools only places the result."""
+    """Built by nvcc from csrc/<folder> (see BuildExt); setuptools only places the result."""
 
-    def __init__(self, name):
-        super().__init__(name, sources=[])
+    def __init__(self, folder, library):
+        super().__init__(f"minimax_m1._kernels.{library}", sources=[])
+        self.folder = folder
 
 
 class BuildExt(build_ext):
     def get_ext_filename(self, fullname):
-        if fullname.split(".")[-1] == KERNEL_EXT.split(".")[-1]:
+        if fullname.split(".")[-1] in KERNEL_LIBS.values():
             return os.path.join(*fullname.split(".")) + ".so"
         return super().get_ext_filename(fullname)
 
@@ -88,9 +92,9 @@ class BuildExt(build_ext):
         include, lib = tvm_ffi_paths()
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(self.build_temp) / "csrc"
+        tmp = Path(self.build_temp) / "csrc" / ext.folder
         tmp.mkdir(parents=True, exist_ok=True)
-        sources = sorted((ROOT / "csrc" / "lightning_attn").glob("*.cu"))
+        sources = sorted((ROOT / "csrc" / ext.folder).glob("*.cu"))
         flags = [
             "-std=c++17", "-O3", "-DNDEBUG", "-lineinfo", "-Xcompiler", "-fPIC",
             f"-I{ROOT / 'csrc' / 'include'}", f"-I{include}",
@@ -123,7 +127,7 @@ def ext_modules():
         print("minimax-m1: apache-tvm-ffi not importable in the build environment, installing without CUDA kernels",
               file=sys.stderr)
         return []
-    return [CUDAExtension(KERNEL_EXT)]
+    return [CUDAExtension(folder, library) for folder, library in KERNEL_LIBS.items()]
 
 
 setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildExt})
