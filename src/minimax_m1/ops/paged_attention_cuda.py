@@ -8,8 +8,9 @@ tvm_ffi or a CUDA device, `available()` is False and callers keep the torch path
 and CUDA graphs see through it. It runs on torch's current stream and never reads device memory on the host.
 Long contexts are split over several CTAs (flash-decoding); the number of splits depends on the batch size,
 the head counts, `max_context` and the GPU only, so a captured graph stays right for any context lengths.
-The splits' partial results go to one workspace buffer per device, cached here: it grows on demand outside
-graph capture, and `reserve` allocates it for the largest decode batch before any capture.
+The splits' partial results go to one zero-initialised workspace buffer per device, cached here (one stream
+at a time uses it, as the model's layers do): it grows on demand outside graph capture, and `reserve`
+allocates it for the largest decode batch before any capture.
 """
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def _workspace(device_index: int, nbytes: int) -> torch.Tensor:
                 "before capturing")
         if ws is not None:
             _retired.append(ws)
-        ws = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=torch.device("cuda", device_index))
+        # zeros: the kernel counts finished splits in the first bytes and leaves them zero after each launch
+        ws = torch.zeros(max(nbytes, 16), dtype=torch.uint8, device=torch.device("cuda", device_index))
         _workspaces[device_index] = ws
     return ws
 

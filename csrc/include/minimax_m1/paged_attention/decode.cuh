@@ -78,10 +78,13 @@ inline int64_t workspace_bytes_for(int64_t batch, int64_t num_q_heads, int64_t h
   return kCounterBytes + rows * head_dim * 4 + (rows * 4 + 15) / 16 * 16;
 }
 
-// The last CTA of a (sequence, kv head) to finish merges every split's rows:
-// out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the non-empty splits. All threads call this.
+// The last CTA of a (sequence, kv head) to finish merges the splits that hold tokens, which are the first
+// `used` ones: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max). The weights go through shared
+// memory (`scratch`, kMaxGroup * kMaxSplits floats) so that the partial outputs are read with independent
+// loads. All threads call this.
 template <int D, typename T>
-__device__ __forceinline__ void finish_split(const DecodeParams& p, int64_t row0, int64_t pair) {
+__device__ __forceinline__ void finish_split(const DecodeParams& p, int64_t row0, int64_t pair, int used,
+                                             float* scratch) {
   __shared__ int s_last;
   __threadfence();  // this thread's partial writes, visible device-wide before the count
   __syncthreads();
@@ -89,27 +92,40 @@ __device__ __forceinline__ void finish_split(const DecodeParams& p, int64_t row0
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  const int num_splits = p.num_splits;
-  for (int i = threadIdx.x; i < p.group * (D / 4); i += kWarps * 32) {
-    const int r = i / (D / 4), d = (i % (D / 4)) * 4;
-    const float* lse = p.partial_lse + (row0 + r) * num_splits;
-    float mx = -INFINITY;
-    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, __ldcg(lse + s));
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (mx != -INFINITY) {  // else an empty sequence: zeros
-      float sum = 0.f;
-      for (int s = 0; s < num_splits; ++s) {
-        const float ls = __ldcg(lse + s);
-        if (ls == -INFINITY) continue;  // an empty split wrote no partial output
-        const float f = exp2f(ls - mx);
-        const float4 x = __ldcg(reinterpret_cast<const float4*>(p.partial_o + ((row0 + r) * num_splits + s) * D + d));
-        sum += f;
-        acc.x += f * x.x, acc.y += f * x.y, acc.z += f * x.z, acc.w += f * x.w;
-      }
-      const float inv = 1.f / sum;
-      acc.x *= inv, acc.y *= inv, acc.z *= inv, acc.w *= inv;
+  const int num_splits = p.num_splits, group = p.group;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int i = threadIdx.x; i < group * used; i += kWarps * 32) {
+    const int r = i / used, s = i % used;
+    scratch[r * kMaxSplits + s] = __ldcg(p.partial_lse + (row0 + r) * num_splits + s);
+  }
+  __syncthreads();
+  for (int r = warp; r < group; r += kWarps) {  // lse -> normalised weights, one warp per row
+    float* w = scratch + r * kMaxSplits;
+    float mx = -INFINITY, sum = 0.f;
+    for (int s = lane; s < used; s += 32) mx = fmaxf(mx, w[s]);
+#pragma unroll
+    for (int k = 16; k > 0; k >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, k));
+    for (int s = lane; s < used; s += 32) {
+      w[s] = exp2f(w[s] - mx);
+      sum += w[s];
     }
-    store4<T>(static_cast<T*>(p.out) + (row0 + r) * D + d, acc);
+#pragma unroll
+    for (int k = 16; k > 0; k >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, k);
+    const float inv = 1.f / sum;
+    for (int s = lane; s < used; s += 32) w[s] *= inv;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < group * (D / 4); i += kWarps * 32) {
+    const int r = i / (D / 4), d = (i % (D / 4)) * 4;
+    const float* src = p.partial_o + (row0 + r) * num_splits * D + d;
+    const float* w = scratch + r * kMaxSplits;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int s = 0; s < used; ++s) {
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(src + s * D));
+      acc.x += w[s] * x.x, acc.y += w[s] * x.y, acc.z += w[s] * x.z, acc.w += w[s] * x.w;
+    }
+    store4<T>(static_cast<T*>(p.out) + (row0 + r) * D + d, acc);  // zeros when used == 0 (empty sequence)
   }
   if (threadIdx.x == 0) p.counters[pair] = 0;  // ready for the next launch
 }
@@ -130,25 +146,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtasPerSm) decode_kernel(cons
   const int num_splits = p.num_splits;
   const int64_t row0 = static_cast<int64_t>(n) * p.num_kv_heads * p.group + static_cast<int64_t>(kvh) * p.group;
 
-  // Tokens past the block table cannot be addressed: clamp instead of reading out of bounds.
-  const int64_t len64 = min(static_cast<int64_t>(p.context_lens[n]), static_cast<int64_t>(p.max_blocks) * p.block_size);
-  const int len = static_cast<int>(max(len64, int64_t{0}));
-  const int chunk = ((len + num_splits - 1) / num_splits + kTile - 1) / kTile * kTile;
-  const int begin = split * chunk;
-  const int end = min(begin + chunk, len);
-  const int64_t pair = static_cast<int64_t>(n) * p.num_kv_heads + kvh;
-  if (begin >= end) {  // a split past a short context (or an empty sequence)
-    if (num_splits > 1) {
-      if (threadIdx.x < p.group) p.partial_lse[(row0 + threadIdx.x) * num_splits + split] = -INFINITY;
-      finish_split<D, T>(p, row0, pair);
-    } else {
-      T* out = static_cast<T*>(p.out) + row0 * D;
-      for (int i = threadIdx.x * 4; i < p.group * D; i += kWarps * 32 * 4) store4<T>(out + i, make_float4(0.f, 0.f, 0.f, 0.f));
-    }
-    return;
-  }
-
-  // Q as A fragments (rows g and g + 8 of the group), reduction index permuted like K's loads below.
+  // Q as A fragments (rows g and g + 8 of the group), reduction index permuted like K's loads below;
+  // loaded first, in flight with the context length.
   uint32_t qa[D / 16][4];
   {
     const T* q = static_cast<const T*>(p.q) + static_cast<int64_t>(n) * p.q_stride_n +
@@ -163,6 +162,25 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtasPerSm) decode_kernel(cons
       qa[2 * c][0] = a.x, qa[2 * c][1] = b.x, qa[2 * c][2] = a.y, qa[2 * c][3] = b.y;
       qa[2 * c + 1][0] = a.z, qa[2 * c + 1][1] = b.z, qa[2 * c + 1][2] = a.w, qa[2 * c + 1][3] = b.w;
     }
+  }
+
+  // Tokens past the block table cannot be addressed: clamp instead of reading out of bounds.
+  const int64_t len64 = min(static_cast<int64_t>(p.context_lens[n]), static_cast<int64_t>(p.max_blocks) * p.block_size);
+  const int len = static_cast<int>(max(len64, int64_t{0}));
+  const int chunk = ((len + num_splits - 1) / num_splits + kTile - 1) / kTile * kTile;
+  const int begin = split * chunk;
+  const int end = min(begin + chunk, len);
+  const int64_t pair = static_cast<int64_t>(n) * p.num_kv_heads + kvh;
+  const int used = chunk > 0 ? (len + chunk - 1) / chunk : 0;  // splits holding tokens: the first `used`
+  static_assert(sizeof(s_o) >= sizeof(float) * kMaxGroup * kMaxSplits, "merge scratch");
+  if (begin >= end) {  // a split past a short context (or an empty sequence)
+    if (num_splits > 1) {
+      finish_split<D, T>(p, row0, pair, used, &s_o[0][0][0]);
+    } else {
+      T* out = static_cast<T*>(p.out) + row0 * D;
+      for (int i = threadIdx.x * 4; i < p.group * D; i += kWarps * 32 * 4) store4<T>(out + i, make_float4(0.f, 0.f, 0.f, 0.f));
+    }
+    return;
   }
 
   float o[kNT][4];
@@ -318,7 +336,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinCtasPerSm) decode_kernel(cons
       if (d == 0) p.partial_lse[prow] = mx + log2f(sum);
     }
   }
-  if (num_splits > 1) finish_split<D, T>(p, row0, pair);
+  if (num_splits > 1) finish_split<D, T>(p, row0, pair, used, &s_o[0][0][0]);  // s_o is read: scratch after a barrier
 }
 
 }  // namespace paged_attention
