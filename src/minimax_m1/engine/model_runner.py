@@ -19,6 +19,13 @@ class ModelRunner:
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         bs = self.kv_cache.block_size
+        cfg = self.model.config
+        if cfg.softmax_layers:
+            from ..ops import paged_attention_cuda
+
+            if paged_attention_cuda.available():  # its workspace must exist before capture
+                paged_attention_cuda.reserve(max_batch, cfg.num_attention_heads, cfg.head_dim, max_model_len,
+                                             self.device)
         self.graphs = DecodeGraphs(self.model, self.caches, max_batch, -(-max_model_len // bs), max_model_len,
                                    self.kv_cache.scratch_block, bs, self.device)
 
