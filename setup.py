@@ -27,6 +27,7 @@ ROOT = Path(__file__).parent.resolve()
 # One shared library per csrc/<folder>/ (its *.cu files, headers from csrc/include), placed in minimax_m1/_kernels/.
 KERNEL_LIBS = {
     "lightning_attn": "liblightning_attn",
+    "paged_attention": "libpaged_attn",
 }
 DEFAULT_ARCHS = "80;90a"
 

@@ -14,10 +14,20 @@ from minimax_m1.ops.paged_attention import paged_attention, reference_paged_atte
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    """Each test builds engines that size their caches from free memory: let the last test's go first."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
+
+
 def test_tiny_fp32_gpu_matches_cpu():
     ids = [(i * 37) % 256 for i in range(700)]
     cpu = LLM("tiny", device="cpu", dtype="float32")
-    gpu = LLM("tiny", device="cuda", dtype="float32")
+    gpu = LLM("tiny", device="cuda", dtype="float32", gpu_memory_utilization=0.2)
     a, b = cpu.prompt_logits(ids), gpu.prompt_logits(ids).cpu()
     assert (a - b).abs().max().item() < 1e-4
     p = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
@@ -73,9 +83,10 @@ def test_decode_graphs_match_eager(monkeypatch):
 
     monkeypatch.setattr(builder, "tiny_config", lambda vocab: dataclasses.replace(_small_real_config(),
                                                                                  vocab_size=vocab))
-    graphed = build_engine(EngineArgs(model="tiny", device="cuda", dtype="bfloat16", max_num_seqs=16))
+    graphed = build_engine(EngineArgs(model="tiny", device="cuda", dtype="bfloat16", max_num_seqs=16,
+                                      gpu_memory_utilization=0.2))
     eager = build_engine(EngineArgs(model="tiny", device="cuda", dtype="bfloat16", max_num_seqs=16,
-                                    enforce_eager=True))
+                                    enforce_eager=True, gpu_memory_utilization=0.2))
     assert graphed.runner.graphs is not None, "decode graphs were not captured"
     p = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
     prompts = {f"r{i}": [(i * 13 + j) % 256 for j in range(1 + 97 * i)] for i in range(5)}

@@ -208,7 +208,8 @@ def _our_name(hf_name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="minimax-m1 bench", description=__doc__)
-    p.add_argument("--model", default="minimax-m1:3-8", help="a real-shape slice, minimax-m1:START-END")
+    p.add_argument("--model", default=None, help="a real-shape slice, minimax-m1:START-END (default: layers 3-7, "
+                   "four lightning and one softmax, on cards of over 100 GB; layers 5-7 on smaller ones)")
     p.add_argument("--decode-batches", default="1,8,64,256")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--prefill", default="1024,8192,32768,131072")
@@ -222,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
+    if a.model is None:
+        a.model = "minimax-m1:3-8" if torch.cuda.get_device_properties(dev).total_memory > 100e9 else "minimax-m1:5-8"
     bw, gemm = measure_card(dev)
     print(f"card: {name}; measured copy bandwidth {bw / 1e9:.0f} GB/s, bf16 GEMM {gemm / 1e12:.0f} TFLOP/s")
     batches = [int(x) for x in a.decode_batches.split(",") if x]

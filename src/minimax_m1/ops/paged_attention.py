@@ -8,6 +8,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from . import paged_attention_cuda
+
 
 def _find_varlen():
     """PyTorch's flash-attention varlen kernel, and whether it reads a paged cache (block_table) itself."""
@@ -35,9 +37,9 @@ def paged_attention(q, kv_cache, batch, scale):
             return _VARLEN(q, kv_cache[0], kv_cache[1], batch.cu_seqlens, cu_k, batch.max_seqlen_q,
                            batch.max_seqlen_k, scale=scale, window_size=(-1, 0), enable_gqa=True,
                            seqused_k=batch.context_lens_t, block_table=batch.block_tables)
-        if batch.is_decode and _paged_decode_kernel() is not None:
-            return _paged_decode_kernel()(q, kv_cache, batch.block_tables, batch.context_lens_t, scale,
-                                          batch.max_seqlen_k)
+        if batch.is_decode and paged_attention_cuda.supports(q, kv_cache):
+            return paged_attention_cuda.paged_decode(q, kv_cache, batch.block_tables, batch.context_lens_t, scale,
+                                                     batch.max_seqlen_k)
         k, v = _gather_context(kv_cache, batch, cu_k)
         return _VARLEN(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen_q, batch.max_seqlen_k, scale=scale,
                        window_size=(-1, 0))
@@ -55,14 +57,6 @@ def _gather_context(kv_cache, batch, cu_k):
     flat = batch.block_tables[seq, pos // block_size].long() * block_size + pos % block_size
     cache = kv_cache.view(2, -1, *kv_cache.shape[-2:])
     return cache[0].index_select(0, flat), cache[1].index_select(0, flat)
-
-
-def _paged_decode_kernel():
-    try:
-        from . import paged_attention_cuda
-    except ImportError:
-        return None
-    return paged_attention_cuda.paged_decode if paged_attention_cuda.available() else None
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
