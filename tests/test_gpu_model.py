@@ -1,6 +1,7 @@
 """The GPU path of the model (kernels, flash attention over the paged KV, grouped GEMM, decode CUDA graphs)
 against the CPU reference path. Needs a CUDA GPU: CI skips these."""
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -17,8 +18,6 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(autouse=True)
 def _free_gpu_memory():
     """Each test builds engines that size their caches from free memory: let the last test's go first."""
-    import gc
-
     gc.collect()
     torch.cuda.empty_cache()
     yield
@@ -83,15 +82,13 @@ def test_decode_graphs_match_eager(monkeypatch):
 
     monkeypatch.setattr(builder, "tiny_config", lambda vocab: dataclasses.replace(_small_real_config(),
                                                                                  vocab_size=vocab))
-    graphed = build_engine(EngineArgs(model="tiny", device="cuda", dtype="bfloat16", max_num_seqs=16,
-                                      gpu_memory_utilization=0.2))
-    eager = build_engine(EngineArgs(model="tiny", device="cuda", dtype="bfloat16", max_num_seqs=16,
-                                    enforce_eager=True, gpu_memory_utilization=0.2))
-    assert graphed.runner.graphs is not None, "decode graphs were not captured"
     p = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
     prompts = {f"r{i}": [(i * 13 + j) % 256 for j in range(1 + 97 * i)] for i in range(5)}
     results = []
-    for engine in (graphed, eager):
+    for eager in (False, True):  # one engine at a time: each sizes its caches from the free memory
+        engine = build_engine(EngineArgs(model="tiny", device="cuda", dtype="bfloat16", max_num_seqs=16,
+                                         enforce_eager=eager, gpu_memory_utilization=0.2))
+        assert (engine.runner.graphs is None) == eager, "decode graphs were not captured"
         for rid, ids in prompts.items():
             engine.add_request(rid, ids, p)
         done = {}
@@ -100,8 +97,14 @@ def test_decode_graphs_match_eager(monkeypatch):
                 if out.finished:
                     done[out.request_id] = out.outputs[0]
         results.append(done)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
     for rid in prompts:
         g, e = results[0][rid], results[1][rid]
-        # the same kernels; only flash attention's split of the context may differ between the two
-        agree = sum(a == b for a, b in zip(g.token_ids, e.token_ids))
-        assert agree >= 14, (rid, g.token_ids, e.token_ids)
+        # The same kernels; only the paged decode's split of the context may differ (it follows the
+        # max_context argument), so the tokens agree unless two candidates are within rounding of a tie.
+        for i, (a, b) in enumerate(zip(g.token_ids, e.token_ids)):
+            if a != b:
+                assert abs(g.logprobs[i][a] - e.logprobs[i][b]) < 0.05, (rid, i, g.token_ids, e.token_ids)
+                break
