@@ -130,6 +130,29 @@ def _active_experts(engine, chunks) -> list[int]:
     return counts
 
 
+def profile_decode(engine, batch: int, context: int) -> None:
+    """Kernel times of one eager decode step (torch profiler), largest first."""
+    seqs = _fake_running(engine, batch, context)
+    chunks = [ScheduledChunk(s, 1) for s in seqs]
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    try:
+        for _ in range(3):
+            for s in seqs:
+                s.num_computed = context - 1
+            engine.runner.run(chunks)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for s in seqs:
+                s.num_computed = context - 1
+            engine.runner.run(chunks)
+            torch.cuda.synchronize()
+    finally:
+        engine.runner.graphs = graphs
+        _release(engine, seqs)
+    print(f"\nprofile of one eager decode step, batch {batch}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+
+
 def bench_prefill(engine, n: int) -> dict:
     cfg, sched, runner = engine.runner.model.config, engine.scheduler, engine.runner
     seq = Sequence("bench-prefill", None, [j % 1000 for j in range(n)], SamplingParams(max_tokens=1), None,
@@ -172,11 +195,14 @@ def bench_transformers(engine, context: int, steps: int = 3) -> dict | None:
     with torch.device("meta"):
         hf = transformers.MiniMaxForCausalLM(hf_cfg)
     ours = dict(engine.runner.model.named_parameters())
-    for name, module in hf.named_modules():
-        for pname in list(module._parameters):
-            full = f"{name}.{pname}" if name else pname
-            module._parameters[pname] = ours[_our_name(full)]
     dev = engine.runner.device
+    for name, module in hf.named_modules():
+        for pname, p in list(module._parameters.items()):
+            full = _our_name(f"{name}.{pname}" if name else pname)
+            if full not in ours and pname == "bias":  # some transformers releases give projections a bias
+                module._parameters[pname] = torch.nn.Parameter(torch.zeros(p.shape, dtype=torch.bfloat16, device=dev))
+                continue
+            module._parameters[pname] = ours[full]
     for module in hf.modules():  # derived buffers, recomputed on the device
         if hasattr(module, "get_slope_rate"):
             s = module.get_slope_rate(device=dev)
@@ -217,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long", type=int, default=0, help="also prefill one prompt of this many tokens (e.g. 1048576)")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print where a batch-1 decode step spends its time")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("minimax-m1 bench: error: needs a CUDA GPU", file=sys.stderr)
@@ -243,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         gbs = r["bytes"] / (r["step_ms"] / 1e3)
         print(f"{b:>6} {r['step_ms']:>9.3f} {r['tok_s']:>9.0f} {r['bytes'] / 1e9:>8.2f} {gbs / 1e9:>7.0f} "
               f"{gbs / bw:>10.0%}  {r['experts']}")
+    if a.profile:
+        profile_decode(engine, 1, a.context)
     print(f"\nprefill, one prompt (chunks of {a.max_num_batched_tokens})")
     print(f"{'tokens':>8} {'seconds':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
     sizes = [int(x) for x in a.prefill.split(",") if x] + ([a.long] if a.long else [])
