@@ -198,6 +198,8 @@ def bench_transformers(engine, context: int, steps: int = 3) -> dict | None:
     dev = engine.runner.device
     for name, module in hf.named_modules():
         for pname, p in list(module._parameters.items()):
+            if p is None:  # e.g. nn.Linear(bias=False) registers its bias as None
+                continue
             full = _our_name(f"{name}.{pname}" if name else pname)
             if full not in ours and pname == "bias":  # some transformers releases give projections a bias
                 module._parameters[pname] = torch.nn.Parameter(torch.zeros(p.shape, dtype=torch.bfloat16, device=dev))
