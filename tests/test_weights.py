@@ -122,3 +122,27 @@ def test_dummy_load_format(tmp_path):
     assert llm.prompt_logits([1, 2, 3]).isfinite().all()
     with pytest.raises(ValueError, match="load_format"):
         LLM("minimax-m1")
+
+
+def test_transformers_twin_shares_weights_and_matches():
+    """The benchmark's transformers comparison runs on our parameters; on a full-rotary config its logits
+    are ours (the same oracle as test_model_vs_transformers, built from our side)."""
+    pytest.importorskip("transformers")
+    import dataclasses
+
+    from minimax_m1.bench import transformers_twin
+
+    llm = LLM("tiny", device="cpu", dtype="float32")
+    model = llm.engine.runner.model
+    full_rotary = dataclasses.replace(model.config, rotary_dim=model.config.head_dim)
+    for layer in model.model.layers:
+        if not layer.is_linear:
+            layer.self_attn.rotary.rotary_dim = full_rotary.head_dim
+            layer.self_attn.rotary.init_buffers()
+    model.config = full_rotary
+    hf = transformers_twin(model)
+    assert hf.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    ids = [(7 * i) % 256 for i in range(300)]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert (llm.prompt_logits(ids) - ref).abs().max().item() < 1e-4

@@ -176,45 +176,58 @@ def bench_prefill(engine, n: int) -> dict:
     return dict(n=n, seconds=t, tok_s=n / t, flops=flops, peak_gib=peak / 2**30)
 
 
-def bench_transformers(engine, context: int, steps: int = 3) -> dict | None:
-    """transformers' MiniMaxForCausalLM (eager, bf16) on the same weights (shared, not copied): batch-1
-    decode step time after a `context`-token prefill."""
-    try:
-        import transformers
-    except ImportError:
-        return None
-    cfg = engine.runner.model.config
+def transformers_twin(model):
+    """transformers' MiniMaxForCausalLM holding this model's parameters (shared, not copied), with the
+    authors' decay rates. Faithful only where rotary covers the whole head (transformers ignores rotary_dim)."""
+    import transformers
+
+    cfg = model.config
     hf_cfg = transformers.MiniMaxConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, num_local_experts=cfg.num_local_experts,
-        num_experts_per_tok=cfg.num_experts_per_tok,
+        num_experts_per_tok=cfg.num_experts_per_tok, rms_norm_eps=cfg.rms_norm_eps,
         layer_types=["linear_attention" if t == LINEAR else "full_attention" for t in cfg.attn_type_list],
-        max_position_embeddings=cfg.max_position_embeddings, rope_parameters={"rope_theta": cfg.rope_theta,
-                                                                              "rope_type": "default"})
+        full_attn_alpha_factor=cfg.full_attn_alpha, full_attn_beta_factor=cfg.full_attn_beta,
+        linear_attn_alpha_factor=cfg.linear_attn_alpha, linear_attn_beta_factor=cfg.linear_attn_beta,
+        mlp_alpha_factor=cfg.mlp_alpha, mlp_beta_factor=cfg.mlp_beta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"})
     with torch.device("meta"):
         hf = transformers.MiniMaxForCausalLM(hf_cfg)
-    ours = dict(engine.runner.model.named_parameters())
-    dev = engine.runner.device
+    ours = dict(model.named_parameters())
+    dev = model.lm_head.weight.device
     for name, module in hf.named_modules():
         for pname, p in list(module._parameters.items()):
             if p is None:  # e.g. nn.Linear(bias=False) registers its bias as None
                 continue
             full = _our_name(f"{name}.{pname}" if name else pname)
             if full not in ours and pname == "bias":  # some transformers releases give projections a bias
-                module._parameters[pname] = torch.nn.Parameter(torch.zeros(p.shape, dtype=torch.bfloat16, device=dev))
+                module._parameters[pname] = torch.nn.Parameter(torch.zeros(p.shape, dtype=p.dtype, device=dev))
                 continue
             module._parameters[pname] = ours[full]
-    for module in hf.modules():  # derived buffers, recomputed on the device
-        if hasattr(module, "get_slope_rate"):
-            s = module.get_slope_rate(device=dev)
+    layers = dict(zip(hf.model.layers, model.model.layers))
+    for hf_layer, our_layer in layers.items():  # derived buffers, recomputed on the device
+        attn = hf_layer.self_attn
+        if hasattr(attn, "get_slope_rate"):
+            s = our_layer.self_attn.slopes.float()[:, None, None]
             for bname, val in zip(("slope_rate", "query_decay", "key_decay", "diagonal_decay"),
-                                  (s, *module.decay_factors(s))):
-                setattr(module, bname, val)
-        if hasattr(module, "inv_freq"):
-            inv, _ = module.compute_default_rope_parameters(hf_cfg)
-            module.inv_freq, module.original_inv_freq = inv.to(dev), inv.to(dev)
-    hf.eval()
+                                  (s, *attn.decay_factors(s))):
+                setattr(attn, bname, val)
+    rotary = hf.model.rotary_emb
+    inv, _ = rotary.compute_default_rope_parameters(hf_cfg)
+    rotary.inv_freq, rotary.original_inv_freq = inv.to(dev), inv.to(dev)
+    return hf.eval()
+
+
+def bench_transformers(engine, context: int, steps: int = 3) -> dict | None:
+    """transformers' MiniMaxForCausalLM (eager, bf16) on the same weights (shared, not copied): batch-1
+    decode step time after a `context`-token prefill."""
+    try:
+        hf = transformers_twin(engine.runner.model)
+    except ImportError:
+        return None
+    dev = engine.runner.device
     ids = torch.randint(0, 1000, (1, context), device=dev)
     with torch.inference_mode():
         out = hf(ids, use_cache=True)
