@@ -247,6 +247,27 @@ def _our_name(hf_name: str) -> str:
             .replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight"))
 
 
+def precision_check(model: str, n: int) -> dict:
+    """Distance of the bf16 GPU path's logits from an fp32 run on the same (bf16-valued) weights and the
+    same n-token prompt: the precision the serving path gives up."""
+    common = dict(model=model, load_format="dummy", max_num_seqs=2, max_num_batched_tokens=2048,
+                  max_model_len=n + 1, enforce_eager=True, progress=False)
+    low = build_engine(EngineArgs(dtype="bfloat16", gpu_memory_utilization=0.3, **common))
+    ids = [(7 * j) % 1000 for j in range(n)]
+    got = low.prompt_logits(ids).cpu()
+    high = build_engine(EngineArgs(dtype="float32", gpu_memory_utilization=0.97, **common))
+    with torch.no_grad():
+        for (name, p32), p16 in zip(high.runner.model.named_parameters(), low.runner.model.parameters()):
+            p32.copy_(p16)
+    del low
+    ref = high.prompt_logits(ids).cpu()
+    diff = (got - ref).abs()
+    return dict(max_abs=diff.max().item(), rel=(diff.max() / ref.abs().max()).item(),
+                mean_abs=diff.mean().item(), argmax_agree=(got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                kl=torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                              reduction="batchmean").item())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="minimax-m1 bench", description=__doc__)
     p.add_argument("--model", default=None, help="a real-shape slice, minimax-m1:START-END (default: layers 3-7, "
@@ -259,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--profile", action="store_true", help="print where a batch-1 decode step spends its time")
+    p.add_argument("--precision", type=int, default=0, metavar="N",
+                   help="only compare the bf16 path's logits on an N-token prompt with an fp32 run, then exit")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("minimax-m1 bench: error: needs a CUDA GPU", file=sys.stderr)
@@ -267,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(dev)
     if a.model is None:
         a.model = "minimax-m1:3-8" if torch.cuda.get_device_properties(dev).total_memory > 100e9 else "minimax-m1:5-8"
+    if a.precision:
+        r = precision_check(a.model, a.precision)
+        print(f"card: {name}; {a.model}, {a.precision}-token prompt, bf16 GPU path vs fp32 on the same weights: "
+              f"max |dlogit| {r['max_abs']:.4f} ({r['rel']:.2e} of max |logit|), mean {r['mean_abs']:.4f}, "
+              f"argmax agrees at {r['argmax_agree']:.1%} of positions, KL {r['kl']:.2e}")
+        return 0
     bw, gemm = measure_card(dev)
     print(f"card: {name}; measured copy bandwidth {bw / 1e9:.0f} GB/s, bf16 GEMM {gemm / 1e12:.0f} TFLOP/s")
     batches = [int(x) for x in a.decode_batches.split(",") if x]
