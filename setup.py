@@ -28,6 +28,7 @@ ROOT = Path(__file__).parent.resolve()
 KERNEL_LIBS = {
     "lightning_attn": "liblightning_attn",
     "paged_attention": "libpaged_attn",
+    "moe": "libmoe",
 }
 DEFAULT_ARCHS = "80;90a"
 

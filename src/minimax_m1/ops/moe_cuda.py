@@ -1,0 +1,130 @@
+"""Binding of the fused MoE expert kernels for small token counts (csrc/moe/, exported through apache-tvm-ffi).
+
+The shared library is `$MINIMAX_M1_MOE_LIB` when set, else `minimax_m1/_kernels/libmoe.so` (built by
+`pip install`). It is loaded on first use; importing this module never fails: without the library, tvm_ffi or a
+CUDA device, `available()` is False and callers keep the grouped-GEMM path.
+
+`moe_experts` is a torch custom op (`minimax_m1::moe_experts`) with a fake implementation, so torch.compile and
+CUDA graphs see through it. It runs on torch's current stream, never reads device memory on the host, and
+takes its workspaces from torch's caching allocator (inside a graph capture, from the graph's pool): the
+routing is read on the device, so a captured call stays right for any routing.
+
+Each used expert's weights are streamed once (an expert with more routed rows than one CTA takes, see
+`row_tiles`, once per group of rows), by three kernels: gate/up GEMV-like mma tiles writing act = silu(x w1^T) * (x w3^T) (fp32 accumulation, act
+rounded once to x's dtype), down tiles writing each (token, choice) row's fp32 result, and a combine that sums
+the top-k rows with their fp32 routing weights and casts once.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import torch
+
+LIBRARY_ENV = "MINIMAX_M1_MOE_LIB"
+PDL_ENV = "MINIMAX_M1_MOE_PDL"  # "0": launch the kernels one after the other (no programmatic dependent launch)
+DTYPES = (torch.bfloat16, torch.float16)
+MAX_ROWS = 1024  # tokens * top_k of one call
+MAX_EXPERTS = 256
+ALIGN = 64  # hidden and intermediate sizes must be multiples of this
+
+_module = None
+_load_error: str | None = None
+_tried = False
+
+
+def library_path() -> pathlib.Path:
+    """Where the kernel library is looked up."""
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        return pathlib.Path(override)
+    return pathlib.Path(__file__).resolve().parents[1] / "_kernels" / "libmoe.so"
+
+
+def _load():
+    global _module, _load_error, _tried
+    if not _tried:
+        _tried = True
+        path = library_path()
+        if not path.is_file():
+            _load_error = f"{path} does not exist (build with `pip install .` where nvcc is present, or set {LIBRARY_ENV})"
+        else:
+            try:
+                import tvm_ffi
+
+                _module = tvm_ffi.load_module(str(path))
+            except Exception as exc:  # noqa: BLE001 (no tvm_ffi, or a library built against another ABI)
+                _load_error = f"loading {path} failed: {type(exc).__name__}: {exc}"
+    return _module
+
+
+def available() -> bool:
+    """True when the kernel library is loaded and a CUDA device is present."""
+    return torch.cuda.is_available() and _load() is not None
+
+
+def load_error() -> str | None:
+    """Why `available()` is False (None when it is True or nothing was tried yet)."""
+    _load()
+    return _load_error
+
+
+def supports(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> bool:
+    """Whether the kernels handle these shapes and dtypes (else the caller keeps its torch path)."""
+    if not (x.is_cuda and x.dim() == 2 and w13.dim() == 3 and w2.dim() == 3 and _load() is not None):
+        return False
+    e, two_i, h = w13.shape
+    i = two_i // 2
+    return (x.dtype in DTYPES and w13.dtype == x.dtype and w2.dtype == x.dtype and w13.device == x.device
+            and w2.device == x.device and x.shape[1] == h and tuple(w2.shape) == (e, h, i) and two_i == 2 * i
+            and h % ALIGN == 0 and i % ALIGN == 0 and i > 0 and 1 <= e <= MAX_EXPERTS
+            and x.shape[0] * top_k <= MAX_ROWS and w13.is_contiguous() and w2.is_contiguous())
+
+
+def _pdl() -> bool:
+    return os.environ.get(PDL_ENV, "1") != "0"
+
+
+@torch.library.custom_op("minimax_m1::moe_experts", mutates_args=())
+def _moe_experts_op(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    row_tiles: int,
+) -> torch.Tensor:
+    tokens, hidden = x.shape
+    rows, inter = tokens * experts.shape[1], w2.shape[2]
+    out = torch.empty_like(x)
+    act = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
+    partial = torch.empty((rows, hidden), dtype=torch.float32, device=x.device)
+    _load().moe_experts(x, experts, weights, w13, w2, act, partial, out, row_tiles, _pdl())
+    return out
+
+
+@_moe_experts_op.register_fake
+def _moe_experts_fake(x, experts, weights, w13, w2, row_tiles):
+    return torch.empty_like(x)
+
+
+def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                row_tiles: int = 0) -> torch.Tensor:
+    """Routed experts of a sparse MoE layer for small token counts.
+
+    x [T, H] bf16/fp16; experts [T, k] int32/int64 expert ids (ids outside [0, E) contribute nothing);
+    weights [T, k] routing weights (computed in fp32); w13 [E, 2I, H] (rows 0..I-1 gate w1, I..2I-1 up w3) and
+    w2 [E, H, I], x's dtype, contiguous; H and I multiples of 64, T * k <= 1024 (see `supports`).
+    Returns [T, H] in x's dtype: sum_j weights[t, j] * w2[e] @ (silu(w1[e] @ x[t]) * (w3[e] @ x[t])), e =
+    experts[t, j], with fp32 accumulation; the activation is rounded to x's dtype once, the k products are
+    summed in fp32 and the sum is cast once. `row_tiles` (tuning): routed rows per CTA in units of 8 (1, 2
+    or 4; 0 picks from the mean rows per used expert); an expert with more rows reads its weights once more
+    per extra group of rows.
+    """
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or (x.shape[0] > 1 and x.stride(0) % 8):
+        x = x.clone(memory_format=torch.contiguous_format)  # a fresh, aligned allocation
+    experts = experts.contiguous()
+    if experts.dtype not in (torch.int32, torch.int64):
+        experts = experts.long()
+    weights = weights.to(torch.float32).contiguous()
+    return torch.ops.minimax_m1.moe_experts(x, experts, weights, w13, w2, int(row_tiles))
