@@ -11,15 +11,20 @@ import threading
 import time
 import types
 
-import httpx
-import openai
 import pytest
-import uvicorn
 
-from minimax_m1.engine.builder import EngineArgs, build_engine
-from minimax_m1.server.api import build_app
-from minimax_m1.server.reasoning import ReasoningParser, split_reasoning
-from minimax_m1.tokenizer import TINY_CHAT_TEMPLATE
+# the server's own dependencies and the test client (the test extra); absent on a bare GPU machine
+for _name in ("fastapi", "uvicorn", "prometheus_client", "httpx", "openai"):
+    pytest.importorskip(_name)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import uvicorn  # noqa: E402
+
+from minimax_m1.engine.builder import EngineArgs, build_engine  # noqa: E402
+from minimax_m1.server.api import build_app  # noqa: E402
+from minimax_m1.server.reasoning import ReasoningParser, split_reasoning  # noqa: E402
+from minimax_m1.tokenizer import TINY_CHAT_TEMPLATE  # noqa: E402
 
 MAX_MODEL_LEN = 4096
 TIMEOUT = 60.0

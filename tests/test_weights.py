@@ -124,7 +124,8 @@ def test_dummy_load_format(tmp_path):
         LLM("minimax-m1")
 
 
-def test_transformers_twin_shares_weights_and_matches():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_transformers_twin_shares_weights_and_matches(device):
     """The benchmark's transformers comparison runs on our parameters; on a full-rotary config its logits
     are ours (the same oracle as test_model_vs_transformers, built from our side)."""
     pytest.importorskip("transformers")
@@ -132,7 +133,7 @@ def test_transformers_twin_shares_weights_and_matches():
 
     from minimax_m1.bench import transformers_twin
 
-    llm = LLM("tiny", device="cpu", dtype="float32")
+    llm = LLM("tiny", device=device, dtype="float32", gpu_memory_utilization=0.2)
     model = llm.engine.runner.model
     full_rotary = dataclasses.replace(model.config, rotary_dim=model.config.head_dim)
     for layer in model.model.layers:
@@ -144,5 +145,5 @@ def test_transformers_twin_shares_weights_and_matches():
     assert hf.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
     ids = [(7 * i) % 256 for i in range(300)]
     with torch.no_grad():
-        ref = hf(torch.tensor([ids])).logits[0]
+        ref = hf(torch.tensor([ids], device=device)).logits[0]
     assert (llm.prompt_logits(ids) - ref).abs().max().item() < 1e-4

@@ -27,13 +27,15 @@ class DecodeGraphs:
         self.max_batch, self.max_blocks, self.max_model_len = self.sizes[-1], max_blocks, max_model_len
         b = self.max_batch
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
-        self.input_ids = torch.zeros(b, **i64)
-        self.positions = torch.zeros(b, **i64)
-        self.state_slots = torch.full((b,), -1, **i32)
-        self.block_tables = torch.full((b, max_blocks), scratch_block, **i32)
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
-        self.slot_mapping = torch.full((b,), self.scratch_slot, **i64)
-        self.context_lens = torch.ones(b, **i32)
+        # static inputs, grouped by dtype so that a step fills each group with one copy
+        self.i64 = torch.zeros(3, b, **i64)
+        self.input_ids, self.positions, self.slot_mapping = self.i64
+        self.slot_mapping.fill_(self.scratch_slot)
+        self.i32 = torch.ones(2, b, **i32)
+        self.state_slots, self.context_lens = self.i32
+        self.state_slots.fill_(-1)
+        self.block_tables = torch.full((b, max_blocks), scratch_block, **i32)
         self.cu_seqlens = torch.arange(b + 1, **i32)
         self.rows = torch.arange(b, **i64)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -71,21 +73,20 @@ class DecodeGraphs:
         return n <= self.max_batch and num_blocks <= self.max_blocks
 
     def run(self, input_ids, positions, state_slots, block_tables, slot_mapping, context_lens) -> torch.Tensor:
-        """Host lists for n decode rows -> logits [n, vocab] fp32 (a view into the graph's output)."""
+        """Host lists for n decode rows -> logits [n, vocab] fp32 (a view into the graph's output). Padding
+        rows (up to the captured size) get no state slot and write their KV into the scratch block. Three
+        host-to-device copies per step: the int64 rows, the int32 rows, the block tables."""
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
-        pinned = dict(dtype=torch.int64, pin_memory=True)
-        self.input_ids[:n].copy_(torch.tensor(input_ids, **pinned), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions, **pinned), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.tensor(slot_mapping, **pinned), non_blocking=True)
-        self.state_slots[:n].copy_(torch.tensor(state_slots, dtype=torch.int32, pin_memory=True), non_blocking=True)
-        self.context_lens[:n].copy_(torch.tensor(context_lens, dtype=torch.int32, pin_memory=True), non_blocking=True)
-        tables = torch.tensor(block_tables, dtype=torch.int32, pin_memory=True)
-        self.block_tables[:n, : tables.shape[1]].copy_(tables, non_blocking=True)
-        # padding rows: no state, KV into the scratch block
-        self.state_slots[n:size].fill_(-1)
-        self.slot_mapping[n:size].fill_(self.scratch_slot)
-        self.context_lens[n:size].fill_(1)
-        self.block_tables[n:size].fill_(self.scratch_block)
+        pad = size - n
+        i64 = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slot_mapping + [self.scratch_slot] * pad],
+                           dtype=torch.int64, pin_memory=True)
+        i32 = torch.tensor([state_slots + [-1] * pad, context_lens + [1] * pad], dtype=torch.int32, pin_memory=True)
+        width = len(block_tables[0])
+        tables = torch.tensor(block_tables + [[self.scratch_block] * width] * pad, dtype=torch.int32,
+                              pin_memory=True)
+        self.i64[:, :size].copy_(i64, non_blocking=True)
+        self.i32[:, :size].copy_(i32, non_blocking=True)
+        self.block_tables[:size, :width].copy_(tables, non_blocking=True)
         self.graphs[size].replay()
         return self.logits[size][:n]
