@@ -216,10 +216,10 @@ def transformers_twin(model):
     for hf_layer, our_layer in layers.items():  # derived buffers, recomputed on the device
         attn = hf_layer.self_attn
         if hasattr(attn, "get_slope_rate"):
-            s = our_layer.self_attn.slopes.float()[:, None, None]
+            s = our_layer.self_attn.slopes.float().cpu()[:, None, None]  # some releases build on the CPU
             for bname, val in zip(("slope_rate", "query_decay", "key_decay", "diagonal_decay"),
                                   (s, *attn.decay_factors(s))):
-                setattr(attn, bname, val)
+                setattr(attn, bname, val.to(dev))
     rotary = hf.model.rotary_emb
     inv, _ = rotary.compute_default_rope_parameters(hf_cfg)
     rotary.inv_freq, rotary.original_inv_freq = inv.to(dev), inv.to(dev)
