@@ -219,7 +219,7 @@ def transformers_twin(model):
             s = our_layer.self_attn.slopes.float().cpu()[:, None, None]  # some releases build on the CPU
             for bname, val in zip(("slope_rate", "query_decay", "key_decay", "diagonal_decay"),
                                   (s, *attn.decay_factors(s))):
-                setattr(attn, bname, val.to(dev))
+                setattr(attn, bname, val.to(dev, model.lm_head.weight.dtype))  # as transformers' .to(dtype)
     rotary = hf.model.rotary_emb
     inv, _ = rotary.compute_default_rope_parameters(hf_cfg)
     rotary.inv_freq, rotary.original_inv_freq = inv.to(dev), inv.to(dev)
