@@ -10,11 +10,11 @@ sequence's state read and written. Decode bytes: the fp32 state read and written
 Decode runs inside a CUDA graph of >= 10 steps on distinct state pools (as a model's layers would; together\nat least 256 MiB, so the L2 does not hold them), time per step.
 """
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
+from minimax_m1.bench import copy_bandwidth, gemm_rate, time_ms
 from minimax_m1.config import lightning_slopes
 from minimax_m1.ops.lightning_attn import cuda as la_cuda
 
@@ -29,27 +29,11 @@ BARS = {
 
 
 def timed(fn, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return time_ms(fn, reps, warmup)
 
 
 def card_limits():
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    gemm_ms = timed(lambda: a @ b, reps=10)
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    copy_ms = timed(lambda: y.copy_(x), reps=10)
-    return 2 * 8192**3 / gemm_ms / 1e9, 2 * (1 << 30) / copy_ms / 1e6  # TFLOP/s, GB/s
+    return gemm_rate() / 1e12, copy_bandwidth() / 1e9  # TFLOP/s, GB/s
 
 
 def prefill_case(lengths, heads, dtype=torch.bfloat16, seg_len=0, dim=128):

@@ -21,11 +21,11 @@ rows: equal or up to 4% slower; a third 64-element block in flight per warp: equ
 """
 import argparse
 import os
-import statistics
 import types
 
 import torch
 
+from minimax_m1.bench import copy_bandwidth, time_ms
 from minimax_m1.layers.moe import SparseMoE
 from minimax_m1.ops import moe_cuda
 
@@ -34,23 +34,11 @@ CALLS = 4
 
 
 def timed(fn, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return time_ms(fn, reps, warmup)
 
 
 def copy_gbs():
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    return 2 * (1 << 30) / timed(lambda: y.copy_(x), reps=10) / 1e6
+    return copy_bandwidth() / 1e9
 
 
 def make_layer(seed):

@@ -14,33 +14,21 @@ batch 1 x 4096: 14.3 (1180, 28%); 64 x 4096: 248 (4333, 102%); 256 x 4096: 970 (
 Batch 1 at short contexts is latency-bound (context length -> block table -> K/V -> merge).
 """
 import argparse
-import statistics
 
 import torch
 
+from minimax_m1.bench import copy_bandwidth, time_ms
 from minimax_m1.ops import paged_attention_cuda as pac
 
 HQ, HKV, D, BLOCK = 64, 8, 128, 256
 
 
 def timed(fn, reps=30, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return time_ms(fn, reps, warmup)
 
 
 def copy_gbs():
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    return 2 * (1 << 30) / timed(lambda: y.copy_(x), reps=10) / 1e6
+    return copy_bandwidth() / 1e9
 
 
 def decode_case(batch, ctx, max_context):
@@ -70,7 +58,8 @@ def decode_case(batch, ctx, max_context):
         step()
     ms = timed(graph.replay) / layers
     nbytes = kv_bytes + 2 * batch * HQ * D * 2
-    del caches, graph
+    caches.clear()
+    del graph
     torch.cuda.empty_cache()
     return ms, nbytes, pac.num_splits(batch, HKV, D, max_context)
 

@@ -16,18 +16,8 @@ from .engine.sequence import Sequence, Status
 from .sampling_params import SamplingParams
 
 
-def measure_card(device) -> tuple[float, float]:
-    """(copy bandwidth in bytes/s counting read + write, bf16 GEMM FLOP/s at 8192^3), medians of 10."""
-    buffers = torch.empty(2, 2 << 30, dtype=torch.uint8, device=device).random_()
-    copy_s = _time(lambda: buffers[1].copy_(buffers[0]), 10)
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    gemm_s = _time(lambda: a @ b, 10)
-    return 2 * (2 << 30) / copy_s, 2 * 8192**3 / gemm_s
-
-
-def _time(fn, reps: int, warmup: int = 3) -> float:
-    """Median seconds of fn over reps, timed with CUDA events."""
+def time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of fn over reps, timed with CUDA events after warm-up calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -37,8 +27,29 @@ def _time(fn, reps: int, warmup: int = 3) -> float:
         fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device="cuda") -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read and written (2 GiB copied)."""
+    buffers = torch.empty(2, 1 << 30, dtype=torch.uint8, device=device).random_()
+    return 2 * (1 << 30) / (time_ms(lambda: buffers[1].copy_(buffers[0]), 10) / 1e3)
+
+
+def gemm_rate(device="cuda") -> float:
+    """bf16 GEMM rate in FLOP/s at 8192^3, on random data."""
+    a, b = (torch.randn(8192, 8192, dtype=torch.bfloat16, device=device) for _ in range(2))
+    return 2 * 8192**3 / (time_ms(lambda: a @ b, 10) / 1e3)
+
+
+def measure_card(device) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s, bf16 GEMM FLOP/s): the ceilings every number is compared with."""
+    return copy_bandwidth(device), gemm_rate(device)
+
+
+def _time(fn, reps: int, warmup: int = 3) -> float:
+    return time_ms(fn, reps, warmup) / 1e3
 
 
 def flops_per_token(cfg: ModelConfig, context: int) -> float:

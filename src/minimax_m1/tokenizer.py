@@ -8,8 +8,8 @@ from typing import Any
 
 import jinja2
 import jinja2.sandbox
-from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 # MiniMax-M1's special tokens, as its chat template and tokenizer_config.json name them.
 BOS, EOS, BOD, EOD = "<beginning_of_sentence>", "<end_of_sentence>", "<begin_of_document>", "<end_of_document>"

@@ -11,6 +11,7 @@ import torch
 
 from ..config import ModelConfig, minimax_m1_config, minimax_m1_slice, tiny_config
 from ..models.minimax_m1 import MiniMaxM1ForCausalLM
+from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, tiny_tokenizer
 from ..weights import init_dummy, load_checkpoint
 from .kv_cache import KVCache
@@ -18,7 +19,6 @@ from .llm_engine import LLMEngine
 from .model_runner import ModelRunner
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence, Status
-from ..sampling_params import SamplingParams
 from .state_pool import StatePool
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,10 @@ the top-k rows with their fp32 routing weights and casts once.
 from __future__ import annotations
 
 import os
-import pathlib
 
 import torch
+
+from .kernel_library import KernelLibrary
 
 LIBRARY_ENV = "MINIMAX_M1_MOE_LIB"
 PDL_ENV = "MINIMAX_M1_MOE_PDL"  # "0": launch the kernels one after the other (no programmatic dependent launch)
@@ -28,45 +29,11 @@ MAX_ROWS = 1024  # tokens * top_k of one call
 MAX_EXPERTS = 256
 ALIGN = 64  # hidden and intermediate sizes must be multiples of this
 
-_module = None
-_load_error: str | None = None
-_tried = False
-
-
-def library_path() -> pathlib.Path:
-    """Where the kernel library is looked up."""
-    override = os.environ.get(LIBRARY_ENV)
-    if override:
-        return pathlib.Path(override)
-    return pathlib.Path(__file__).resolve().parents[1] / "_kernels" / "libmoe.so"
-
-
-def _load():
-    global _module, _load_error, _tried
-    if not _tried:
-        _tried = True
-        path = library_path()
-        if not path.is_file():
-            _load_error = f"{path} does not exist (build with `pip install .` where nvcc is present, or set {LIBRARY_ENV})"
-        else:
-            try:
-                import tvm_ffi
-
-                _module = tvm_ffi.load_module(str(path))
-            except Exception as exc:  # noqa: BLE001 (no tvm_ffi, or a library built against another ABI)
-                _load_error = f"loading {path} failed: {type(exc).__name__}: {exc}"
-    return _module
-
-
-def available() -> bool:
-    """True when the kernel library is loaded and a CUDA device is present."""
-    return torch.cuda.is_available() and _load() is not None
-
-
-def load_error() -> str | None:
-    """Why `available()` is False (None when it is True or nothing was tried yet)."""
-    _load()
-    return _load_error
+_LIBRARY = KernelLibrary("libmoe.so", LIBRARY_ENV)
+_load = _LIBRARY.load
+available = _LIBRARY.available
+load_error = _LIBRARY.load_error
+library_path = _LIBRARY.path
 
 
 def supports(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> bool:

@@ -15,57 +15,27 @@ allocates it for the largest decode batch before any capture.
 from __future__ import annotations
 
 import functools
-import os
-import pathlib
 
 import torch
+
+from .kernel_library import KernelLibrary
 
 LIBRARY_ENV = "MINIMAX_M1_PAGED_ATTN_LIB"
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.bfloat16, torch.float16)
 MAX_GROUP = 16  # query heads per kv head
 
-_module = None
-_load_error: str | None = None
-_tried = False
+_LIBRARY = KernelLibrary("libpaged_attn.so", LIBRARY_ENV)
+_load = _LIBRARY.load
+available = _LIBRARY.available
+load_error = _LIBRARY.load_error
+library_path = _LIBRARY.path
 _workspaces: dict[int, torch.Tensor] = {}  # device index -> the current (largest) workspace
 _retired: list[torch.Tensor] = []  # outgrown workspaces: graphs captured earlier may still point at them
 
 
-def library_path() -> pathlib.Path:
-    """Where the kernel library is looked up."""
-    override = os.environ.get(LIBRARY_ENV)
-    if override:
-        return pathlib.Path(override)
-    return pathlib.Path(__file__).resolve().parents[1] / "_kernels" / "libpaged_attn.so"
 
 
-def _load():
-    global _module, _load_error, _tried
-    if not _tried:
-        _tried = True
-        path = library_path()
-        if not path.is_file():
-            _load_error = f"{path} does not exist (build with `pip install .` where nvcc is present, or set {LIBRARY_ENV})"
-        else:
-            try:
-                import tvm_ffi
-
-                _module = tvm_ffi.load_module(str(path))
-            except Exception as exc:  # no tvm_ffi, or a library built against another ABI
-                _load_error = f"loading {path} failed: {type(exc).__name__}: {exc}"
-    return _module
-
-
-def available() -> bool:
-    """True when the kernel library is loaded and a CUDA device is present."""
-    return torch.cuda.is_available() and _load() is not None
-
-
-def load_error() -> str | None:
-    """Why `available()` is False (None when it is True or nothing was tried yet)."""
-    _load()
-    return _load_error
 
 
 def supports(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:

@@ -7,8 +7,18 @@ from collections.abc import AsyncIterator
 
 from ..outputs import RequestOutput
 from .async_engine import EngineRequest
-from .protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-                       ChatResponseMessage, ChatStreamChoice, DeltaMessage, TokenLogprob, TopLogprob)
+from .protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+)
 from .reasoning import ReasoningParser, split_reasoning
 from .serving import SSE_DONE, BadRequest, ChoiceProgress, OpenAIServing, sse
 
