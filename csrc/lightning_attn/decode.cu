@@ -1,7 +1,7 @@
 // Decode launcher: validates the tensors and dispatches on head_dim and dtype.
 #include <tvm/ffi/extra/cuda/device_guard.h>
 
-#include "check.h"
+#include "../common/check.h"
 #include "launchers.h"
 #include "minimax_m1/lightning_attn/decode.cuh"
 

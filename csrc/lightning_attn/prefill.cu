@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <atomic>
 
-#include "check.h"
+#include "../common/check.h"
 #include "launchers.h"
 #include "minimax_m1/lightning_attn/prefill.cuh"
 

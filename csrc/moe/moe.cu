@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <mutex>
 
-#include "../lightning_attn/check.h"
+#include "../common/check.h"
 #include "launchers.h"
 #include "minimax_m1/moe/experts.cuh"
 
@@ -13,23 +13,7 @@ namespace minimax_m1 {
 namespace moe {
 namespace {
 
-using lightning_attn::check_aligned;
-using lightning_attn::check_contiguous;
-using lightning_attn::check_dtype;
-using lightning_attn::check_shape;
-using lightning_attn::current_stream;
-using lightning_attn::data_of;
-using lightning_attn::Dtype;
-using lightning_attn::dtype_name;
-using lightning_attn::dtype_of;
 using tvm::ffi::TensorView;
-
-void check_device(const TensorView& t, const char* name, int device_id) {
-  const DLDevice dev = t.device();
-  if (dev.device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << name << " must be a CUDA tensor";
-  if (dev.device_id != device_id)
-    TVM_FFI_THROW(ValueError) << name << " is on cuda:" << dev.device_id << " but x is on cuda:" << device_id;
-}
 
 void check_workspace(const TensorView& t, const char* name, Dtype dtype, int64_t rows, int64_t cols) {
   check_dtype(t, name, dtype);
@@ -105,14 +89,14 @@ void experts(TensorView x, TensorView experts, TensorView weights, TensorView w1
   if (x.ndim() != 2) TVM_FFI_THROW(ValueError) << "x must be [tokens, hidden]";
   const int64_t tokens = x.size(0), hidden = x.size(1);
   const int device_id = x.device().device_id;
-  check_device(x, "x", device_id);
-  check_device(experts, "experts", device_id);
-  check_device(weights, "weights", device_id);
-  check_device(w13, "w13", device_id);
-  check_device(w2, "w2", device_id);
-  check_device(act, "act", device_id);
-  check_device(partial, "partial", device_id);
-  check_device(out, "out", device_id);
+  check_cuda(x, "x", device_id, "x");
+  check_cuda(experts, "experts", device_id, "x");
+  check_cuda(weights, "weights", device_id, "x");
+  check_cuda(w13, "w13", device_id, "x");
+  check_cuda(w2, "w2", device_id, "x");
+  check_cuda(act, "act", device_id, "x");
+  check_cuda(partial, "partial", device_id, "x");
+  check_cuda(out, "out", device_id, "x");
   const Dtype dtype = dtype_of(x);
   if (dtype != Dtype::kBF16 && dtype != Dtype::kF16)
     TVM_FFI_THROW(ValueError) << "x must be bfloat16 or float16, got " << dtype_name(dtype);

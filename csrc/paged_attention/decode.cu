@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <mutex>
 
-#include "../lightning_attn/check.h"
+#include "../common/check.h"
 #include "launchers.h"
 #include "minimax_m1/paged_attention/decode.cuh"
 
@@ -12,17 +12,6 @@ namespace minimax_m1 {
 namespace paged_attention {
 namespace {
 
-using lightning_attn::check_aligned;
-using lightning_attn::check_contiguous;
-using lightning_attn::check_cuda;
-using lightning_attn::check_dtype;
-using lightning_attn::check_shape;
-using lightning_attn::current_stream;
-using lightning_attn::data_of;
-using lightning_attn::Dtype;
-using lightning_attn::dtype_name;
-using lightning_attn::dtype_of;
-using lightning_attn::multiprocessor_count;
 using tvm::ffi::TensorView;
 
 // CTAs of decode_kernel<D> resident on the whole device; read once per (device, D) and cached, so

@@ -10,7 +10,6 @@
 #include <cstdint>
 
 namespace minimax_m1 {
-namespace lightning_attn {
 
 using tvm::ffi::TensorView;
 
@@ -40,11 +39,13 @@ inline void* data_of(const TensorView& t) {
   return static_cast<char*>(t.data_ptr()) + t.byte_offset();
 }
 
-inline void check_cuda(const TensorView& t, const char* name, int device_id) {
+// t must be a CUDA tensor on the device of the call's first tensor (named `first`).
+inline void check_cuda(const TensorView& t, const char* name, int device_id, const char* first = "q") {
   const DLDevice dev = t.device();
   if (dev.device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << name << " must be a CUDA tensor";
   if (dev.device_id != device_id)
-    TVM_FFI_THROW(ValueError) << name << " is on cuda:" << dev.device_id << " but q is on cuda:" << device_id;
+    TVM_FFI_THROW(ValueError) << name << " is on cuda:" << dev.device_id << " but " << first << " is on cuda:"
+                              << device_id;
 }
 
 inline void check_dtype(const TensorView& t, const char* name, Dtype want) {
@@ -99,5 +100,4 @@ inline int multiprocessor_count(int device_id) {
       TVM_FFI_THROW(RuntimeError) << "CUDA launch failed: " << cudaGetErrorString(err_);         \
   } while (0)
 
-}  // namespace lightning_attn
 }  // namespace minimax_m1
