@@ -274,7 +274,7 @@ def precision_check(model: str, n: int) -> dict:
     got = low.prompt_logits(ids).cpu()
     high = build_engine(EngineArgs(dtype="float32", gpu_memory_utilization=0.97, **common))
     with torch.no_grad():
-        for (name, p32), p16 in zip(high.runner.model.named_parameters(), low.runner.model.parameters()):
+        for p32, p16 in zip(high.runner.model.parameters(), low.runner.model.parameters(), strict=True):
             p32.copy_(p16)
     del low
     ref = high.prompt_logits(ids).cpu()
