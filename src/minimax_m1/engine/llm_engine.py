@@ -85,7 +85,7 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, logprobs) -> None:
         p = seq.params
-        seq.output_token_ids.append(token)
+        seq.append_token(token)
         self.num_generated_tokens += 1
         if seq.logprobs is not None:
             seq.logprobs.append(logprobs)

@@ -25,6 +25,9 @@ class Sequence:
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
+        # prompt + output as one list, kept alongside: a step reads single tokens of it, and building the
+        # concatenation per step would cost O(context) per request
+        self.token_ids: list[int] = list(prompt_token_ids)
         self.params = params
         self.arrival = next(_arrival)
         self.status = Status.WAITING
@@ -43,13 +46,13 @@ class Sequence:
         if params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def append_token(self, token: int) -> None:
+        self.output_token_ids.append(token)
+        self.token_ids.append(token)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
 
     @property
     def finished(self) -> bool:
