@@ -14,7 +14,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from minimax_m1.bench import copy_bandwidth, gemm_rate, time_ms
+from minimax_m1.bench import copy_bandwidth, gemm_rate, graph_time_ms, time_ms
 from minimax_m1.config import lightning_slopes
 from minimax_m1.ops.lightning_attn import cuda as la_cuda
 
@@ -58,17 +58,12 @@ def decode_case(batch, heads=64, dim=128, same_pool=False):
     pools = [torch.randn(batch, heads, dim, dim, device="cuda") for _ in range(1 if same_pool else layers)] * (
         layers if same_pool else 1)
     slots = torch.arange(batch, dtype=torch.int32, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+
+    def step():
         for p in pools:
             la_cuda.decode(q, k, v, slopes, p, slots)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for p in pools:
-            la_cuda.decode(q, k, v, slopes, p, slots)
-    ms = timed(graph.replay, reps=50) / layers
+
+    ms = graph_time_ms(step, reps=50) / layers
     return ms, 0, 2 * batch * heads * dim * dim * 4
 
 

@@ -25,7 +25,7 @@ import types
 
 import torch
 
-from minimax_m1.bench import copy_bandwidth, time_ms
+from minimax_m1.bench import copy_bandwidth, graph_time_ms, time_ms
 from minimax_m1.layers.moe import SparseMoE
 from minimax_m1.ops import moe_cuda
 
@@ -52,17 +52,7 @@ def make_layer(seed):
 
 def graph_ms(step):
     """ms per call of `step` (CALLS calls) replayed from one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    ms = timed(graph.replay) / CALLS
-    del graph
-    return ms
+    return graph_time_ms(step) / CALLS
 
 
 def case(layers, tokens, gen, skew=0.0):

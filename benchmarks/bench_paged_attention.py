@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from minimax_m1.bench import copy_bandwidth, time_ms
+from minimax_m1.bench import copy_bandwidth, graph_time_ms, time_ms
 from minimax_m1.ops import paged_attention_cuda as pac
 
 HQ, HKV, D, BLOCK = 64, 8, 128, 256
@@ -48,18 +48,9 @@ def decode_case(batch, ctx, max_context):
         for kv, bt in zip(caches, tables):
             pac.paged_decode(q, kv, bt, lens, D ** -0.5, max_context)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    ms = timed(graph.replay) / layers
+    ms = graph_time_ms(step, reps=30) / layers
     nbytes = kv_bytes + 2 * batch * HQ * D * 2
     caches.clear()
-    del graph
     torch.cuda.empty_cache()
     return ms, nbytes, pac.num_splits(batch, HKV, D, max_context)
 

@@ -31,6 +31,19 @@ def time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_time_ms(step, reps: int = 20) -> float:
+    """Median milliseconds of `step` replayed from a CUDA graph (warmed up on a side stream, then captured)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return time_ms(graph.replay, reps)
+
+
 def copy_bandwidth(device="cuda") -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read and written (2 GiB copied)."""
     buffers = torch.empty(2, 1 << 30, dtype=torch.uint8, device=device).random_()
