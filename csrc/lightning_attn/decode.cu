@@ -1,7 +1,7 @@
 // Decode launcher: validates the tensors and dispatches on head_dim and dtype.
 #include <tvm/ffi/extra/cuda/device_guard.h>
 
-#include "../common/check.h"
+#include "args.h"
 #include "launchers.h"
 #include "minimax_m1/lightning_attn/decode.cuh"
 
@@ -33,38 +33,9 @@ void decode(TensorView q, TensorView k, TensorView v, TensorView slopes, TensorV
   if (q.ndim() != 3) TVM_FFI_THROW(ValueError) << "q must be [batch, heads, head_dim]";
   const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
   const int device_id = q.device().device_id;
-  check_cuda(q, "q", device_id);
-  check_cuda(k, "k", device_id);
-  check_cuda(v, "v", device_id);
-  check_cuda(slopes, "slopes", device_id);
-  check_cuda(state_pool, "state_pool", device_id);
-  check_cuda(state_slots, "state_slots", device_id);
-  check_cuda(out, "out", device_id);
-  const Dtype dtype = dtype_of(q);
-  if (dtype != Dtype::kBF16 && dtype != Dtype::kF16 && dtype != Dtype::kF32)
-    TVM_FFI_THROW(ValueError) << "q must be bfloat16, float16 or float32, got " << dtype_name(dtype);
-  if (dim != 64 && dim != 128) TVM_FFI_THROW(ValueError) << "head_dim must be 64 or 128, got " << dim;
+  const Dtype dtype = check_lightning_args(q, k, v, slopes, state_pool, state_slots, out);
   if (seqs * heads * (dim / 32) >= (int64_t{1} << 31)) TVM_FFI_THROW(ValueError) << "batch too large";
-  check_dtype(k, "k", dtype);
-  check_dtype(v, "v", dtype);
-  check_dtype(out, "out", dtype);
-  check_shape(k, "k", {seqs, heads, dim});
-  check_shape(v, "v", {seqs, heads, dim});
-  check_shape(out, "out", {seqs, heads, dim});
-  check_contiguous(out, "out");
-  for (const auto& [t, name] : {std::pair<const TensorView*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"}})
-    if (t->stride(2) != 1) TVM_FFI_THROW(ValueError) << name << " must have a contiguous last dimension";
-  check_dtype(slopes, "slopes", Dtype::kF32);
-  check_shape(slopes, "slopes", {heads});
-  check_contiguous(slopes, "slopes");
-  check_dtype(state_pool, "state_pool", Dtype::kF32);
-  if (state_pool.ndim() != 4) TVM_FFI_THROW(ValueError) << "state_pool must be [slots, heads, head_dim, head_dim]";
-  check_shape(state_pool, "state_pool", {state_pool.size(0), heads, dim, dim});
-  check_contiguous(state_pool, "state_pool");
-  check_aligned(data_of(state_pool), 16, "state_pool");
-  check_dtype(state_slots, "state_slots", Dtype::kI32);
   check_shape(state_slots, "state_slots", {seqs});
-  check_contiguous(state_slots, "state_slots");
   if (seqs == 0 || heads == 0) return;
 
   tvm::ffi::CUDADeviceGuard guard(device_id);

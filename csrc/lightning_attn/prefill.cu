@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <atomic>
 
-#include "../common/check.h"
+#include "args.h"
 #include "launchers.h"
 #include "minimax_m1/lightning_attn/prefill.cuh"
 
@@ -125,46 +125,17 @@ void prefill(TensorView q, TensorView k, TensorView v, TensorView slopes, Tensor
              TensorView state_slots, TensorView cu_seqlens, TensorView out, TensorView workspace, int64_t seg_len) {
   if (q.ndim() != 3) TVM_FFI_THROW(ValueError) << "q must be [tokens, heads, head_dim]";
   const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t seqs = state_slots.ndim() == 1 ? state_slots.size(0) : -1;
   const int device_id = q.device().device_id;
-  check_cuda(q, "q", device_id);
-  check_cuda(k, "k", device_id);
-  check_cuda(v, "v", device_id);
-  check_cuda(slopes, "slopes", device_id);
-  check_cuda(state_pool, "state_pool", device_id);
-  check_cuda(state_slots, "state_slots", device_id);
+  const Dtype dtype = check_lightning_args(q, k, v, slopes, state_pool, state_slots, out);
+  const int64_t seqs = state_slots.size(0);
   check_cuda(cu_seqlens, "cu_seqlens", device_id);
-  check_cuda(out, "out", device_id);
   check_cuda(workspace, "workspace", device_id);
-  const Dtype dtype = dtype_of(q);
-  if (dtype != Dtype::kBF16 && dtype != Dtype::kF16 && dtype != Dtype::kF32)
-    TVM_FFI_THROW(ValueError) << "q must be bfloat16, float16 or float32, got " << dtype_name(dtype);
-  if (dim != 64 && dim != 128) TVM_FFI_THROW(ValueError) << "head_dim must be 64 or 128, got " << dim;
   if (heads < 1 || heads > 65535) TVM_FFI_THROW(ValueError) << "heads must be in [1, 65535], got " << heads;
   if (tokens >= (int64_t{1} << 31)) TVM_FFI_THROW(ValueError) << "too many tokens: " << tokens;
-  check_dtype(k, "k", dtype);
-  check_dtype(v, "v", dtype);
-  check_dtype(out, "out", dtype);
-  check_shape(k, "k", {tokens, heads, dim});
-  check_shape(v, "v", {tokens, heads, dim});
-  check_shape(out, "out", {tokens, heads, dim});
-  check_contiguous(out, "out");
-  check_dtype(slopes, "slopes", Dtype::kF32);
-  check_shape(slopes, "slopes", {heads});
-  check_contiguous(slopes, "slopes");
-  check_dtype(state_pool, "state_pool", Dtype::kF32);
-  if (state_pool.ndim() != 4) TVM_FFI_THROW(ValueError) << "state_pool must be [slots, heads, head_dim, head_dim]";
-  check_shape(state_pool, "state_pool", {state_pool.size(0), heads, dim, dim});
-  check_contiguous(state_pool, "state_pool");
-  check_aligned(data_of(state_pool), 16, "state_pool");
-  check_dtype(state_slots, "state_slots", Dtype::kI32);
-  if (seqs < 0) TVM_FFI_THROW(ValueError) << "state_slots must be 1-D";
-  check_contiguous(state_slots, "state_slots");
   check_dtype(cu_seqlens, "cu_seqlens", Dtype::kI32);
   check_shape(cu_seqlens, "cu_seqlens", {seqs + 1});
   check_contiguous(cu_seqlens, "cu_seqlens");
   for (const auto& [t, name] : {std::pair<const TensorView*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
-    if (t->stride(2) != 1) TVM_FFI_THROW(ValueError) << name << " must have a contiguous last dimension";
     if (dtype == Dtype::kBF16) {
       // cp.async moves 16-byte chunks: row starts must be 16-byte aligned.
       if ((t->size(0) > 1 && t->stride(0) % 8 != 0) || (t->size(1) > 1 && t->stride(1) % 8 != 0))
