@@ -7,6 +7,7 @@
 #include "args.h"
 #include "launchers.h"
 #include "minimax_m1/lightning_attn/prefill.cuh"
+#include "minimax_m1/lightning_attn/prefill_sm90.cuh"
 
 namespace minimax_m1 {
 namespace lightning_attn {
@@ -19,6 +20,7 @@ constexpr int64_t kBlock = 64;  // the largest token block of the kernels; segme
 // multiprocessor's worth of segments is best (32K: 16 segments of 2048, 128K: 16 of 8192).
 constexpr double kFullEnough = 0.9;    // CTAs per multiprocessor from heads alone that need no segments
 constexpr int64_t kCtasPerSm = 2;      // otherwise, target CTAs per multiprocessor
+constexpr int64_t kSm90CtasPerSm = 2;  // CTAs of the Hopper kernels resident per multiprocessor
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -30,15 +32,37 @@ struct Plan {
   int64_t off_seg_off = 0, off_state_off = 0, off_seg_state = 0, off_split = 0, split_stride = 0, total = 0;
 };
 
-Plan make_plan(int64_t tokens, int64_t seqs, int64_t heads, int64_t dim, bool split, int sms, int64_t seg_len) {
+// The Hopper kernels (prefill_sm90.cuh) serve bf16 inputs of head_dim 128 when the library carries sm_90a code
+// and the device runs it; two of their CTAs share a multiprocessor.
+bool use_sm90(int64_t dim, bool split, int device_id) {
+  if (dim != 128 || split) return false;
+  static std::atomic<int> cache[64];
+  const int slot = device_id & 63;
+  int v = cache[slot].load(std::memory_order_relaxed);
+  if (v == 0) {
+    cudaFuncAttributes attr{};
+    int major = 0, minor = 0;
+    const bool ok = cudaFuncGetAttributes(&attr, prefill_sm90_kernel<true>) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_id) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_id) == cudaSuccess;
+    if (!ok) (void)cudaGetLastError();
+    v = ok && major == 9 && minor == 0 && attr.binaryVersion == 90 ? 1 : 2;
+    cache[slot].store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
+Plan make_plan(int64_t tokens, int64_t seqs, int64_t heads, int64_t dim, bool split, int sms, int64_t seg_len,
+               bool sm90) {
   Plan p;
   if (seg_len > 0) {
     p.seg_len = round_up(seg_len, kBlock);
   } else {
     const int64_t ctas_per_set = 2 * heads;  // pass-2 CTAs for one segment of every head
-    const int64_t want = ctas_per_set >= kFullEnough * sms
+    const int64_t slots = sm90 ? kSm90CtasPerSm * sms : sms;  // CTAs resident at once
+    const int64_t want = ctas_per_set >= kFullEnough * slots
                              ? 1
-                             : std::max<int64_t>(1, sms * kCtasPerSm / ctas_per_set);  // whole waves
+                             : std::max<int64_t>(1, slots * kCtasPerSm / ctas_per_set);  // whole waves
     p.seg_len = round_up(std::max<int64_t>(1, (tokens + want - 1) / want), 256);
   }
   p.segmented = p.seg_len < tokens;
@@ -92,6 +116,26 @@ void launch_prefill(const PrefillParams& p, const Plan& plan, int64_t heads, int
   MINIMAX_CHECK_LAUNCH();
 }
 
+void launch_prefill_sm90(const PrefillParams& p, const Plan& plan, int64_t heads, int device_id, cudaStream_t stream) {
+  using L = Sm90Layout;
+  static std::atomic<uint64_t> smem_state_done{0}, smem_output_done{0};
+  const dim3 grid(static_cast<unsigned>(plan.max_segments * 2), static_cast<unsigned>(heads));
+  if (plan.segmented) {
+    prefill_plan_kernel<<<1, 1024, 0, stream>>>(p);
+    MINIMAX_CHECK_LAUNCH();
+    allow_smem(prefill_sm90_kernel<false>, L::state_bytes, device_id, smem_state_done);
+    prefill_sm90_kernel<false><<<grid, L::kThreads, L::state_bytes, stream>>>(p);
+    MINIMAX_CHECK_LAUNCH();
+    constexpr int kScanCtas = 128 * 128 / 4 / 256;
+    prefill_segment_scan_kernel<128>
+        <<<dim3(static_cast<unsigned>(p.num_seqs * kScanCtas), static_cast<unsigned>(heads)), 256, 0, stream>>>(p);
+    MINIMAX_CHECK_LAUNCH();
+  }
+  allow_smem(prefill_sm90_kernel<true>, L::output_bytes, device_id, smem_output_done);
+  prefill_sm90_kernel<true><<<grid, L::kThreads, L::output_bytes, stream>>>(p);
+  MINIMAX_CHECK_LAUNCH();
+}
+
 template <typename T>
 void launch_split(const TensorView& x, __nv_bfloat16* hi, __nv_bfloat16* lo, cudaStream_t stream) {
   const int64_t n = x.size(0) * x.size(1) * x.size(2);
@@ -118,7 +162,8 @@ void dispatch_dtype(Dtype dtype, const PrefillParams& p, const Plan& plan, int64
 int64_t prefill_workspace_bytes(int64_t total_tokens, int64_t num_seqs, int64_t num_heads, int64_t head_dim,
                                 bool split, int64_t device_id, int64_t seg_len) {
   const int sms = multiprocessor_count(static_cast<int>(device_id));
-  return make_plan(total_tokens, num_seqs, num_heads, head_dim, split, sms, seg_len).total;
+  const bool sm90 = use_sm90(head_dim, split, static_cast<int>(device_id));
+  return make_plan(total_tokens, num_seqs, num_heads, head_dim, split, sms, seg_len, sm90).total;
 }
 
 void prefill(TensorView q, TensorView k, TensorView v, TensorView slopes, TensorView state_pool,
@@ -151,7 +196,8 @@ void prefill(TensorView q, TensorView k, TensorView v, TensorView slopes, Tensor
   tvm::ffi::CUDADeviceGuard guard(device_id);
   const cudaStream_t stream = current_stream(device_id);
   const bool split = dtype != Dtype::kBF16;
-  const Plan plan = make_plan(tokens, seqs, heads, dim, split, multiprocessor_count(device_id), seg_len);
+  const bool sm90 = use_sm90(dim, split, device_id);
+  const Plan plan = make_plan(tokens, seqs, heads, dim, split, multiprocessor_count(device_id), seg_len, sm90);
   const int64_t ws_bytes = static_cast<int64_t>(tvm::ffi::GetDataSize(workspace));
   if (ws_bytes < plan.total)
     TVM_FFI_THROW(ValueError) << "workspace has " << ws_bytes << " bytes, needs " << plan.total
@@ -200,7 +246,8 @@ void prefill(TensorView q, TensorView k, TensorView v, TensorView slopes, Tensor
   p.seg_len = static_cast<int>(plan.seg_len);
   p.segmented = plan.segmented ? 1 : 0;
 
-  if (dim == 128) dispatch_dtype<128>(dtype, p, plan, heads, device_id, stream);
+  if (sm90) launch_prefill_sm90(p, plan, heads, device_id, stream);
+  else if (dim == 128) dispatch_dtype<128>(dtype, p, plan, heads, device_id, stream);
   else dispatch_dtype<64>(dtype, p, plan, heads, device_id, stream);
 }
 
