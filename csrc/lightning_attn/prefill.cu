@@ -42,7 +42,7 @@ bool use_sm90(int64_t dim, bool split, int device_id) {
   if (v == 0) {
     cudaFuncAttributes attr{};
     int major = 0, minor = 0;
-    const bool ok = cudaFuncGetAttributes(&attr, prefill_sm90_kernel<true>) == cudaSuccess &&
+    const bool ok = cudaFuncGetAttributes(&attr, prefill_sm90_output_kernel) == cudaSuccess &&
                     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_id) == cudaSuccess &&
                     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_id) == cudaSuccess;
     if (!ok) (void)cudaGetLastError();
@@ -59,10 +59,11 @@ Plan make_plan(int64_t tokens, int64_t seqs, int64_t heads, int64_t dim, bool sp
     p.seg_len = round_up(seg_len, kBlock);
   } else {
     const int64_t ctas_per_set = 2 * heads;  // pass-2 CTAs for one segment of every head
-    const int64_t slots = sm90 ? kSm90CtasPerSm * sms : sms;  // CTAs resident at once
+    const int64_t slots = sm90 ? kSm90CtasPerSm * sms : sms;      // CTAs resident at once
+    const int64_t target = sm90 ? slots : kCtasPerSm * sms;         // CTAs wanted in all
     const int64_t want = ctas_per_set >= kFullEnough * slots
                              ? 1
-                             : std::max<int64_t>(1, slots * kCtasPerSm / ctas_per_set);  // whole waves
+                             : std::max<int64_t>(1, target / ctas_per_set);  // whole waves
     p.seg_len = round_up(std::max<int64_t>(1, (tokens + want - 1) / want), 256);
   }
   p.segmented = p.seg_len < tokens;
@@ -123,16 +124,16 @@ void launch_prefill_sm90(const PrefillParams& p, const Plan& plan, int64_t heads
   if (plan.segmented) {
     prefill_plan_kernel<<<1, 1024, 0, stream>>>(p);
     MINIMAX_CHECK_LAUNCH();
-    allow_smem(prefill_sm90_kernel<false>, L::state_bytes, device_id, smem_state_done);
-    prefill_sm90_kernel<false><<<grid, L::kThreads, L::state_bytes, stream>>>(p);
+    allow_smem(prefill_sm90_state_kernel, Sm90StateLayout::bytes, device_id, smem_state_done);
+    prefill_sm90_state_kernel<<<grid, L::kThreads, Sm90StateLayout::bytes, stream>>>(p);
     MINIMAX_CHECK_LAUNCH();
     constexpr int kScanCtas = 128 * 128 / 4 / 256;
     prefill_segment_scan_kernel<128>
         <<<dim3(static_cast<unsigned>(p.num_seqs * kScanCtas), static_cast<unsigned>(heads)), 256, 0, stream>>>(p);
     MINIMAX_CHECK_LAUNCH();
   }
-  allow_smem(prefill_sm90_kernel<true>, L::output_bytes, device_id, smem_output_done);
-  prefill_sm90_kernel<true><<<grid, L::kThreads, L::output_bytes, stream>>>(p);
+  allow_smem(prefill_sm90_output_kernel, L::bytes, device_id, smem_output_done);
+  prefill_sm90_output_kernel<<<grid, L::kThreads, L::bytes, stream>>>(p);
   MINIMAX_CHECK_LAUNCH();
 }
 

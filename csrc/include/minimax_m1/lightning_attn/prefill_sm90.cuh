@@ -42,8 +42,7 @@ struct Sm90Layout {
   static constexpr int o_stage = p_hi;               // [64 queries][64 e] bf16, rows padded to 144 bytes
   static constexpr int kLdO = 144;
   static constexpr int tab = p_lo + kRegion;         // lambda^x, x = 0..64 (fp32)
-  static constexpr int state_bytes = tab + 512;      // pass 1 uses k, v, vt, tab (same offsets)
-  static constexpr int output_bytes = tab + 512;
+  static constexpr int bytes = tab + 512;
   static_assert(64 * kLdO <= 2 * kRegion, "output staging must fit in the score tiles");
 };
 
@@ -57,12 +56,129 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, ui
                : "memory");
 }
 
+// 2^x on the special-function unit (relative error ~2^-22; results below 2^-126 flush to 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) { return as_u32(__floats2bfloat162_rn(lo, hi)); }
 
-// kOutputs = false: pass 1 (state of every non-final segment into seg_state). true: pass 2 (outputs, and the
-// final state of each sequence into its slot). Same grid as prefill.cuh: x = segment * 2 + e half, y = head.
-template <bool kOutputs>
-__global__ void __launch_bounds__(128, 2) prefill_sm90_kernel(PrefillParams p) {
+// Pass 1: the local state of every non-final segment, sum_j lambda^(L-1-j) k_j^T v_j over its L tokens, into
+// seg_state. The weights come straight from exp2 (no per-block decay of the accumulator), so the products of
+// successive blocks chain in the tensor core without waiting: the CTA builds block i+1's decayed values while
+// block i's products run. Three stages of K and V, two of the decayed values.
+struct Sm90StateLayout {
+  static constexpr int kRegion = Sm90Layout::kRegion;
+  static constexpr int kStageK = 2 * kRegion;
+  static constexpr int k = 0;                       // [3 stages][2 regions]
+  static constexpr int v = k + 3 * kStageK;         // [3 stages][1 region]
+  static constexpr int vt = v + 3 * kRegion;        // [2 buffers][hi, lo]
+  static constexpr int bytes = vt + 4 * kRegion;
+};
+
+__global__ void __launch_bounds__(128, 2) prefill_sm90_state_kernel(PrefillParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Sm90StateLayout;
+  constexpr int D = 128, B = Sm90Layout::kBlock;
+  extern __shared__ __align__(1024) unsigned char smem_sw[];
+  unsigned char* smem = smem_sw;
+  const int g = blockIdx.x >> 1, e_half = blockIdx.x & 1, h = blockIdx.y;
+  SegmentInfo seg;
+  if (!locate_segment(p, g, seg)) return;
+  if (seg.slot < 0 || seg.index == seg.count - 1) return;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int e_base = e_half * (D / 2);
+  const uint32_t s0 = smem_addr(smem);
+  if (s0 & 1023) __trap();
+  const float nls = -p.slopes[h] * kLog2e;
+  const uint64_t desc_mn = smem_desc_sw128(s0, L::kRegion, 1024);
+
+  const int qk_row = tid >> 4, qk_chunk = tid & 15, v_row = tid >> 3, v_chunk = tid & 7;
+  const uint32_t k_soff = (qk_chunk >> 3) * L::kRegion + sw128(qk_row, qk_chunk & 7);
+  const uint32_t v_soff = sw128(v_row, v_chunk);
+  auto issue_loads = [&](int blk, int stage) {
+    const int t = seg.start + blk * B;
+    const int rows = min(B, seg.len - blk * B);
+    const __nv_bfloat16* kg = p.k + t * p.k_stride_t + h * p.k_stride_h + qk_chunk * 8;
+    const __nv_bfloat16* vg = p.v + t * p.v_stride_t + h * p.v_stride_h + e_base + v_chunk * 8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = qk_row + 8 * i;
+      const bool ok = r < rows;
+      cp_async_16(s0 + L::k + stage * L::kStageK + k_soff + i * 1024, ok ? kg + r * p.k_stride_t : kg, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = v_row + 16 * i;
+      const bool ok = r < rows;
+      cp_async_16(s0 + L::v + stage * L::kRegion + v_soff + i * 2048, ok ? vg + r * p.v_stride_t : vg, ok);
+    }
+  };
+
+  float st[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) st[i] = 0.f;
+  const int nblocks = (seg.len + B - 1) / B;
+  issue_loads(0, 0);
+  cp_async_commit();
+  for (int blk = 0; blk < nblocks; ++blk) {
+    const int stage = blk % 3, buf = blk & 1;
+    cp_async_wait<0>();  // this block's K and V
+    wgmma_wait<1>();     // block blk-2's products: its K/V stage and decayed-value buffer are free
+    fence_proxy_async();
+    __syncthreads();
+    if (blk + 1 < nblocks) issue_loads(blk + 1, (blk + 1) % 3);
+    cp_async_commit();
+
+    const uint32_t vt_hi = L::vt + buf * 2 * L::kRegion, vt_lo = vt_hi + L::kRegion;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = blk * B + v_row + 16 * i;  // token within the segment
+      const uint32_t off = v_soff + i * 2048;
+      const float w = j < seg.len ? exp2f(nls * static_cast<float>(seg.len - 1 - j)) : 0.f;
+      const uint4 raw = *reinterpret_cast<const uint4*>(smem + L::v + stage * L::kRegion + off);
+      const uint32_t* r = reinterpret_cast<const uint32_t*>(&raw);
+      uint4 hi, lo;
+      uint32_t* hp = reinterpret_cast<uint32_t*>(&hi);
+      uint32_t* lp = reinterpret_cast<uint32_t*>(&lo);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 x = bf16x2_to_float2(r[e]);
+        split_bf16x2(x.x * w, x.y * w, hp[e], lp[e]);
+      }
+      *reinterpret_cast<uint4*>(smem + vt_hi + off) = hi;
+      *reinterpret_cast<uint4*>(smem + vt_lo + off) = lo;
+    }
+    fence_proxy_async();
+    __syncthreads();
+
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t kd = desc_mn + (L::k + stage * L::kStageK + kk * 2048) / 16;
+      wgmma_m64n128k16_ss<1, 1>(st, desc_mn + (vt_hi + kk * 2048) / 16, kd, 1);
+      wgmma_m64n128k16_ss<1, 1>(st, desc_mn + (vt_lo + kk * 2048) / 16, kd, 1);
+    }
+    wgmma_commit();
+  }
+  wgmma_wait<0>();
+  wgmma_hold(st);
+  float* dst = p.seg_state + (static_cast<int64_t>(seg.state_index) * p.num_heads + h) * static_cast<int64_t>(D) * D;
+  float* ps = dst + (2 * tq) * D + e_base + 16 * warp + gq;
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) ps[(8 * j + (r & 1)) * D + 8 * (r >> 1)] = st[4 * j + r];
+#endif
+}
+
+// Pass 2: outputs of one segment, and for the final segment of a sequence its final state into the slot.
+// Same grid as prefill.cuh: x = segment * 2 + e half, y = head.
+__global__ void __launch_bounds__(128, 2) prefill_sm90_output_kernel(PrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Sm90Layout;
   constexpr int D = 128, B = L::kBlock;
@@ -71,7 +187,6 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_kernel(PrefillParams p) {
   const int g = blockIdx.x >> 1, e_half = blockIdx.x & 1, h = blockIdx.y;
   SegmentInfo seg;
   if (!locate_segment(p, g, seg)) return;
-  if (!kOutputs && (seg.slot < 0 || seg.index == seg.count - 1)) return;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, tq = lane & 3;
@@ -79,7 +194,7 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_kernel(PrefillParams p) {
   const int64_t out_stride_t = static_cast<int64_t>(p.num_heads) * D;
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.o) + h * D + e_base;
 
-  if (kOutputs && seg.slot < 0) {  // padding: zero output, no state access
+  if (seg.slot < 0) {  // padding: zero output, no state access
     const uint4 zero = make_uint4(0, 0, 0, 0);
     for (int c = tid; c < seg.len * 8; c += L::kThreads)
       *reinterpret_cast<uint4*>(out + (seg.start + c / 8) * out_stride_t + (c % 8) * 8) = zero;
@@ -89,8 +204,16 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_kernel(PrefillParams p) {
   const uint32_t s0 = smem_addr(smem);
   if (s0 & 1023) __trap();  // the swizzled regions need 1024-byte alignment
   float* tab = reinterpret_cast<float*>(smem + L::tab);
-  const float ls = p.slopes[h] * kLog2e;
+  const float ls = p.slopes[h] * kLog2e, nls = -ls;
   for (int x = tid; x <= B; x += L::kThreads) tab[x] = exp2f(-ls * static_cast<float>(x));
+  // Decay exponents (times -log2 lambda) of this thread's accumulator elements: query column 2 tq + 1 of
+  // the inter term; query row minus key column of the scores, 16 warp + gq - 2 tq (plus per-element constants).
+  const float inter_arg = nls * static_cast<float>(2 * tq + 1);
+  const int score_dist = 16 * warp + gq - 2 * tq;
+  const float score_arg = nls * static_cast<float>(score_dist);
+  // Descriptors of the shared-memory base; an operand adds its byte offset / 16 (K-major: SBO = 8 rows;
+  // MN-major: LBO = one 64-element region, SBO = 8 rows).
+  const uint64_t desc_k = smem_desc_sw128(s0, 16, 1024), desc_mn = smem_desc_sw128(s0, L::kRegion, 1024);
 
   // Loads: Q, K rows [64][128] = 1024 chunks of 16 bytes, 8 per thread (rows tid/16 + 8i, chunk tid%16);
   // the value half [64][64] = 512 chunks, 4 per thread (rows tid/8 + 16i, chunk tid%8).
@@ -109,7 +232,7 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_kernel(PrefillParams p) {
       const bool ok = r < rows;
       const uint32_t off = qk_soff + i * 1024;
       cp_async_16(s0 + L::k + stage * L::kStageQK + off, ok ? kg + r * p.k_stride_t : kg, ok);
-      if constexpr (kOutputs) cp_async_16(s0 + L::q + stage * L::kStageQK + off, ok ? qg + r * p.q_stride_t : qg, ok);
+      cp_async_16(s0 + L::q + stage * L::kStageQK + off, ok ? qg + r * p.q_stride_t : qg, ok);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -121,7 +244,7 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_kernel(PrefillParams p) {
 
   // The state tile S^T: st[4j + r] = S^T[e_base + 16 warp + gq + 8 (r >> 1)][8j + 2 tq + (r & 1)].
   float st[64];
-  if constexpr (kOutputs) {
+  {
     const int64_t head_stride = static_cast<int64_t>(D) * D;
     const float* src = seg.count == 1
                            ? p.state_pool + (static_cast<int64_t>(seg.slot) * p.num_heads + h) * head_stride
@@ -131,11 +254,21 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_kernel(PrefillParams p) {
     for (int j = 0; j < 16; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) st[4 * j + r] = ps[(8 * j + (r & 1)) * D + 8 * (r >> 1)];
-  } else {
-#pragma unroll
-    for (int i = 0; i < 64; ++i) st[i] = 0.f;
   }
 
+  // S^T entering the block as hi + lo A fragments of the inter term (kk = d / 16).
+  uint32_t ah[8][4], al[8][4];
+  auto split_state = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) split_bf16x2(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1], ah[kk][r], al[kk][r]);
+  };
+  split_state();
+
+  // Per block, three groups of products in flight: (1) inter + scores while the decayed values are built,
+  // (2) the state update while the scores become P, (3) intra while the new state is split for the next
+  // block. The loop-carried chain is only state update -> split -> next inter.
   const int nblocks = (seg.len + B - 1) / B;
   issue_loads(0, 0);
   cp_async_commit();
@@ -148,35 +281,22 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_kernel(PrefillParams p) {
     fence_proxy_async();
     __syncthreads();
 
-    const uint32_t q_s = s0 + L::q + stage * L::kStageQK, k_s = s0 + L::k + stage * L::kStageQK;
-    const uint32_t v_s = s0 + L::v + stage * L::kRegion;
+    const uint32_t q_s = (L::q + stage * L::kStageQK) >> 4, k_s = (L::k + stage * L::kStageQK) >> 4;
+    const uint32_t v_s = (L::v + stage * L::kRegion) >> 4;
     float o[32], sc[32];
-    if constexpr (kOutputs) {
-      // Inter term (S^T as hi + lo A fragments) and the scores, in flight while the decayed values are built.
-      uint32_t ah[8][4], al[8][4];
+    wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        split_bf16x2(st[8 * kk + 0], st[8 * kk + 1], ah[kk][0], al[kk][0]);
-        split_bf16x2(st[8 * kk + 2], st[8 * kk + 3], ah[kk][1], al[kk][1]);
-        split_bf16x2(st[8 * kk + 4], st[8 * kk + 5], ah[kk][2], al[kk][2]);
-        split_bf16x2(st[8 * kk + 6], st[8 * kk + 7], ah[kk][3], al[kk][3]);
-      }
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        const uint64_t qd = smem_desc_sw128(q_s + (kk >> 2) * L::kRegion + (kk & 3) * 32, 16, 1024);
-        wgmma_m64n64k16_rs<0>(o, ah[kk], qd, kk > 0);
-        wgmma_m64n64k16_rs<0>(o, al[kk], qd, 1);
-      }
-      wgmma_commit();
-#pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        const uint32_t off = (kk >> 2) * L::kRegion + (kk & 3) * 32;
-        wgmma_m64n64k16_ss<0, 0>(sc, smem_desc_sw128(q_s + off, 16, 1024), smem_desc_sw128(k_s + off, 16, 1024),
-                                 kk > 0);
-      }
-      wgmma_commit();
+    for (int kk = 0; kk < 8; ++kk) {
+      const uint64_t qd = desc_k + q_s + ((kk >> 2) * L::kRegion + (kk & 3) * 32) / 16;
+      wgmma_m64n64k16_rs<0>(o, ah[kk], qd, kk > 0);
+      wgmma_m64n64k16_rs<0>(o, al[kk], qd, 1);
     }
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const uint32_t off = ((kk >> 2) * L::kRegion + (kk & 3) * 32) / 16;
+      wgmma_m64n64k16_ss<0, 0>(sc, desc_k + q_s + off, desc_k + k_s + off, kk > 0);
+    }
+    wgmma_commit();
 
     // Decayed values Vt[j] = lambda^(m-1-j) v_j (0 for j >= m), hi + lo, in the value tile's layout.
 #pragma unroll
@@ -197,37 +317,6 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_kernel(PrefillParams p) {
       *reinterpret_cast<uint4*>(smem + L::vt_hi + off) = hi;
       *reinterpret_cast<uint4*>(smem + L::vt_lo + off) = lo;
     }
-
-    if constexpr (kOutputs) {
-      wgmma_wait<1>();
-      wgmma_hold(o);
-      // inter decay lambda^(c+1) on query column c = 8j + 2 tq + (r & 1)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float d0 = tab[8 * j + 2 * tq + 1], d1 = tab[8 * j + 2 * tq + 2];
-        o[4 * j] *= d0;
-        o[4 * j + 1] *= d1;
-        o[4 * j + 2] *= d0;
-        o[4 * j + 3] *= d1;
-      }
-      wgmma_wait<0>();
-      wgmma_hold(sc);
-      // P[c][j] = lambda^(c-j) q_c . k_j for j <= c, else 0; hi + lo into [query][key] K-major tiles.
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int c = 16 * warp + gq + 8 * half;
-          const int dist = c - 8 * j - 2 * tq;
-          const float x0 = dist >= 0 ? sc[4 * j + 2 * half] * tab[dist] : 0.f;
-          const float x1 = dist >= 1 ? sc[4 * j + 2 * half + 1] * tab[dist - 1] : 0.f;
-          uint32_t hi, lo;
-          split_bf16x2(x0, x1, hi, lo);
-          const uint32_t off = c * 128 + ((j ^ gq) << 4) + 4 * tq;
-          *reinterpret_cast<uint32_t*>(smem + L::p_hi + off) = hi;
-          *reinterpret_cast<uint32_t*>(smem + L::p_lo + off) = lo;
-        }
-    }
     {
       const float f = tab[m];
 #pragma unroll
@@ -237,57 +326,85 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_kernel(PrefillParams p) {
     __syncthreads();
 
     wgmma_fence();
-    if constexpr (kOutputs) {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t vd = smem_desc_sw128(v_s + kk * 2048, L::kRegion, 1024);
-        wgmma_m64n64k16_ss<1, 0>(o, vd, smem_desc_sw128(s0 + L::p_hi + kk * 32, 16, 1024), 1);
-        wgmma_m64n64k16_ss<1, 0>(o, vd, smem_desc_sw128(s0 + L::p_lo + kk * 32, 16, 1024), 1);
-      }
-      wgmma_commit();
-    }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t kd = smem_desc_sw128(k_s + kk * 2048, L::kRegion, 1024);
-      wgmma_m64n128k16_ss<1, 1>(st, smem_desc_sw128(s0 + L::vt_hi + kk * 2048, L::kRegion, 1024), kd, 1);
-      wgmma_m64n128k16_ss<1, 1>(st, smem_desc_sw128(s0 + L::vt_lo + kk * 2048, L::kRegion, 1024), kd, 1);
+      const uint64_t kd = desc_mn + k_s + kk * 2048 / 16;
+      wgmma_m64n128k16_ss<1, 1>(st, desc_mn + (L::vt_hi + kk * 2048) / 16, kd, 1);
+      wgmma_m64n128k16_ss<1, 1>(st, desc_mn + (L::vt_lo + kk * 2048) / 16, kd, 1);
     }
     wgmma_commit();
 
-    if constexpr (kOutputs) {
-      wgmma_wait<1>();
-      wgmma_hold(o);
-      __syncthreads();  // every warp's share of the intra products has read P: the staging may overwrite it
-      // O^T (e x queries) -> [query][e] bf16 through transposed 8x8 stores.
+    wgmma_wait<1>();
+    wgmma_hold(o);
+    wgmma_hold(sc);
+    // inter decay lambda^(c+1) on query column c = 8j + 2 tq + (r & 1)
 #pragma unroll
-      for (int j = 0; j < 8; j += 2) {
-        const int mi = lane >> 3, row = lane & 7;
-        const int c = 8 * (j + (mi >> 1)) + row, e = 16 * warp + 8 * (mi & 1);
-        stmatrix_x4_trans(s0 + L::o_stage + c * L::kLdO + e * 2, pack_bf16x2(o[4 * j], o[4 * j + 1]),
-                          pack_bf16x2(o[4 * j + 2], o[4 * j + 3]), pack_bf16x2(o[4 * j + 4], o[4 * j + 5]),
-                          pack_bf16x2(o[4 * j + 6], o[4 * j + 7]));
-      }
-      __syncthreads();
-      __nv_bfloat16* dst = out + static_cast<int64_t>(seg.start + blk * B) * out_stride_t;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int c = v_row + 16 * i;
-        if (c < m)
-          *reinterpret_cast<uint4*>(dst + c * out_stride_t + v_chunk * 8) =
-              *reinterpret_cast<const uint4*>(smem + L::o_stage + c * L::kLdO + v_chunk * 16);
-      }
+    for (int j = 0; j < 8; ++j) {
+      const float d0 = fast_exp2(fmaf(nls, 8.f * j, inter_arg)), d1 = fast_exp2(fmaf(nls, 8.f * j + 1.f, inter_arg));
+      o[4 * j] *= d0;
+      o[4 * j + 1] *= d1;
+      o[4 * j + 2] *= d0;
+      o[4 * j + 3] *= d1;
     }
-    wgmma_wait<0>();
+    // P[c][j] = lambda^(c-j) q_c . k_j for j <= c, else 0; hi + lo into [query][key] K-major tiles.
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int c = 16 * warp + gq + 8 * half;
+        const int k0 = 8 * half - 8 * j;  // dist = score_dist + k0 (- 1 for the odd key)
+        const float f0 = fast_exp2(fmaf(nls, static_cast<float>(k0), score_arg));
+        const float f1 = fast_exp2(fmaf(nls, static_cast<float>(k0 - 1), score_arg));
+        const float x0 = score_dist + k0 >= 0 ? sc[4 * j + 2 * half] * f0 : 0.f;
+        const float x1 = score_dist + k0 >= 1 ? sc[4 * j + 2 * half + 1] * f1 : 0.f;
+        uint32_t hi, lo;
+        split_bf16x2(x0, x1, hi, lo);
+        const uint32_t off = c * 128 + ((j ^ gq) << 4) + 4 * tq;
+        *reinterpret_cast<uint32_t*>(smem + L::p_hi + off) = hi;
+        *reinterpret_cast<uint32_t*>(smem + L::p_lo + off) = lo;
+      }
+    fence_proxy_async();
+    __syncthreads();
+
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t vd = desc_mn + v_s + kk * 2048 / 16;
+      wgmma_m64n64k16_ss<1, 0>(o, vd, desc_k + (L::p_hi + kk * 32) / 16, 1);
+      wgmma_m64n64k16_ss<1, 0>(o, vd, desc_k + (L::p_lo + kk * 32) / 16, 1);
+    }
+    wgmma_commit();
+
+    wgmma_wait<1>();  // the state update
     wgmma_hold(st);
+    split_state();
+    wgmma_wait<0>();  // intra
+    wgmma_hold(o);
+    __syncthreads();  // every warp's share of the intra products has read P: the staging may overwrite it
+    // O^T (e x queries) -> [query][e] bf16 through transposed 8x8 stores.
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
+      const int mi = lane >> 3, row = lane & 7;
+      const int c = 8 * (j + (mi >> 1)) + row, e = 16 * warp + 8 * (mi & 1);
+      stmatrix_x4_trans(s0 + L::o_stage + c * L::kLdO + e * 2, pack_bf16x2(o[4 * j], o[4 * j + 1]),
+                        pack_bf16x2(o[4 * j + 2], o[4 * j + 3]), pack_bf16x2(o[4 * j + 4], o[4 * j + 5]),
+                        pack_bf16x2(o[4 * j + 6], o[4 * j + 7]));
+    }
+    __syncthreads();
+    __nv_bfloat16* dst = out + static_cast<int64_t>(seg.start + blk * B) * out_stride_t;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int c = v_row + 16 * i;
+      if (c < m)
+        *reinterpret_cast<uint4*>(dst + c * out_stride_t + v_chunk * 8) =
+            *reinterpret_cast<const uint4*>(smem + L::o_stage + c * L::kLdO + v_chunk * 16);
+    }
   }
 
   const int64_t head_stride = static_cast<int64_t>(D) * D;
-  float* dst = kOutputs ? (seg.index == seg.count - 1
-                               ? p.state_pool + (static_cast<int64_t>(seg.slot) * p.num_heads + h) * head_stride
-                               : nullptr)
-                        : p.seg_state + (static_cast<int64_t>(seg.state_index) * p.num_heads + h) * head_stride;
-  if (dst != nullptr) {
-    float* ps = dst + (2 * tq) * D + e_base + 16 * warp + gq;
+  if (seg.index == seg.count - 1) {
+    float* ps = p.state_pool + (static_cast<int64_t>(seg.slot) * p.num_heads + h) * head_stride + (2 * tq) * D +
+                e_base + 16 * warp + gq;
 #pragma unroll
     for (int j = 0; j < 16; ++j)
 #pragma unroll
