@@ -120,7 +120,7 @@ void launch_prefill(const PrefillParams& p, const Plan& plan, int64_t heads, int
 void launch_prefill_sm90(const PrefillParams& p, const Plan& plan, int64_t heads, int device_id, cudaStream_t stream) {
   using L = Sm90Layout;
   static std::atomic<uint64_t> smem_state_done{0}, smem_output_done{0};
-  const dim3 grid(static_cast<unsigned>(plan.max_segments * 2), static_cast<unsigned>(heads));
+  const dim3 grid(static_cast<unsigned>(plan.max_segments * 2 * heads));  // see CtaCoords
   if (plan.segmented) {
     prefill_plan_kernel<<<1, 1024, 0, stream>>>(p);
     MINIMAX_CHECK_LAUNCH();
@@ -203,7 +203,7 @@ void prefill(TensorView q, TensorView k, TensorView v, TensorView slopes, Tensor
   if (ws_bytes < plan.total)
     TVM_FFI_THROW(ValueError) << "workspace has " << ws_bytes << " bytes, needs " << plan.total
                               << " (lightning_prefill_workspace_bytes)";
-  if (plan.max_segments * 2 >= (int64_t{1} << 31)) TVM_FFI_THROW(ValueError) << "too many segments";
+  if (plan.max_segments * 2 * heads >= (int64_t{1} << 31)) TVM_FFI_THROW(ValueError) << "too many segments";
 
   char* ws = static_cast<char*>(data_of(workspace));
   PrefillParams p{};

@@ -66,25 +66,40 @@ __device__ __forceinline__ float fast_exp2(float x) {
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) { return as_u32(__floats2bfloat162_rn(lo, hi)); }
 
 // Pass 1: the local state of every non-final segment, sum_j lambda^(L-1-j) k_j^T v_j over its L tokens, into
-// seg_state. The weights come straight from exp2 (no per-block decay of the accumulator), so the products of
-// successive blocks chain in the tensor core without waiting: the CTA builds block i+1's decayed values while
-// block i's products run. Three stages of K and V, two of the decayed values.
+// seg_state. The weights come straight from exp2 (no per-block decay of the accumulator). Little work per
+// byte, so K and V stream through four stages, two blocks ahead, and the decayed values of block i are
+// built (two buffers) while block i-1's products run. 128 KB: one CTA per multiprocessor.
 struct Sm90StateLayout {
   static constexpr int kRegion = Sm90Layout::kRegion;
+  static constexpr int kStages = 4;
+  static constexpr int kAhead = 2;
   static constexpr int kStageK = 2 * kRegion;
-  static constexpr int k = 0;                       // [3 stages][2 regions]
-  static constexpr int v = k + 3 * kStageK;         // [3 stages][1 region]
-  static constexpr int vt = v + 3 * kRegion;        // [2 buffers][hi, lo]
+  static constexpr int k = 0;                          // [stages][2 regions]
+  static constexpr int v = k + kStages * kStageK;      // [stages][1 region]
+  static constexpr int vt = v + kStages * kRegion;     // [2 buffers][hi, lo]
   static constexpr int bytes = vt + 4 * kRegion;
 };
 
-__global__ void __launch_bounds__(128, 2) prefill_sm90_state_kernel(PrefillParams p) {
+// CTA index -> (segment slot, e half, head); segment-major, so the CTAs of real segments come first and the
+// hardware spreads them over the multiprocessors (slots past the last segment exit at once).
+struct CtaCoords {
+  int g, e_half, h;
+  __device__ __forceinline__ explicit CtaCoords(int heads) {
+    const int rest = static_cast<int>(blockIdx.x) / heads;
+    h = static_cast<int>(blockIdx.x) - rest * heads;
+    e_half = rest & 1;
+    g = rest >> 1;
+  }
+};
+
+__global__ void __launch_bounds__(128, 1) prefill_sm90_state_kernel(PrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Sm90StateLayout;
   constexpr int D = 128, B = Sm90Layout::kBlock;
   extern __shared__ __align__(1024) unsigned char smem_sw[];
   unsigned char* smem = smem_sw;
-  const int g = blockIdx.x >> 1, e_half = blockIdx.x & 1, h = blockIdx.y;
+  const CtaCoords cta(p.num_heads);
+  const int g = cta.g, e_half = cta.e_half, h = cta.h;
   SegmentInfo seg;
   if (!locate_segment(p, g, seg)) return;
   if (seg.slot < 0 || seg.index == seg.count - 1) return;
@@ -123,18 +138,21 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_state_kernel(PrefillParam
 #pragma unroll
   for (int i = 0; i < 64; ++i) st[i] = 0.f;
   const int nblocks = (seg.len + B - 1) / B;
-  issue_loads(0, 0);
-  cp_async_commit();
+#pragma unroll
+  for (int i = 0; i < L::kAhead; ++i) {
+    if (i < nblocks) issue_loads(i, i);
+    cp_async_commit();
+  }
   for (int blk = 0; blk < nblocks; ++blk) {
-    const int stage = blk % 3, buf = blk & 1;
-    cp_async_wait<0>();  // this block's K and V
-    wgmma_wait<1>();     // block blk-2's products: its K/V stage and decayed-value buffer are free
+    const int stage = blk % L::kStages;
+    cp_async_wait<L::kAhead - 1>();  // this block's K and V
+    wgmma_wait<1>();  // block blk-2's products: its stage (next to load) and decayed-value buffer are free
     fence_proxy_async();
     __syncthreads();
-    if (blk + 1 < nblocks) issue_loads(blk + 1, (blk + 1) % 3);
+    if (blk + L::kAhead < nblocks) issue_loads(blk + L::kAhead, (blk + L::kAhead) % L::kStages);
     cp_async_commit();
 
-    const uint32_t vt_hi = L::vt + buf * 2 * L::kRegion, vt_lo = vt_hi + L::kRegion;
+    const uint32_t vt_hi = L::vt + (blk & 1) * 2 * L::kRegion, vt_lo = vt_hi + L::kRegion;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int j = blk * B + v_row + 16 * i;  // token within the segment
@@ -177,14 +195,15 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_state_kernel(PrefillParam
 }
 
 // Pass 2: outputs of one segment, and for the final segment of a sequence its final state into the slot.
-// Same grid as prefill.cuh: x = segment * 2 + e half, y = head.
+// One CTA per (segment slot, e half, head), ordered as CtaCoords.
 __global__ void __launch_bounds__(128, 2) prefill_sm90_output_kernel(PrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Sm90Layout;
   constexpr int D = 128, B = L::kBlock;
   extern __shared__ __align__(1024) unsigned char smem_sw[];  // own name: other kernels declare 16-byte alignment
   unsigned char* smem = smem_sw;
-  const int g = blockIdx.x >> 1, e_half = blockIdx.x & 1, h = blockIdx.y;
+  const CtaCoords cta(p.num_heads);
+  const int g = cta.g, e_half = cta.e_half, h = cta.h;
   SegmentInfo seg;
   if (!locate_segment(p, g, seg)) return;
 
