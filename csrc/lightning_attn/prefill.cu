@@ -119,13 +119,20 @@ void launch_prefill(const PrefillParams& p, const Plan& plan, int64_t heads, int
 
 void launch_prefill_sm90(const PrefillParams& p, const Plan& plan, int64_t heads, int device_id, cudaStream_t stream) {
   using L = Sm90Layout;
-  static std::atomic<uint64_t> smem_state_done{0}, smem_output_done{0};
+  static std::atomic<uint64_t> smem_state_done{0}, smem_state3_done{0}, smem_output_done{0};
+  const int64_t sms = multiprocessor_count(device_id);
   const dim3 grid(static_cast<unsigned>(plan.max_segments * 2 * heads));  // see CtaCoords
   if (plan.segmented) {
     prefill_plan_kernel<<<1, 1024, 0, stream>>>(p);
     MINIMAX_CHECK_LAUNCH();
-    allow_smem(prefill_sm90_state_kernel, Sm90StateLayout::bytes, device_id, smem_state_done);
-    prefill_sm90_state_kernel<<<grid, L::kThreads, Sm90StateLayout::bytes, stream>>>(p);
+    // Pass-1 CTAs: two per head for every non-final segment ((tokens - 1) / seg_len of them for one sequence).
+    if (2 * heads * ((p.total_tokens - 1) / plan.seg_len) <= sms) {
+      allow_smem(prefill_sm90_state_kernel<4>, Sm90StateLayout<4>::bytes, device_id, smem_state_done);
+      prefill_sm90_state_kernel<4><<<grid, L::kThreads, Sm90StateLayout<4>::bytes, stream>>>(p);
+    } else {
+      allow_smem(prefill_sm90_state_kernel<3>, Sm90StateLayout<3>::bytes, device_id, smem_state3_done);
+      prefill_sm90_state_kernel<3><<<grid, L::kThreads, Sm90StateLayout<3>::bytes, stream>>>(p);
+    }
     MINIMAX_CHECK_LAUNCH();
     constexpr int kScanCtas = 128 * 128 / 4 / 256;
     prefill_segment_scan_kernel<128>

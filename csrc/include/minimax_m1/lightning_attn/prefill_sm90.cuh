@@ -67,12 +67,15 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) { return as_
 
 // Pass 1: the local state of every non-final segment, sum_j lambda^(L-1-j) k_j^T v_j over its L tokens, into
 // seg_state. The weights come straight from exp2 (no per-block decay of the accumulator). Little work per
-// byte, so K and V stream through four stages, two blocks ahead, and the decayed values of block i are
-// built (two buffers) while block i-1's products run. 128 KB: one CTA per multiprocessor.
+// byte, so K and V stream through kStages stages, kStages - 2 blocks ahead, and the decayed values of block i
+// are built (two buffers) while block i-1's products run. Four stages (128 KB, one CTA per multiprocessor)
+// when the segments leave multiprocessors free, else three (104 KB, two CTAs per multiprocessor).
+template <int kStagesT>
 struct Sm90StateLayout {
   static constexpr int kRegion = Sm90Layout::kRegion;
-  static constexpr int kStages = 4;
-  static constexpr int kAhead = 2;
+  static constexpr int kStages = kStagesT;
+  static constexpr int kAhead = kStages - 2;
+  static constexpr int kCtasPerSm = kStages == 3 ? 2 : 1;
   static constexpr int kStageK = 2 * kRegion;
   static constexpr int k = 0;                          // [stages][2 regions]
   static constexpr int v = k + kStages * kStageK;      // [stages][1 region]
@@ -92,9 +95,10 @@ struct CtaCoords {
   }
 };
 
-__global__ void __launch_bounds__(128, 1) prefill_sm90_state_kernel(PrefillParams p) {
+template <int kStages>
+__global__ void __launch_bounds__(128, Sm90StateLayout<kStages>::kCtasPerSm) prefill_sm90_state_kernel(PrefillParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = Sm90StateLayout;
+  using L = Sm90StateLayout<kStages>;
   constexpr int D = 128, B = Sm90Layout::kBlock;
   extern __shared__ __align__(1024) unsigned char smem_sw[];
   unsigned char* smem = smem_sw;
