@@ -171,7 +171,8 @@ def test_prefill_varlen(num_seqs):
 @pytest.mark.parametrize("layer", [0, 78])
 def test_prefill_long(layer, heads):
     """n = 65536; reference: the blocked fp64 path (the fp64 token loop would take minutes).
-    With 8 heads the automatic plan cuts the sequence into segments; with 64 it does not."""
+    The automatic plan cuts the sequence into segments (pass 1, scan, pass 2): 16 with 8 heads; with 64 heads,
+    two on Hopper (the wgmma kernels fit two CTAs per multiprocessor), one elsewhere."""
     n = 65536
     q, k, v, s, pool, sl, cu = _inputs([n], heads=heads, dtype=torch.bfloat16, layer=layer, seed=layer)
     ref_pool = pool.double()
@@ -270,6 +271,28 @@ def test_dispatch_uses_kernels():
     assert torch.equal(la.prefill(q, k, v, s, pool, sl, cu), la_cuda.prefill(q, k, v, s, pool2, sl, cu))
 
 
+def _kernel_names(fn, *args, **kwargs):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args, **kwargs)
+        torch.cuda.synchronize()
+    return " ".join(e.key for e in prof.key_averages())
+
+
+@gpu
+@needs_kernels
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the wgmma kernels run on compute capability 9.0")
+def test_hopper_dispatch():
+    """On an H100/H200, bf16 head_dim 128 runs the wgmma kernels (both passes); other inputs the mma.sync ones."""
+    names = _kernel_names(la_cuda.prefill, *_inputs([700], dtype=torch.bfloat16), seg_len=256)
+    assert "prefill_sm90_state_kernel" in names and "prefill_sm90_output_kernel" in names, names
+    for dtype, dim in ((torch.float16, 128), (torch.bfloat16, 64)):
+        names = _kernel_names(la_cuda.prefill, *_inputs([300], dtype=dtype, dim=dim))
+        assert "prefill_output_kernel" in names and "sm90" not in names, names
+
+
 @gpu
 @needs_kernels
 def test_errors_are_clear():
@@ -284,7 +307,7 @@ def test_errors_are_clear():
 @needs_kernels
 def test_cuda_graph_capture():
     """Decode and prefill captured in a CUDA graph give the eager results on replay."""
-    q, k, v, s, pool, sl, cu = _inputs([1] * 16, heads=8, dtype=torch.bfloat16, slots=list(range(15)) + [-1])
+    q, k, v, s, pool, sl, _ = _inputs([1] * 16, heads=8, dtype=torch.bfloat16, slots=list(range(15)) + [-1])
     pq, pk, pv, _, _, _, pcu = _inputs([100, 30, 1], heads=8, dtype=torch.bfloat16, seed=3)
     psl = torch.tensor([16, 17, -1], dtype=torch.int32, device="cuda")
     pool = torch.cat([pool, torch.randn(2, *pool.shape[1:], device="cuda")])
