@@ -49,6 +49,8 @@ def gencode_flags(spec):
         if not arch.rstrip("af").isdigit():
             raise ValueError(f"MINIMAX_M1_CUDA_ARCHS: bad architecture {arch!r} (expected e.g. 80, 90a)")
         flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        if arch == "90a":  # the launchers may pick the wgmma kernels (their bodies exist only in sm_90a code)
+            flags.append("-DMINIMAX_M1_HAS_SM90A=1")
     if not flags:
         raise ValueError("MINIMAX_M1_CUDA_ARCHS names no architecture")
     return flags

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <string>
 
 #include "args.h"
 #include "launchers.h"
@@ -32,10 +34,20 @@ struct Plan {
   int64_t off_seg_off = 0, off_state_off = 0, off_seg_state = 0, off_split = 0, split_stride = 0, total = 0;
 };
 
-// The Hopper kernels (prefill_sm90.cuh) serve bf16 inputs of head_dim 128 when the library carries sm_90a code
-// and the device runs it; two of their CTAs share a multiprocessor.
+// The Hopper kernels (prefill_sm90.cuh) serve bf16 inputs of head_dim 128 when the library was built with
+// sm_90a code and the device runs it (a 9.0 device loads the sm_90a image); two of their CTAs share a
+// multiprocessor.
 bool use_sm90(int64_t dim, bool split, int device_id) {
+#ifndef MINIMAX_M1_HAS_SM90A
+  return false;  // built without sm_90a: the Hopper kernels are empty
+#endif
   if (dim != 128 || split) return false;
+  // MINIMAX_M1_LIGHTNING_SM90=0 forces the mma.sync kernels (comparisons, or a fallback).
+  static const bool disabled = [] {
+    const char* e = std::getenv("MINIMAX_M1_LIGHTNING_SM90");
+    return e != nullptr && std::string(e) == "0";
+  }();
+  if (disabled) return false;
   static std::atomic<int> cache[64];
   const int slot = device_id & 63;
   int v = cache[slot].load(std::memory_order_relaxed);

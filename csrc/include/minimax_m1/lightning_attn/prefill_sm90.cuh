@@ -195,6 +195,8 @@ __global__ void __launch_bounds__(128, Sm90StateLayout<kStages>::kCtasPerSm) pre
   for (int j = 0; j < 16; ++j)
 #pragma unroll
     for (int r = 0; r < 4; ++r) ps[(8 * j + (r & 1)) * D + 8 * (r >> 1)] = st[4 * j + r];
+#else
+  __trap();  // compiled for another target: the launcher never picks this kernel there
 #endif
 }
 
@@ -433,6 +435,8 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_output_kernel(PrefillPara
 #pragma unroll
       for (int r = 0; r < 4; ++r) ps[(8 * j + (r & 1)) * D + 8 * (r >> 1)] = st[4 * j + r];
   }
+#else
+  __trap();  // compiled for another target: the launcher never picks this kernel there
 #endif
 }
 
