@@ -16,12 +16,14 @@ namespace lightning_attn {
 namespace {
 
 constexpr int64_t kBlock = 64;  // the largest token block of the kernels; segments are multiples of it
-// Cutting sequences into segments fills the GPU when heads alone do not, at the price of pass 1 (about
-// 40% of pass 2's work on the segmented tokens). Measured on an H200 (64 heads: 128 CTAs): one segment
-// is best when the heads give about one CTA per multiprocessor; with 8 heads about two CTAs per
-// multiprocessor's worth of segments is best (32K: 16 segments of 2048, 128K: 16 of 8192).
-constexpr double kFullEnough = 0.9;    // CTAs per multiprocessor from heads alone that need no segments
-constexpr int64_t kCtasPerSm = 2;      // otherwise, target CTAs per multiprocessor
+// Cutting sequences into segments fills the GPU when heads alone do not, at the price of pass 1 (the state
+// of every non-final segment). Measured on an H200: the mma.sync kernels (one CTA per multiprocessor) are
+// best with one segment when the heads give about one CTA per multiprocessor, and with about two CTAs per
+// multiprocessor's worth of segments otherwise (8 heads, 32K: 16 segments of 2048, 128K: 16 of 8192). The
+// wgmma kernels (two CTAs per multiprocessor) are best with one wave of resident CTAs: 64 heads x 8K or 32K
+// in 2 segments, 8 heads in 16 (benchmarks/NOTES-lightning.md).
+constexpr double kFullEnough = 0.9;    // resident CTAs filled by heads alone: no segments
+constexpr int64_t kCtasPerSm = 2;      // mma.sync kernels: target CTAs per multiprocessor
 constexpr int64_t kSm90CtasPerSm = 2;  // CTAs of the Hopper kernels resident per multiprocessor
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
