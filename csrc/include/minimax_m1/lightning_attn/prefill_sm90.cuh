@@ -65,6 +65,94 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) { return as_u32(__floats2bfloat162_rn(lo, hi)); }
 
+// Thread roles shared by both passes (one warpgroup). Loads: a [64][128] tile (Q or K) is 1024 chunks of 16
+// bytes, 8 per thread (rows tid/16 + 8i, chunk tid%16); a value half [64][64] is 512 chunks, 4 per thread
+// (rows tid/8 + 16i, chunk tid%8), which is also the mapping of the decayed-value build. The state tile
+// st[4j + r] = S^T[e_base + 16 warp + gq + 8 (r >> 1)][8j + 2 tq + (r & 1)], a wgmma m64n128 accumulator.
+struct Sm90Thread {
+  int tid, lane, warp, gq, tq, qk_row, qk_chunk, v_row, v_chunk;
+  uint32_t qk_soff, v_soff;  // byte offsets of the thread's first chunk in a tile
+
+  __device__ __forceinline__ Sm90Thread() {
+    tid = threadIdx.x;
+    lane = tid & 31;
+    warp = tid >> 5;
+    gq = lane >> 2;
+    tq = lane & 3;
+    qk_row = tid >> 4;
+    qk_chunk = tid & 15;
+    v_row = tid >> 3;
+    v_chunk = tid & 7;
+    qk_soff = (qk_chunk >> 3) * Sm90Layout::kRegion + sw128(qk_row, qk_chunk & 7);
+    v_soff = sw128(v_row, v_chunk);
+  }
+  // cp.async of rows [0, rows) of a [64][128] tile (src: row 0 of the head); later rows are zero-filled.
+  __device__ __forceinline__ void load_qk(uint32_t dst, const __nv_bfloat16* src, int64_t stride_t, int rows) const {
+    src += qk_chunk * 8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = qk_row + 8 * i;
+      cp_async_16(dst + qk_soff + i * 1024, r < rows ? src + r * stride_t : src, r < rows);
+    }
+  }
+  // The same for a value half [64][64] (src: row 0, first column of the half).
+  __device__ __forceinline__ void load_v(uint32_t dst, const __nv_bfloat16* src, int64_t stride_t, int rows) const {
+    src += v_chunk * 8;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = v_row + 16 * i;
+      cp_async_16(dst + v_soff + i * 2048, r < rows ? src + r * stride_t : src, r < rows);
+    }
+  }
+  // st from / to a [D][D] fp32 state (row d, column e).
+  __device__ __forceinline__ void load_state(float (&st)[64], const float* src, int e_base) const {
+    const float* ps = src + (2 * tq) * 128 + e_base + 16 * warp + gq;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) st[4 * j + r] = ps[(8 * j + (r & 1)) * 128 + 8 * (r >> 1)];
+  }
+  __device__ __forceinline__ void store_state(const float (&st)[64], float* dst, int e_base) const {
+    float* ps = dst + (2 * tq) * 128 + e_base + 16 * warp + gq;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) ps[(8 * j + (r & 1)) * 128 + 8 * (r >> 1)] = st[4 * j + r];
+  }
+  // Decayed values: row v_row + 16 i of the value tile times w[i], split hi + lo into the same layout.
+  __device__ __forceinline__ void build_decayed_values(unsigned char* smem, uint32_t v_tile, uint32_t vt_hi,
+                                                       uint32_t vt_lo, const float (&w)[4]) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t off = v_soff + i * 2048;
+      const uint4 raw = *reinterpret_cast<const uint4*>(smem + v_tile + off);
+      const uint32_t* r = reinterpret_cast<const uint32_t*>(&raw);
+      uint4 hi, lo;
+      uint32_t* hp = reinterpret_cast<uint32_t*>(&hi);
+      uint32_t* lp = reinterpret_cast<uint32_t*>(&lo);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 x = bf16x2_to_float2(r[e]);
+        split_bf16x2(x.x * w[i], x.y * w[i], hp[e], lp[e]);
+      }
+      *reinterpret_cast<uint4*>(smem + vt_hi + off) = hi;
+      *reinterpret_cast<uint4*>(smem + vt_lo + off) = lo;
+    }
+  }
+};
+
+// Issues S^T += Vt^T K over one block (decayed values hi, lo and K both MN-major; offsets from the
+// shared-memory base whose MN-major descriptor is desc_mn). The caller commits and waits.
+__device__ __forceinline__ void issue_state_update(float (&st)[64], uint64_t desc_mn, uint32_t vt_hi, uint32_t vt_lo,
+                                                   uint32_t k_tile) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint64_t kd = desc_mn + (k_tile + kk * 2048) / 16;
+    wgmma_m64n128k16_ss<1, 1>(st, desc_mn + (vt_hi + kk * 2048) / 16, kd, 1);
+    wgmma_m64n128k16_ss<1, 1>(st, desc_mn + (vt_lo + kk * 2048) / 16, kd, 1);
+  }
+}
+
 // Pass 1: the local state of every non-final segment, sum_j lambda^(L-1-j) k_j^T v_j over its L tokens, into
 // seg_state. The weights come straight from exp2 (no per-block decay of the accumulator). Little work per
 // byte, so K and V stream through kStages stages, kStages - 2 blocks ahead, and the decayed values of block i
@@ -108,34 +196,16 @@ __global__ void __launch_bounds__(128, Sm90StateLayout<kStages>::kCtasPerSm) pre
   if (!locate_segment(p, g, seg)) return;
   if (seg.slot < 0 || seg.index == seg.count - 1) return;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int gq = lane >> 2, tq = lane & 3;
+  const Sm90Thread th;
   const int e_base = e_half * (D / 2);
   const uint32_t s0 = smem_addr(smem);
   if (s0 & 1023) __trap();
   const float nls = -p.slopes[h] * kLog2e;
   const uint64_t desc_mn = smem_desc_sw128(s0, L::kRegion, 1024);
-
-  const int qk_row = tid >> 4, qk_chunk = tid & 15, v_row = tid >> 3, v_chunk = tid & 7;
-  const uint32_t k_soff = (qk_chunk >> 3) * L::kRegion + sw128(qk_row, qk_chunk & 7);
-  const uint32_t v_soff = sw128(v_row, v_chunk);
   auto issue_loads = [&](int blk, int stage) {
-    const int t = seg.start + blk * B;
-    const int rows = min(B, seg.len - blk * B);
-    const __nv_bfloat16* kg = p.k + t * p.k_stride_t + h * p.k_stride_h + qk_chunk * 8;
-    const __nv_bfloat16* vg = p.v + t * p.v_stride_t + h * p.v_stride_h + e_base + v_chunk * 8;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int r = qk_row + 8 * i;
-      const bool ok = r < rows;
-      cp_async_16(s0 + L::k + stage * L::kStageK + k_soff + i * 1024, ok ? kg + r * p.k_stride_t : kg, ok);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = v_row + 16 * i;
-      const bool ok = r < rows;
-      cp_async_16(s0 + L::v + stage * L::kRegion + v_soff + i * 2048, ok ? vg + r * p.v_stride_t : vg, ok);
-    }
+    const int t = seg.start + blk * B, rows = min(B, seg.len - blk * B);
+    th.load_qk(s0 + L::k + stage * L::kStageK, p.k + t * p.k_stride_t + h * p.k_stride_h, p.k_stride_t, rows);
+    th.load_v(s0 + L::v + stage * L::kRegion, p.v + t * p.v_stride_t + h * p.v_stride_h + e_base, p.v_stride_t, rows);
   };
 
   float st[64];
@@ -157,44 +227,23 @@ __global__ void __launch_bounds__(128, Sm90StateLayout<kStages>::kCtasPerSm) pre
     cp_async_commit();
 
     const uint32_t vt_hi = L::vt + (blk & 1) * 2 * L::kRegion, vt_lo = vt_hi + L::kRegion;
+    float w[4];  // lambda^(len-1-j) for token j of the segment
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int j = blk * B + v_row + 16 * i;  // token within the segment
-      const uint32_t off = v_soff + i * 2048;
-      const float w = j < seg.len ? exp2f(nls * static_cast<float>(seg.len - 1 - j)) : 0.f;
-      const uint4 raw = *reinterpret_cast<const uint4*>(smem + L::v + stage * L::kRegion + off);
-      const uint32_t* r = reinterpret_cast<const uint32_t*>(&raw);
-      uint4 hi, lo;
-      uint32_t* hp = reinterpret_cast<uint32_t*>(&hi);
-      uint32_t* lp = reinterpret_cast<uint32_t*>(&lo);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 x = bf16x2_to_float2(r[e]);
-        split_bf16x2(x.x * w, x.y * w, hp[e], lp[e]);
-      }
-      *reinterpret_cast<uint4*>(smem + vt_hi + off) = hi;
-      *reinterpret_cast<uint4*>(smem + vt_lo + off) = lo;
+      const int j = blk * B + th.v_row + 16 * i;
+      w[i] = j < seg.len ? exp2f(nls * static_cast<float>(seg.len - 1 - j)) : 0.f;
     }
+    th.build_decayed_values(smem, L::v + stage * L::kRegion, vt_hi, vt_lo, w);
     fence_proxy_async();
     __syncthreads();
 
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t kd = desc_mn + (L::k + stage * L::kStageK + kk * 2048) / 16;
-      wgmma_m64n128k16_ss<1, 1>(st, desc_mn + (vt_hi + kk * 2048) / 16, kd, 1);
-      wgmma_m64n128k16_ss<1, 1>(st, desc_mn + (vt_lo + kk * 2048) / 16, kd, 1);
-    }
+    issue_state_update(st, desc_mn, vt_hi, vt_lo, L::k + stage * L::kStageK);
     wgmma_commit();
   }
   wgmma_wait<0>();
   wgmma_hold(st);
-  float* dst = p.seg_state + (static_cast<int64_t>(seg.state_index) * p.num_heads + h) * static_cast<int64_t>(D) * D;
-  float* ps = dst + (2 * tq) * D + e_base + 16 * warp + gq;
-#pragma unroll
-  for (int j = 0; j < 16; ++j)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) ps[(8 * j + (r & 1)) * D + 8 * (r >> 1)] = st[4 * j + r];
+  th.store_state(st, p.seg_state + (static_cast<int64_t>(seg.state_index) * p.num_heads + h) * D * D, e_base);
 #else
   __trap();  // compiled for another target: the launcher never picks this kernel there
 #endif
@@ -213,8 +262,8 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_output_kernel(PrefillPara
   SegmentInfo seg;
   if (!locate_segment(p, g, seg)) return;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int gq = lane >> 2, tq = lane & 3;
+  const Sm90Thread th;
+  const int tid = th.tid, lane = th.lane, warp = th.warp, gq = th.gq, tq = th.tq, v_row = th.v_row;
   const int e_base = e_half * (D / 2);
   const int64_t out_stride_t = static_cast<int64_t>(p.num_heads) * D;
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.o) + h * D + e_base;
@@ -240,46 +289,19 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_output_kernel(PrefillPara
   // MN-major: LBO = one 64-element region, SBO = 8 rows).
   const uint64_t desc_k = smem_desc_sw128(s0, 16, 1024), desc_mn = smem_desc_sw128(s0, L::kRegion, 1024);
 
-  // Loads: Q, K rows [64][128] = 1024 chunks of 16 bytes, 8 per thread (rows tid/16 + 8i, chunk tid%16);
-  // the value half [64][64] = 512 chunks, 4 per thread (rows tid/8 + 16i, chunk tid%8).
-  const int qk_row = tid >> 4, qk_chunk = tid & 15, v_row = tid >> 3, v_chunk = tid & 7;
-  const uint32_t qk_soff = (qk_chunk >> 3) * L::kRegion + sw128(qk_row, qk_chunk & 7);
-  const uint32_t v_soff = sw128(v_row, v_chunk);
   auto issue_loads = [&](int blk, int stage) {
-    const int t = seg.start + blk * B;
-    const int rows = min(B, seg.len - blk * B);
-    const __nv_bfloat16* kg = p.k + t * p.k_stride_t + h * p.k_stride_h + qk_chunk * 8;
-    const __nv_bfloat16* qg = p.q + t * p.q_stride_t + h * p.q_stride_h + qk_chunk * 8;
-    const __nv_bfloat16* vg = p.v + t * p.v_stride_t + h * p.v_stride_h + e_base + v_chunk * 8;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int r = qk_row + 8 * i;
-      const bool ok = r < rows;
-      const uint32_t off = qk_soff + i * 1024;
-      cp_async_16(s0 + L::k + stage * L::kStageQK + off, ok ? kg + r * p.k_stride_t : kg, ok);
-      cp_async_16(s0 + L::q + stage * L::kStageQK + off, ok ? qg + r * p.q_stride_t : qg, ok);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = v_row + 16 * i;
-      const bool ok = r < rows;
-      cp_async_16(s0 + L::v + stage * L::kRegion + v_soff + i * 2048, ok ? vg + r * p.v_stride_t : vg, ok);
-    }
+    const int t = seg.start + blk * B, rows = min(B, seg.len - blk * B);
+    th.load_qk(s0 + L::k + stage * L::kStageQK, p.k + t * p.k_stride_t + h * p.k_stride_h, p.k_stride_t, rows);
+    th.load_qk(s0 + L::q + stage * L::kStageQK, p.q + t * p.q_stride_t + h * p.q_stride_h, p.q_stride_t, rows);
+    th.load_v(s0 + L::v + stage * L::kRegion, p.v + t * p.v_stride_t + h * p.v_stride_h + e_base, p.v_stride_t, rows);
   };
 
-  // The state tile S^T: st[4j + r] = S^T[e_base + 16 warp + gq + 8 (r >> 1)][8j + 2 tq + (r & 1)].
+  const int64_t head_stride = static_cast<int64_t>(D) * D;
   float st[64];
-  {
-    const int64_t head_stride = static_cast<int64_t>(D) * D;
-    const float* src = seg.count == 1
-                           ? p.state_pool + (static_cast<int64_t>(seg.slot) * p.num_heads + h) * head_stride
-                           : p.seg_state + (static_cast<int64_t>(seg.state_index) * p.num_heads + h) * head_stride;
-    const float* ps = src + (2 * tq) * D + e_base + 16 * warp + gq;
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) st[4 * j + r] = ps[(8 * j + (r & 1)) * D + 8 * (r >> 1)];
-  }
+  th.load_state(st,
+                seg.count == 1 ? p.state_pool + (static_cast<int64_t>(seg.slot) * p.num_heads + h) * head_stride
+                               : p.seg_state + (static_cast<int64_t>(seg.state_index) * p.num_heads + h) * head_stride,
+                e_base);
 
   // S^T entering the block as hi + lo A fragments of the inter term (kk = d / 16).
   uint32_t ah[8][4], al[8][4];
@@ -324,23 +346,11 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_output_kernel(PrefillPara
     wgmma_commit();
 
     // Decayed values Vt[j] = lambda^(m-1-j) v_j (0 for j >= m), hi + lo, in the value tile's layout.
+    {
+      float w[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int j = v_row + 16 * i;
-      const uint32_t off = v_soff + i * 2048;
-      const float w = j < m ? tab[m - 1 - j] : 0.f;
-      const uint4 raw = *reinterpret_cast<const uint4*>(smem + L::v + stage * L::kRegion + off);
-      const uint32_t* r = reinterpret_cast<const uint32_t*>(&raw);
-      uint4 hi, lo;
-      uint32_t* hp = reinterpret_cast<uint32_t*>(&hi);
-      uint32_t* lp = reinterpret_cast<uint32_t*>(&lo);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 x = bf16x2_to_float2(r[e]);
-        split_bf16x2(x.x * w, x.y * w, hp[e], lp[e]);
-      }
-      *reinterpret_cast<uint4*>(smem + L::vt_hi + off) = hi;
-      *reinterpret_cast<uint4*>(smem + L::vt_lo + off) = lo;
+      for (int i = 0; i < 4; ++i) w[i] = v_row + 16 * i < m ? tab[m - 1 - v_row - 16 * i] : 0.f;
+      th.build_decayed_values(smem, L::v + stage * L::kRegion, L::vt_hi, L::vt_lo, w);
     }
     {
       const float f = tab[m];
@@ -351,12 +361,7 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_output_kernel(PrefillPara
     __syncthreads();
 
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t kd = desc_mn + k_s + kk * 2048 / 16;
-      wgmma_m64n128k16_ss<1, 1>(st, desc_mn + (L::vt_hi + kk * 2048) / 16, kd, 1);
-      wgmma_m64n128k16_ss<1, 1>(st, desc_mn + (L::vt_lo + kk * 2048) / 16, kd, 1);
-    }
+    issue_state_update(st, desc_mn, L::vt_hi, L::vt_lo, L::k + stage * L::kStageQK);
     wgmma_commit();
 
     wgmma_wait<1>();
@@ -421,20 +426,13 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_output_kernel(PrefillPara
     for (int i = 0; i < 4; ++i) {
       const int c = v_row + 16 * i;
       if (c < m)
-        *reinterpret_cast<uint4*>(dst + c * out_stride_t + v_chunk * 8) =
-            *reinterpret_cast<const uint4*>(smem + L::o_stage + c * L::kLdO + v_chunk * 16);
+        *reinterpret_cast<uint4*>(dst + c * out_stride_t + th.v_chunk * 8) =
+            *reinterpret_cast<const uint4*>(smem + L::o_stage + c * L::kLdO + th.v_chunk * 16);
     }
   }
 
-  const int64_t head_stride = static_cast<int64_t>(D) * D;
-  if (seg.index == seg.count - 1) {
-    float* ps = p.state_pool + (static_cast<int64_t>(seg.slot) * p.num_heads + h) * head_stride + (2 * tq) * D +
-                e_base + 16 * warp + gq;
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) ps[(8 * j + (r & 1)) * D + 8 * (r >> 1)] = st[4 * j + r];
-  }
+  if (seg.index == seg.count - 1)
+    th.store_state(st, p.state_pool + (static_cast<int64_t>(seg.slot) * p.num_heads + h) * head_stride, e_base);
 #else
   __trap();  // compiled for another target: the launcher never picks this kernel there
 #endif

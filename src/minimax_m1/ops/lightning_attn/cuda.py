@@ -12,6 +12,8 @@ allocator (graph-safe), and nothing reads device memory on the host.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..kernel_library import KernelLibrary
@@ -44,9 +46,13 @@ def supports(q: torch.Tensor, state_pool: torch.Tensor) -> bool:
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     """The kernels read rows of the last dimension (16-byte chunks for bf16): copy only when needed."""
     # storage_offset rather than data_ptr: torch.compile traces this (allocations are 16-byte aligned)
-    dims_ok = all(x.stride(i) % 8 == 0 for i in range(2) if x.shape[i] > 1)
-    if x.stride(-1) != 1 or (x.dtype == torch.bfloat16 and (not dims_ok or x.storage_offset() % 8)):
+    s0, s1, s2 = x.stride()
+    if s2 != 1:
         return x.contiguous()
+    if x.dtype == torch.bfloat16:
+        n0, n1, _ = x.shape
+        if (n0 > 1 and s0 % 8) or (n1 > 1 and s1 % 8) or x.storage_offset() % 8:
+            return x.contiguous()
     return x
 
 
@@ -54,7 +60,17 @@ def _kernel_inputs(q, k, v, state_pool):
     """Runs inside the custom ops (eagerly, also under torch.compile): copies only what the kernels need."""
     if not state_pool.is_contiguous():
         raise ValueError("state_pool must be contiguous (it is updated in place)")
-    return _kernel_layout(q), _kernel_layout(k.to(q.dtype)), _kernel_layout(v.to(q.dtype))
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    if v.dtype != q.dtype:
+        v = v.to(q.dtype)
+    return _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
+
+
+@functools.lru_cache(maxsize=256)
+def _workspace_bytes(tokens: int, seqs: int, heads: int, dim: int, split: bool, device: int, seg_len: int) -> int:
+    """The prefill workspace size (depends on the sizes and the device's multiprocessor count only)."""
+    return max(int(_load().lightning_prefill_workspace_bytes(tokens, seqs, heads, dim, split, device, seg_len)), 16)
 
 
 def _common(q, slopes, state_slots):
@@ -78,8 +94,8 @@ def _prefill_impl(
     tokens, heads, dim = q.shape
     out = torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
     split = q.dtype != torch.bfloat16
-    nbytes = mod.lightning_prefill_workspace_bytes(tokens, state_slots.numel(), heads, dim, split, q.device.index, seg_len)
-    workspace = torch.empty(max(int(nbytes), 16), dtype=torch.uint8, device=q.device)
+    nbytes = _workspace_bytes(tokens, state_slots.numel(), heads, dim, split, q.device.index, seg_len)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
     mod.lightning_prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, out, workspace, seg_len)
     return out
 
