@@ -9,8 +9,9 @@
 //   inter   O^T = S^T Q^T               (m64 e x n64 queries, A = S^T hi, lo from registers, B = Q)
 //   intra   O^T += V^T P^T              (A = V MN-major, B = P hi, lo written by the CTA)
 //   state   S^T = lambda^m S^T + Vt^T K (m64 e x n128 d, A = decayed values hi, lo, B = K MN-major)
-// The scores and the inter term run while the CTA builds the decayed values; the state update runs while
-// the CTA stores the block's outputs.
+// The scores and the inter term run while the CTA builds the decayed values, the state update while the
+// scores become P, the intra term while the new state is split for the next block. Pass 1 (the local state
+// of non-final segments, for the segment scan of prefill.cuh) is prefill_sm90_state_kernel.
 #pragma once
 
 #include <cuda_bf16.h>
