@@ -1,7 +1,7 @@
 """Build script: the package metadata lives in pyproject.toml; this file only adds the CUDA kernels.
 
-`pip install .` / `pip install -e .` compile csrc/ into minimax_m1/_kernels/liblightning_attn.so with nvcc
-when nvcc is found, and install a CPU-only package otherwise. The library links against the CUDA runtime
+`pip install .` / `pip install -e .` compile each folder of csrc/ (KERNEL_LIBS) into minimax_m1/_kernels/lib*.so
+with nvcc when nvcc is found, and install a CPU-only package otherwise. Each library links against the CUDA runtime
 (statically) and apache-tvm-ffi only, never libtorch. Environment:
 
     MINIMAX_M1_BUILD_CUDA=0        skip the kernels (CPU-only package even where nvcc exists)

@@ -77,6 +77,17 @@ inline void check_aligned(const void* p, int bytes, const char* name) {
     TVM_FFI_THROW(ValueError) << name << " must be " << bytes << "-byte aligned";
 }
 
+// 16-bit elements read in 16-byte vectors along the last dimension: unit stride there, strides of multiples
+// of 8 elements elsewhere, a 16-byte aligned start.
+inline void check_rows_16b(const TensorView& t, const char* name) {
+  if (t.stride(t.ndim() - 1) != 1) TVM_FFI_THROW(ValueError) << name << " must have a contiguous last dimension";
+  for (int i = 0; i < t.ndim() - 1; ++i)
+    if (t.size(i) > 1 && t.stride(i) % 8 != 0)
+      TVM_FFI_THROW(ValueError) << name << ": stride " << i << " (" << t.stride(i)
+                                << " elements) must be a multiple of 8 (16 bytes); pass a contiguous tensor";
+  check_aligned(data_of(t), 16, name);
+}
+
 inline cudaStream_t current_stream(int device_id) {
   return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device_id));
 }

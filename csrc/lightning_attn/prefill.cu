@@ -109,6 +109,20 @@ void allow_smem(Kernel kernel, int bytes, int device_id, std::atomic<uint64_t>& 
   done.fetch_or(bit, std::memory_order_relaxed);
 }
 
+// The segmented mode's planning kernel (segment and state offsets) and, after pass 1, the segment scan.
+void launch_plan(const PrefillParams& p, cudaStream_t stream) {
+  prefill_plan_kernel<<<1, 1024, 0, stream>>>(p);
+  MINIMAX_CHECK_LAUNCH();
+}
+
+template <int D>
+void launch_scan(const PrefillParams& p, int64_t heads, cudaStream_t stream) {
+  constexpr int kScanCtas = D * D / 4 / 256;
+  prefill_segment_scan_kernel<D>
+      <<<dim3(static_cast<unsigned>(p.num_seqs * kScanCtas), static_cast<unsigned>(heads)), 256, 0, stream>>>(p);
+  MINIMAX_CHECK_LAUNCH();
+}
+
 template <int D, bool kSplit, typename OutT>
 void launch_prefill(const PrefillParams& p, const Plan& plan, int64_t heads, int device_id, cudaStream_t stream) {
   using L = PrefillLayout<D, kSplit>;
@@ -116,42 +130,38 @@ void launch_prefill(const PrefillParams& p, const Plan& plan, int64_t heads, int
   static std::atomic<uint64_t> smem_state_done{0}, smem_output_done{0};
   const dim3 grid(static_cast<unsigned>(plan.max_segments * 2), static_cast<unsigned>(heads));
   if (plan.segmented) {
-    prefill_plan_kernel<<<1, 1024, 0, stream>>>(p);
-    MINIMAX_CHECK_LAUNCH();
+    launch_plan(p, stream);
     allow_smem(prefill_segment_state_kernel<D, kSplit>, L::state_bytes, device_id, smem_state_done);
     prefill_segment_state_kernel<D, kSplit><<<grid, L::kThreads, L::state_bytes, stream>>>(p);
     MINIMAX_CHECK_LAUNCH();
-    constexpr int kScanCtas = D * D / 4 / 256;
-    prefill_segment_scan_kernel<D>
-        <<<dim3(static_cast<unsigned>(p.num_seqs * kScanCtas), static_cast<unsigned>(heads)), 256, 0, stream>>>(p);
-    MINIMAX_CHECK_LAUNCH();
+    launch_scan<D>(p, heads, stream);
   }
   allow_smem(prefill_output_kernel<D, kSplit, OutT>, L::output_bytes, device_id, smem_output_done);
   prefill_output_kernel<D, kSplit, OutT><<<grid, L::kThreads, L::output_bytes, stream>>>(p);
   MINIMAX_CHECK_LAUNCH();
 }
 
+template <int kStages>
+void launch_sm90_state(const PrefillParams& p, dim3 grid, int device_id, cudaStream_t stream) {
+  static std::atomic<uint64_t> smem_done{0};
+  constexpr int kBytes = Sm90StateLayout<kStages>::bytes;
+  allow_smem(prefill_sm90_state_kernel<kStages>, kBytes, device_id, smem_done);
+  prefill_sm90_state_kernel<kStages><<<grid, Sm90Layout::kThreads, kBytes, stream>>>(p);
+  MINIMAX_CHECK_LAUNCH();
+}
+
 void launch_prefill_sm90(const PrefillParams& p, const Plan& plan, int64_t heads, int device_id, cudaStream_t stream) {
   using L = Sm90Layout;
-  static std::atomic<uint64_t> smem_state_done{0}, smem_state3_done{0}, smem_output_done{0};
-  const int64_t sms = multiprocessor_count(device_id);
+  static std::atomic<uint64_t> smem_output_done{0};
   const dim3 grid(static_cast<unsigned>(plan.max_segments * 2 * heads));  // see CtaCoords
   if (plan.segmented) {
-    prefill_plan_kernel<<<1, 1024, 0, stream>>>(p);
-    MINIMAX_CHECK_LAUNCH();
+    launch_plan(p, stream);
     // Pass-1 CTAs: two per head for every non-final segment ((tokens - 1) / seg_len of them for one sequence).
-    if (2 * heads * ((p.total_tokens - 1) / plan.seg_len) <= sms) {
-      allow_smem(prefill_sm90_state_kernel<4>, Sm90StateLayout<4>::bytes, device_id, smem_state_done);
-      prefill_sm90_state_kernel<4><<<grid, L::kThreads, Sm90StateLayout<4>::bytes, stream>>>(p);
-    } else {
-      allow_smem(prefill_sm90_state_kernel<3>, Sm90StateLayout<3>::bytes, device_id, smem_state3_done);
-      prefill_sm90_state_kernel<3><<<grid, L::kThreads, Sm90StateLayout<3>::bytes, stream>>>(p);
-    }
-    MINIMAX_CHECK_LAUNCH();
-    constexpr int kScanCtas = 128 * 128 / 4 / 256;
-    prefill_segment_scan_kernel<128>
-        <<<dim3(static_cast<unsigned>(p.num_seqs * kScanCtas), static_cast<unsigned>(heads)), 256, 0, stream>>>(p);
-    MINIMAX_CHECK_LAUNCH();
+    if (2 * heads * ((p.total_tokens - 1) / plan.seg_len) <= multiprocessor_count(device_id))
+      launch_sm90_state<4>(p, grid, device_id, stream);
+    else
+      launch_sm90_state<3>(p, grid, device_id, stream);
+    launch_scan<128>(p, heads, stream);
   }
   allow_smem(prefill_sm90_output_kernel, L::bytes, device_id, smem_output_done);
   prefill_sm90_output_kernel<<<grid, L::kThreads, L::bytes, stream>>>(p);
@@ -202,13 +212,10 @@ void prefill(TensorView q, TensorView k, TensorView v, TensorView slopes, Tensor
   check_dtype(cu_seqlens, "cu_seqlens", Dtype::kI32);
   check_shape(cu_seqlens, "cu_seqlens", {seqs + 1});
   check_contiguous(cu_seqlens, "cu_seqlens");
-  for (const auto& [t, name] : {std::pair<const TensorView*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
-    if (dtype == Dtype::kBF16) {
-      // cp.async moves 16-byte chunks: row starts must be 16-byte aligned.
-      if ((t->size(0) > 1 && t->stride(0) % 8 != 0) || (t->size(1) > 1 && t->stride(1) % 8 != 0))
-        TVM_FFI_THROW(ValueError) << name << " strides must be multiples of 8 elements";
-      check_aligned(data_of(*t), 16, name);
-    }
+  if (dtype == Dtype::kBF16) {  // cp.async moves 16-byte chunks (other dtypes are first split into bf16 copies)
+    check_rows_16b(q, "q");
+    check_rows_16b(k, "k");
+    check_rows_16b(v, "v");
   }
   check_aligned(data_of(out), 16, "out");
   check_contiguous(workspace, "workspace");

@@ -2,7 +2,6 @@
 // gate_up -> down -> combine on the current stream.
 #include <tvm/ffi/extra/cuda/device_guard.h>
 
-#include <algorithm>
 #include <mutex>
 
 #include "../common/check.h"
@@ -100,10 +99,7 @@ void experts(TensorView x, TensorView experts, TensorView weights, TensorView w1
   const Dtype dtype = dtype_of(x);
   if (dtype != Dtype::kBF16 && dtype != Dtype::kF16)
     TVM_FFI_THROW(ValueError) << "x must be bfloat16 or float16, got " << dtype_name(dtype);
-  if (x.stride(1) != 1) TVM_FFI_THROW(ValueError) << "x must have a contiguous last dimension";
-  if (tokens > 1 && x.stride(0) % 8 != 0)
-    TVM_FFI_THROW(ValueError) << "x: row stride (" << x.stride(0) << " elements) must be a multiple of 8";
-  check_aligned(data_of(x), 16, "x");
+  check_rows_16b(x, "x");
 
   if (w13.ndim() != 3) TVM_FFI_THROW(ValueError) << "w13 must be [num_experts, 2 * intermediate, hidden]";
   const int64_t num_experts = w13.size(0), inter = w13.size(1) / 2;

@@ -42,16 +42,6 @@ void check_head_dim(int64_t head_dim) {
   if (head_dim != 64 && head_dim != 128) TVM_FFI_THROW(ValueError) << "head_dim must be 64 or 128, got " << head_dim;
 }
 
-// 16-byte vectors along the last dimension: unit stride there, multiples of 8 elements elsewhere.
-void check_rows_16b(const TensorView& t, const char* name) {
-  if (t.stride(t.ndim() - 1) != 1) TVM_FFI_THROW(ValueError) << name << " must have a contiguous last dimension";
-  for (int i = 0; i < t.ndim() - 1; ++i)
-    if (t.size(i) > 1 && t.stride(i) % 8 != 0)
-      TVM_FFI_THROW(ValueError) << name << ": stride " << i << " (" << t.stride(i)
-                                << " elements) must be a multiple of 8 (16 bytes); pass a contiguous tensor";
-  check_aligned(data_of(t), 16, name);
-}
-
 template <int D, typename T>
 void launch(const DecodeParams& p, int64_t batch, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(batch));

@@ -48,3 +48,17 @@ class KernelLibrary:
         """Why `available()` is False (None when the library loaded)."""
         self.load()
         return self._error
+
+
+def custom_op(name: str, impl, fake, mutates_args=()):
+    """Registers `impl` as the torch custom op `name` (fake implementation `fake`) and returns the function to
+    call: the custom op while torch.compile traces (so compiled graphs see through it), `impl` itself
+    otherwise, since eager calls and CUDA graph captures need no dispatcher and it costs ~45 us of host time
+    per call."""
+    op = torch.library.custom_op(name, impl, mutates_args=mutates_args)
+    op.register_fake(fake)
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+    return call

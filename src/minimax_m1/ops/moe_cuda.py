@@ -5,7 +5,7 @@ The shared library is `$MINIMAX_M1_MOE_LIB` when set, else `minimax_m1/_kernels/
 CUDA device, `available()` is False and callers keep the grouped-GEMM path.
 
 `moe_experts` is a torch custom op (`minimax_m1::moe_experts`) with a fake implementation, so torch.compile and
-CUDA graphs see through it. It runs on torch's current stream, never reads device memory on the host, and
+CUDA graphs see through it; eager calls skip the dispatcher (`kernel_library.custom_op`). It runs on torch's current stream, never reads device memory on the host, and
 takes its workspaces from torch's caching allocator (inside a graph capture, from the graph's pool): the
 routing is read on the device, so a captured call stays right for any routing.
 
@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from .kernel_library import KernelLibrary
+from .kernel_library import KernelLibrary, custom_op
 
 LIBRARY_ENV = "MINIMAX_M1_MOE_LIB"
 PDL_ENV = "MINIMAX_M1_MOE_PDL"  # "0": launch the kernels one after the other (no programmatic dependent launch)
@@ -33,7 +33,6 @@ _LIBRARY = KernelLibrary("libmoe.so", LIBRARY_ENV)
 _load = _LIBRARY.load
 available = _LIBRARY.available
 load_error = _LIBRARY.load_error
-library_path = _LIBRARY.path
 
 
 def supports(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> bool:
@@ -52,8 +51,7 @@ def _pdl() -> bool:
     return os.environ.get(PDL_ENV, "1") != "0"
 
 
-@torch.library.custom_op("minimax_m1::moe_experts", mutates_args=())
-def _moe_experts_op(
+def _moe_experts_impl(
     x: torch.Tensor,
     experts: torch.Tensor,
     weights: torch.Tensor,
@@ -70,9 +68,11 @@ def _moe_experts_op(
     return out
 
 
-@_moe_experts_op.register_fake
 def _moe_experts_fake(x, experts, weights, w13, w2, row_tiles):
     return torch.empty_like(x)
+
+
+_moe_experts_op = custom_op("minimax_m1::moe_experts", _moe_experts_impl, _moe_experts_fake)
 
 
 def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -94,4 +94,4 @@ def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w
     if experts.dtype not in (torch.int32, torch.int64):
         experts = experts.long()
     weights = weights.to(torch.float32).contiguous()
-    return torch.ops.minimax_m1.moe_experts(x, experts, weights, w13, w2, int(row_tiles))
+    return _moe_experts_op(x, experts, weights, w13, w2, int(row_tiles))

@@ -5,7 +5,8 @@ The shared library is `$MINIMAX_M1_PAGED_ATTN_LIB` when set, else `minimax_m1/_k
 tvm_ffi or a CUDA device, `available()` is False and callers keep the torch path.
 
 `paged_decode` is a torch custom op (`minimax_m1::paged_decode`) with a fake implementation, so torch.compile
-and CUDA graphs see through it. It runs on torch's current stream and never reads device memory on the host.
+and CUDA graphs see through it; eager calls skip the dispatcher (`kernel_library.custom_op`). It runs on
+torch's current stream and never reads device memory on the host.
 Long contexts are split over several CTAs (flash-decoding); the number of splits depends on the batch size,
 the head counts, `max_context` and the GPU only, so a captured graph stays right for any context lengths.
 The splits' partial results go to one zero-initialised workspace buffer per device, cached here (one stream
@@ -18,7 +19,7 @@ import functools
 
 import torch
 
-from .kernel_library import KernelLibrary
+from .kernel_library import KernelLibrary, custom_op
 
 LIBRARY_ENV = "MINIMAX_M1_PAGED_ATTN_LIB"
 HEAD_DIMS = (64, 128)
@@ -29,14 +30,8 @@ _LIBRARY = KernelLibrary("libpaged_attn.so", LIBRARY_ENV)
 _load = _LIBRARY.load
 available = _LIBRARY.available
 load_error = _LIBRARY.load_error
-library_path = _LIBRARY.path
 _workspaces: dict[int, torch.Tensor] = {}  # device index -> the current (largest) workspace
 _retired: list[torch.Tensor] = []  # outgrown workspaces: graphs captured earlier may still point at them
-
-
-
-
-
 
 def supports(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """Whether the kernel handles these shapes and dtypes (else the caller keeps its torch path)."""
@@ -88,8 +83,7 @@ def reserve(max_batch: int, num_q_heads: int, head_dim: int, max_context: int, d
     _workspace(index, workspace_bytes(max_batch, num_q_heads, head_dim, max_context, index))
 
 
-@torch.library.custom_op("minimax_m1::paged_decode", mutates_args=())
-def _paged_decode_op(
+def _paged_decode_impl(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,
@@ -105,9 +99,11 @@ def _paged_decode_op(
     return out
 
 
-@_paged_decode_op.register_fake
 def _paged_decode_fake(q, kv_cache, block_tables, context_lens, scale, max_context):
     return q.new_empty(q.shape)
+
+
+_paged_decode_op = custom_op("minimax_m1::paged_decode", _paged_decode_impl, _paged_decode_fake)
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -127,4 +123,4 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     if block_tables.dim() == 2 and block_tables.shape[1] > 1 and block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     context_lens = context_lens.to(device=q.device, dtype=torch.int32).contiguous()
-    return torch.ops.minimax_m1.paged_decode(q, kv_cache, block_tables, context_lens, float(scale), int(max_context))
+    return _paged_decode_op(q, kv_cache, block_tables, context_lens, float(scale), int(max_context))

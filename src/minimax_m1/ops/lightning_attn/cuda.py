@@ -6,9 +6,9 @@ library, tvm_ffi or a CUDA device, `available()` is False and `lightning_attn.pr
 reference.
 
 The kernel calls are torch custom ops (`minimax_m1::lightning_prefill`, `minimax_m1::lightning_decode`)
-that mutate `state_pool` and have fake implementations, so torch.compile sees through them. Eager calls
-(and CUDA graph captures) skip the custom-op dispatcher, which costs ~45 us of host time per call. They run on torch's current stream; the prefill workspace is allocated through torch's caching
-allocator (graph-safe), and nothing reads device memory on the host.
+that mutate `state_pool` and have fake implementations, so torch.compile sees through them; eager calls
+skip the dispatcher (`kernel_library.custom_op`). They run on torch's current stream; the prefill workspace
+is allocated through torch's caching allocator (graph-safe), and nothing reads device memory on the host.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from ..kernel_library import KernelLibrary
+from ..kernel_library import KernelLibrary, custom_op
 from .checks import check_args
 
 LIBRARY_ENV = "MINIMAX_M1_LIGHTNING_LIB"
@@ -27,7 +27,6 @@ _LIBRARY = KernelLibrary("liblightning_attn.so", LIBRARY_ENV)
 _load = _LIBRARY.load
 available = _LIBRARY.available
 load_error = _LIBRARY.load_error
-library_path = _LIBRARY.path
 
 
 def supports(q: torch.Tensor, state_pool: torch.Tensor) -> bool:
@@ -100,12 +99,11 @@ def _prefill_impl(
     return out
 
 
-_prefill_op = torch.library.custom_op("minimax_m1::lightning_prefill", _prefill_impl, mutates_args=("state_pool",))
-
-
-@_prefill_op.register_fake
 def _prefill_fake(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len):
     return q.new_empty(q.shape)
+
+
+_prefill_op = custom_op("minimax_m1::lightning_prefill", _prefill_impl, _prefill_fake, mutates_args=("state_pool",))
 
 
 def _decode_impl(
@@ -122,12 +120,11 @@ def _decode_impl(
     return out
 
 
-_decode_op = torch.library.custom_op("minimax_m1::lightning_decode", _decode_impl, mutates_args=("state_pool",))
-
-
-@_decode_op.register_fake
 def _decode_fake(q, k, v, slopes, state_pool, state_slots):
     return q.new_empty(q.shape)
+
+
+_decode_op = custom_op("minimax_m1::lightning_decode", _decode_impl, _decode_fake, mutates_args=("state_pool",))
 
 
 def prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len: int = 0):
@@ -141,13 +138,11 @@ def prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len: int =
     check_args(q, k, v, slopes, state_pool, state_slots, cu_seqlens)
     slopes, state_slots = _common(q, slopes, state_slots)
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    op = torch.ops.minimax_m1.lightning_prefill if torch.compiler.is_compiling() else _prefill_impl
-    return op(q, k, v, slopes, state_pool, state_slots, cu_seqlens, int(seg_len))
+    return _prefill_op(q, k, v, slopes, state_pool, state_slots, cu_seqlens, int(seg_len))
 
 
 def decode(q, k, v, slopes, state_pool, state_slots):
     """One token per sequence on the GPU: q, k, v [N, H, D]; slot -1 is padding (zero output, no update)."""
     check_args(q, k, v, slopes, state_pool, state_slots)
     slopes, state_slots = _common(q, slopes, state_slots)
-    op = torch.ops.minimax_m1.lightning_decode if torch.compiler.is_compiling() else _decode_impl
-    return op(q, k, v, slopes, state_pool, state_slots)
+    return _decode_op(q, k, v, slopes, state_pool, state_slots)
