@@ -11,8 +11,8 @@ import torch
 
 from .config import LINEAR, ModelConfig
 from .engine.builder import EngineArgs, build_engine
-from .engine.scheduler import ScheduledChunk
-from .engine.sequence import Sequence, Status
+from .engine.scheduler import ScheduledChunk, release_caches, take_caches
+from .engine.sequence import Sequence
 from .sampling_params import SamplingParams
 
 
@@ -100,17 +100,15 @@ def _fake_running(engine, batch: int, context: int) -> list[Sequence]:
     for i in range(batch):
         seq = Sequence(f"bench-{i}", None, [(7 * i + j) % 1000 for j in range(context)],
                        SamplingParams(max_tokens=1 << 30, temperature=0, ignore_eos=True), None, engine.runner.device)
-        seq.state_slot = sched.state_pool.allocate()
-        seq.blocks = sched.kv_cache.allocate(sched.kv_cache.blocks_needed(context + 64))
-        seq.num_computed, seq.status = context - 1, Status.RUNNING
+        take_caches(seq, sched.state_pool, sched.kv_cache, sched.kv_cache.blocks_needed(context + 64))
+        seq.num_computed = context - 1
         seqs.append(seq)
     return seqs
 
 
 def _release(engine, seqs) -> None:
     for s in seqs:
-        engine.scheduler.state_pool.release(s.state_slot)
-        engine.scheduler.kv_cache.release(s.blocks)
+        release_caches(s, engine.scheduler.state_pool, engine.scheduler.kv_cache)
 
 
 def bench_decode(engine, batch: int, context: int, reps: int = 20) -> dict:
@@ -187,8 +185,7 @@ def bench_prefill(engine, n: int) -> dict:
     cfg, sched, runner = engine.runner.model.config, engine.scheduler, engine.runner
     seq = Sequence("bench-prefill", None, [j % 1000 for j in range(n)], SamplingParams(max_tokens=1), None,
                    runner.device)
-    seq.state_slot, seq.blocks = sched.state_pool.allocate(), sched.kv_cache.allocate(sched.kv_cache.blocks_needed(n))
-    seq.status = Status.RUNNING
+    take_caches(seq, sched.state_pool, sched.kv_cache, sched.kv_cache.blocks_needed(n))
     torch.cuda.reset_peak_memory_stats()
 
     def run():

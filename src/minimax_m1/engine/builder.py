@@ -17,8 +17,8 @@ from ..weights import init_dummy, load_checkpoint
 from .kv_cache import KVCache
 from .llm_engine import LLMEngine
 from .model_runner import ModelRunner
-from .scheduler import ScheduledChunk, Scheduler
-from .sequence import Sequence, Status
+from .scheduler import ScheduledChunk, Scheduler, take_caches
+from .sequence import Sequence
 from .state_pool import StatePool
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,11 @@ def _real_shapes(name: str) -> ModelConfig:
     return minimax_m1_slice(start, end)
 
 
+def _requested_max_len(config: ModelConfig, args: EngineArgs) -> int:
+    """max_model_len as asked (capped by the model's positions), before the KV blocks cap it."""
+    return min(config.max_position_embeddings, args.max_model_len or config.max_position_embeddings)
+
+
 def plan_caches(config: ModelConfig, args: EngineArgs, budget_bytes: int) -> tuple[int, int]:
     """Split the cache budget: up to max_num_seqs state slots from at most half of it, KV blocks from the rest."""
     n_lin, n_sm = len(config.linear_layers), len(config.softmax_layers)
@@ -128,9 +133,8 @@ def plan_caches(config: ModelConfig, args: EngineArgs, budget_bytes: int) -> tup
     if slots < 1:
         raise MemoryError(f"the cache budget ({budget_bytes / 2**30:.2f} GiB) cannot hold one request's lightning "
                           f"state ({slot_bytes / 2**20:.1f} MiB): lower max_num_batched_tokens or raise the budget")
-    max_len = min(config.max_position_embeddings, args.max_model_len or config.max_position_embeddings)
     if block_bytes == 0:
-        blocks = slots * -(-max_len // args.block_size)  # no softmax layers: blocks cost nothing
+        blocks = slots * -(-_requested_max_len(config, args) // args.block_size)  # no softmax layers: blocks cost nothing
     else:
         blocks = (budget_bytes - slots * slot_bytes) // block_bytes
     if blocks < 1:
@@ -150,7 +154,7 @@ def _profile_activation_bytes(model, config: ModelConfig, args: EngineArgs) -> i
                  config.head_dim, args.dtype, device)
     runner = ModelRunner(model, pool, kv, device)
     seq = Sequence("profile", None, [0] * n, SamplingParams(max_tokens=1), None, device)
-    seq.state_slot, seq.blocks, seq.status = pool.allocate(), kv.allocate(kv.num_blocks), Status.RUNNING
+    take_caches(seq, pool, kv, kv.num_blocks)
     runner.run([ScheduledChunk(seq, n)])
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
@@ -174,7 +178,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     pool = StatePool(len(config.linear_layers), slots, config.num_attention_heads, config.head_dim, device)
     kv = KVCache(len(config.softmax_layers), blocks, args.block_size, config.num_key_value_heads, config.head_dim,
                  args.dtype, device)
-    max_model_len = min(config.max_position_embeddings, args.max_model_len or config.max_position_embeddings)
+    max_model_len = _requested_max_len(config, args)
     if config.softmax_layers:
         max_model_len = min(max_model_len, blocks * args.block_size)
     logger.info("cache: %d lightning state slots (%.1f MiB each), %d KV blocks of %d tokens (%d tokens); "
@@ -186,8 +190,8 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     if why_eager:
         logger.info("decode runs eagerly: %s", why_eager)
     else:
-        runner.capture_decode_graphs(min(args.max_num_seqs, slots), max_model_len)
-    scheduler = Scheduler(pool, kv, min(args.max_num_seqs, slots), args.max_num_batched_tokens)
+        runner.capture_decode_graphs(slots, max_model_len)  # plan_caches keeps slots <= max_num_seqs
+    scheduler = Scheduler(pool, kv, slots, args.max_num_batched_tokens)
     return LLMEngine(runner, scheduler, tokenizer, eos, config.vocab_size, max_model_len)
 
 

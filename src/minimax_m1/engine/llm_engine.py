@@ -9,8 +9,8 @@ from ..layers.sampler import sample
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
 from .model_runner import ModelRunner
-from .scheduler import ScheduledChunk, Scheduler
-from .sequence import Sequence, Status
+from .scheduler import ScheduledChunk, Scheduler, release_caches, take_caches
+from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class LLMEngine:
             raise RuntimeError("prompt_logits needs a free state slot and KV blocks for the whole prompt; "
                                "wait for running requests to finish")
         seq = Sequence("prompt-logits", None, token_ids, SamplingParams(max_tokens=1), None, self.runner.device)
-        seq.state_slot, seq.blocks, seq.status = pool.allocate(), kv.allocate(need), Status.RUNNING
+        take_caches(seq, pool, kv, need)
         try:
             parts = []
             while seq.num_computed < len(token_ids):
@@ -147,8 +147,7 @@ class LLMEngine:
                 parts.append(self.runner.run([ScheduledChunk(seq, n)], all_logits=True))
             return torch.cat(parts)
         finally:
-            pool.release(seq.state_slot)
-            kv.release(seq.blocks)
+            release_caches(seq, pool, kv)
 
 
 def _find_stop(text: str, stops: list[str], emitted: int):

@@ -26,8 +26,8 @@ class ModelRunner:
             if paged_attention_cuda.available():  # its workspace must exist before capture
                 paged_attention_cuda.reserve(max_batch, cfg.num_attention_heads, cfg.head_dim, max_model_len,
                                              self.device)
-        self.graphs = DecodeGraphs(self.model, self.caches, max_batch, -(-max_model_len // bs), max_model_len,
-                                   self.kv_cache.scratch_block, bs, self.device)
+        self.graphs = DecodeGraphs(self.model, self.caches, max_batch, self.kv_cache.blocks_needed(max_model_len),
+                                   max_model_len, self.kv_cache.scratch_block, bs, self.device)
 
     def build_batch(self, chunks: list[ScheduledChunk], all_logits: bool = False) -> tuple[torch.Tensor, ForwardBatch]:
         bs = self.kv_cache.block_size

@@ -22,6 +22,20 @@ class ScheduledChunk:
         return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
 
 
+def take_caches(seq: Sequence, state_pool, kv_cache, num_blocks: int) -> None:
+    """Give seq a (zeroed) state slot and num_blocks KV blocks and mark it running: for work run outside the
+    scheduler's queues (profiling, prompt_logits, benchmarks). `release_caches` gives them back."""
+    seq.state_slot, seq.blocks, seq.status = state_pool.allocate(), kv_cache.allocate(num_blocks), Status.RUNNING
+
+
+def release_caches(seq: Sequence, state_pool, kv_cache) -> None:
+    if seq.state_slot >= 0:
+        state_pool.release(seq.state_slot)
+        seq.state_slot = -1
+    kv_cache.release(seq.blocks)
+    seq.blocks = []
+
+
 class Scheduler:
     def __init__(self, state_pool: StatePool, kv_cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int):
         self.state_pool, self.kv_cache = state_pool, kv_cache
@@ -98,11 +112,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _free(self, seq: Sequence) -> None:
-        if seq.state_slot >= 0:
-            self.state_pool.release(seq.state_slot)
-            seq.state_slot = -1
-        self.kv_cache.release(seq.blocks)
-        seq.blocks = []
+        release_caches(seq, self.state_pool, self.kv_cache)
         if seq in self.running:
             self.running.remove(seq)
 
