@@ -9,14 +9,15 @@ nominal count of the blocked algorithm, head_dim 128); bytes: q, k, v read and o
 sequence's state read and written. Decode bytes: the fp32 state read and written (q, k, v, o are <0.2%).
 Prefill is timed three ways: one synchronised eager call (the wrapper's host time exposed), eager calls back to back
 (per call; the host enqueues ahead as in a model's forward: rates and bars use this) and CUDA graph replay.
-Decode runs inside a CUDA graph of >= 10 steps on distinct state pools (as a model's layers would; together\nat least 256 MiB, so the L2 does not hold them), time per step.
+Decode runs inside a CUDA graph of >= 10 steps on distinct state pools (as a model's layers would; together
+at least 256 MiB, so the L2 does not hold them), time per step.
 """
 import argparse
 
 import torch
 import torch.nn.functional as F
 
-from minimax_m1.bench import copy_bandwidth, gemm_rate, graph_time_ms, time_ms
+from minimax_m1.bench import graph_time_ms, measure_card, time_ms
 from minimax_m1.config import lightning_slopes
 from minimax_m1.ops.lightning_attn import cuda as la_cuda
 
@@ -29,14 +30,6 @@ BARS = {
     "H200": {("prefill", 64, 8192): 0.37, ("prefill", 64, 32768): 1.37, ("prefill", 8, 32768): 0.25,
              ("prefill", 8, 131072): 0.82},
 }
-
-
-def timed(fn, reps=20, warmup=3):
-    return time_ms(fn, reps, warmup)
-
-
-def card_limits():
-    return gemm_rate() / 1e12, copy_bandwidth() / 1e9  # TFLOP/s, GB/s
 
 
 def prefill_case(lengths, heads, dtype=torch.bfloat16, seg_len=0, dim=128):
@@ -54,8 +47,8 @@ def prefill_case(lengths, heads, dtype=torch.bfloat16, seg_len=0, dim=128):
         for _ in range(BACK_TO_BACK):
             call()
 
-    single_ms = timed(call)
-    ms = timed(calls) / BACK_TO_BACK
+    single_ms = time_ms(call)
+    ms = time_ms(calls) / BACK_TO_BACK
     device_ms = graph_time_ms(call)
     flops = FLOP_PER_TOKEN_HEAD * t * heads
     nbytes = 4 * t * heads * dim * q.element_size() + 2 * len(lengths) * heads * dim * dim * 4
@@ -89,7 +82,8 @@ def main():
         raise SystemExit(f"kernels not available: {la_cuda.load_error()}")
     card = torch.cuda.get_device_name()
     kind = "H200" if "H200" in card else "H100" if "H100" in card else None
-    tflops, gbs = card_limits()
+    copy_bytes_s, flop_s = measure_card("cuda")
+    tflops, gbs = flop_s / 1e12, copy_bytes_s / 1e9
     print(f"card: {card}; measured bf16 GEMM 8192^3: {tflops:.0f} TFLOP/s; D2D copy: {gbs:.0f} GB/s")
 
     rows = []

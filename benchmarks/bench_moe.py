@@ -25,20 +25,12 @@ import types
 
 import torch
 
-from minimax_m1.bench import copy_bandwidth, graph_time_ms, time_ms
+from minimax_m1.bench import copy_bandwidth, graph_time_ms
 from minimax_m1.layers.moe import SparseMoE
 from minimax_m1.ops import moe_cuda
 
 E, H, I, K = 32, 6144, 9216, 2
 CALLS = 4
-
-
-def timed(fn, reps=20, warmup=3):
-    return time_ms(fn, reps, warmup)
-
-
-def copy_gbs():
-    return copy_bandwidth() / 1e9
 
 
 def make_layer(seed):
@@ -92,7 +84,7 @@ def main():
     if not moe_cuda.available():
         raise SystemExit(f"kernel not available: {moe_cuda.load_error()}")
     card = torch.cuda.get_device_name()
-    gbs = copy_gbs()
+    gbs = copy_bandwidth() / 1e9
     layers = [make_layer(0), make_layer(1)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     expert_bytes = 3 * H * I * 2

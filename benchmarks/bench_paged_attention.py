@@ -17,18 +17,10 @@ import argparse
 
 import torch
 
-from minimax_m1.bench import copy_bandwidth, graph_time_ms, time_ms
+from minimax_m1.bench import copy_bandwidth, graph_time_ms
 from minimax_m1.ops import paged_attention_cuda as pac
 
 HQ, HKV, D, BLOCK = 64, 8, 128, 256
-
-
-def timed(fn, reps=30, warmup=3):
-    return time_ms(fn, reps, warmup)
-
-
-def copy_gbs():
-    return copy_bandwidth() / 1e9
 
 
 def decode_case(batch, ctx, max_context):
@@ -63,7 +55,7 @@ def main():
     if not pac.available():
         raise SystemExit(f"kernel not available: {pac.load_error()}")
     card = torch.cuda.get_device_name()
-    gbs = copy_gbs()
+    gbs = copy_bandwidth() / 1e9
     cases = [(1, 4096), (64, 4096), (256, 4096)]
     if not args.quick:
         cases += [(16, 4096), (1, 131072), (8, 32768), (512, 1024)]

@@ -15,14 +15,6 @@ from minimax_m1.ops.paged_attention import paged_attention, reference_paged_atte
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
-def _free_gpu_memory():
-    """Each test builds engines that size their caches from free memory: let the last test's go first."""
-    gc.collect()
-    torch.cuda.empty_cache()
-    yield
-
-
 def test_tiny_fp32_gpu_matches_cpu():
     ids = [(i * 37) % 256 for i in range(700)]
     cpu = LLM("tiny", device="cpu", dtype="float32")

@@ -45,7 +45,7 @@ def graph_time_ms(step, reps: int = 20) -> float:
 
 
 def copy_bandwidth(device="cuda") -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read and written (2 GiB copied)."""
+    """Device-to-device copy rate in bytes/s, counting bytes read and written (1 GiB copied, 2 GiB counted)."""
     buffers = torch.empty(2, 1 << 30, dtype=torch.uint8, device=device).random_()
     return 2 * (1 << 30) / (time_ms(lambda: buffers[1].copy_(buffers[0]), 10) / 1e3)
 
