@@ -24,10 +24,6 @@ class ForwardBatch:
     is_decode: bool  # every sequence brings exactly one token
     logits_indices: torch.Tensor  # [R] int64, rows whose next-token logits are wanted
 
-    @property
-    def num_tokens(self) -> int:
-        return self.positions.shape[0]
-
 
 @dataclasses.dataclass
 class Caches:
