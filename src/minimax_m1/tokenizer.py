@@ -82,6 +82,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The `tokenizers` JSON (what grammar engines read to know every token's bytes)."""
+        return self._tok.to_str()
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: list | None = None, *, chat_template: str | None = None,
                             continue_final_message: bool = False, **template_kwargs) -> str:
