@@ -238,3 +238,45 @@ def test_request_fields():
                           (dict(structured_outputs={"structural_tag": "x"}), "structural_tag")]:
         with pytest.raises(ValueError, match=match):
             from_request(**kwargs)
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {},
+                                                                     "additionalProperties": False}}},
+]
+
+
+@pytest.mark.parametrize("vocab", TOKENIZERS)
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_calls_parse_and_validate(vocab, choice):
+    """tool_choice required / named: the grammar makes the model write the <tool_calls> block; the tool-call
+    parser reads it back, and each call's arguments satisfy that tool's parameters."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from minimax_m1.server.chat_output import parse_chat_output
+    from minimax_m1.structured.tools import tool_choice_params
+
+    tok, comp = compiler(vocab)
+    params = tool_choice_params(TOOLS, choice)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed in SEEDS:
+        text = generate(tok, comp, params, seed)
+        _, content, calls = parse_chat_output(text, tools=True)
+        assert content is None and calls, text
+        if choice != "required":
+            assert [c["function"]["name"] for c in calls] == ["get_weather"]
+        for call in calls:
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+        assert text.startswith('<tool_calls>\n{"name": "')  # as the model writes it
+
+
+def test_tool_choice_errors():
+    from minimax_m1.structured.tools import tool_choice_params
+
+    assert tool_choice_params(TOOLS, "auto") is None and tool_choice_params(TOOLS, "none") is None
+    for tools, choice, match in [(TOOLS, {"type": "function", "function": {"name": "nope"}}, "'nope'.*get_weather"),
+                                 (None, "required", "needs tools"), (TOOLS, "always", "tool_choice must be")]:
+        with pytest.raises(ValueError, match=match):
+            tool_choice_params(tools, choice)
