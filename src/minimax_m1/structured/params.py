@@ -67,7 +67,7 @@ class StructuredOutputsParams:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ValueError(f"structured_outputs: unsupported field(s) {', '.join(unknown)}; this server takes "
+            raise ValueError(f"structured_outputs: unsupported field(s) {', '.join(unknown)}; it takes "
                              f"{', '.join(sorted(known))}")
         return cls(**{k: v for k, v in value.items() if v is not None})
 
