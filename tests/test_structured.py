@@ -187,8 +187,16 @@ def test_apply_bitmask_on_cuda_equals_cpu():
     bitmask = torch.randint(-2**31, 2**31, (16, vocab // 32), dtype=torch.int64, generator=gen).to(torch.int32)
     bitmask = bitmask.pin_memory()
     logits = torch.randn(16, vocab, generator=gen)
-    gpu = apply_token_bitmask(logits.cuda(), bitmask)
-    assert torch.equal(gpu.cpu(), apply_token_bitmask(logits, bitmask))
+    on_gpu = logits.cuda()
+    apply_token_bitmask(on_gpu, bitmask)  # warm up (the shift table)
+    on_gpu = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # no wait for the GPU anywhere in it
+    try:
+        apply_token_bitmask(on_gpu, bitmask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(on_gpu.cpu(), apply_token_bitmask(logits, bitmask))
 
 
 @pytest.mark.parametrize("params,match", [
