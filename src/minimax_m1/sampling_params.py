@@ -78,13 +78,15 @@ class SamplingParams:
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         checks = [
             (isinstance(self.n, int) and self.n >= 1, f"n must be a positive integer, got {self.n!r}"),
-            (self.best_of is None or (isinstance(self.best_of, int) and self.best_of >= self.n),
+            (self.best_of is None or (isinstance(self.best_of, int) and isinstance(self.n, int)
+                                      and self.best_of >= self.n),
              f"best_of must be an integer >= n ({self.n}), got {self.best_of!r}"),
             (isinstance(self.min_tokens, int) and self.min_tokens >= 0,
              f"min_tokens must be a non-negative integer, got {self.min_tokens!r}"),
-            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            (self.max_tokens is None or not isinstance(self.min_tokens, int) or self.min_tokens <= self.max_tokens,
              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
-            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+            (self.prompt_logprobs is None
+             or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
              f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}"),
             (self.bad_words is None or all(isinstance(w, str) and w for w in self.bad_words),
              f"bad_words must be non-empty strings, got {self.bad_words!r}"),
