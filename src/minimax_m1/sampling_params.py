@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from .structured.params import StructuredOutputsParams
+
+# Set to anything but their defaults, these fields are refused until the sampler applies them.
+NOT_WIRED = {"min_tokens": 0, "logit_bias": None, "bad_words": None, "structured_outputs": None}
+
 
 @dataclasses.dataclass
 class SamplingParams:
@@ -27,6 +32,15 @@ class SamplingParams:
     # what each engine output carries: everything so far ("cumulative"), only what is new ("delta", for
     # streaming: no copying that grows with the output), or nothing until the end ("final_only")
     output_kind: str = "cumulative"
+
+    # ---- vLLM's fields for several answers, scoring and constraints ------------------------------------
+    n: int = 1  # answers per prompt (LLM.generate makes n requests; seeds seed, seed + 1, ...)
+    best_of: int | None = None  # sample this many, keep the n of highest cumulative logprob
+    min_tokens: int = 0  # no EOS or stop before this many tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    prompt_logprobs: int | None = None  # logprobs of every prompt token (plus this many top tokens)
+    bad_words: list[str] | None = None  # words never to generate
+    structured_outputs: StructuredOutputsParams | dict | None = None  # a JSON schema, regex, choice, grammar
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -53,7 +67,66 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._check_vllm_fields()
+
+    def _check_vllm_fields(self) -> None:
+        if self.logit_bias is not None:
+            self.logit_bias = _logit_bias(self.logit_bias)
+        if self.bad_words is not None:
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        checks = [
+            (isinstance(self.n, int) and self.n >= 1, f"n must be a positive integer, got {self.n!r}"),
+            (self.best_of is None or (isinstance(self.best_of, int) and isinstance(self.n, int)
+                                      and self.best_of >= self.n),
+             f"best_of must be an integer >= n ({self.n}), got {self.best_of!r}"),
+            (isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+             f"min_tokens must be a non-negative integer, got {self.min_tokens!r}"),
+            (self.max_tokens is None or not isinstance(self.min_tokens, int) or self.min_tokens <= self.max_tokens,
+             f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
+            (self.prompt_logprobs is None
+             or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+             f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}"),
+            (self.bad_words is None or all(isinstance(w, str) and w for w in self.bad_words),
+             f"bad_words must be non-empty strings, got {self.bad_words!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for name, default in NOT_WIRED.items():
+            value = getattr(self, name)
+            if value != default and not (isinstance(value, (list, dict)) and not value):
+                raise ValueError(f"{name} is not supported by this engine yet (its sampler does not apply it): "
+                                 f"leave it at {default!r}, got {value!r}")
+
+    def for_choice(self, i: int) -> SamplingParams:
+        """The settings of answer i of several (n or best_of): one answer each, and with a seed, answer i
+        uses seed + i, so that each is reproducible and they differ."""
+        seed = self.seed if self.seed is None else self.seed + i
+        return dataclasses.replace(self, n=1, best_of=None, prompt_logprobs=None, seed=seed)
+
+    @property
+    def num_samples(self) -> int:
+        """How many answers to sample per prompt (best_of, else n)."""
+        return self.best_of or self.n
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys (strings): take those too."""
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must map token ids to biases, got {bias!r}")
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ValueError(f"logit_bias[{key!r}] must be a number in [-100, 100], got {value!r}")
+        out[token] = float(value)
+    return out

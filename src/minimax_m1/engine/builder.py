@@ -45,6 +45,7 @@ class EngineArgs:
     lm_head_fp32: bool = False  # keep the output head's weights in fp32 (a fidelity option)
     enforce_eager: bool = False  # never capture decode steps in CUDA graphs
     progress: bool = True
+    tokenizer: str | None = None  # a folder with tokenizer.json to use instead of the model's own
 
     def __post_init__(self):
         if self.device is None:
@@ -87,6 +88,7 @@ def load_model(args: EngineArgs) -> tuple[ModelConfig, MiniMaxM1ForCausalLM, Tok
     else:
         raise FileNotFoundError(f"model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
                                 f"directory with config.json")
+    tokenizer = Tokenizer.from_dir(args.tokenizer) if args.tokenizer is not None else tokenizer
     eos = sorted(set(eos + config.eos_token_id + (tokenizer.eos_token_ids if tokenizer else [])))
 
     device = torch.device(args.device)
