@@ -55,7 +55,7 @@ def test_paged_flash_attention_matches_reference():
         state_slots=torch.zeros(4, dtype=torch.int32, device="cuda"), block_tables=table_t,
         slot_mapping=torch.tensor(slot_mapping, device="cuda"),
         context_lens_t=torch.tensor(ctx, dtype=torch.int32, device="cuda"), seq_lens=[b for _, b in seqs],
-        context_lens=ctx, max_seqlen_q=max(b for _, b in seqs), max_seqlen_k=max(ctx), is_decode=False,
+        context_lens=ctx, max_seqlen_q=max(b for _, b in seqs), context_len_bound=max(ctx), is_decode=False,
         logits_indices=torch.arange(n, device="cuda"))
     out = paged_attention(q, kv, batch, d ** -0.5)
     ref = reference_paged_attention(q.float(), kv.float(), table_t, batch.seq_lens, ctx, d ** -0.5)

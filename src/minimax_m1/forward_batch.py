@@ -9,14 +9,14 @@ import torch
 @dataclasses.dataclass
 class ForwardBatch:
     """N sequences packed into T tokens. Sequence i's new tokens are rows cu_seqlens[i]:cu_seqlens[i+1];
-    they extend its context to context_lens[i] tokens. The tensors are on the model's device. The host
+    they extend its context to context_lens_t[i] tokens. The tensors are on the model's device. The host
     lists exist only for the paths that loop over sequences on the host (the torch reference attention,
     the context gather); they are None in a captured CUDA graph, whose replays change the lengths."""
 
     positions: torch.Tensor  # [T] int64, position of each token in its sequence
     cu_seqlens: torch.Tensor  # [N+1] int32
     state_slots: torch.Tensor  # [N] int32, the lightning state slot of each sequence; -1 = padding
-    block_tables: torch.Tensor  # [N, W] int32, KV blocks of each sequence; the scratch block past its own
+    block_tables: torch.Tensor  # [N, W] int32, KV blocks of each sequence; entries past its own are never read
     slot_mapping: torch.Tensor  # [T] int64, flat KV position (block * block_size + offset) of each token
     context_lens_t: torch.Tensor  # [N] int32, cached tokens per sequence after this step
     logits_indices: torch.Tensor  # [R] int64, rows whose next-token logits are wanted

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..forward_batch import ForwardBatch
 from ..layers.sampler import SamplingBatch, sample
 from .cache import CacheManager
 from .cuda_graph import DecodeGraphs
@@ -57,8 +58,9 @@ class ModelRunner:
             context_lens.append(start + n)
             tables += blocks
             tables += [scratch] * (width - len(blocks))
-        pad = 0 if pad_to is None else pad_to - len(chunks)
-        if pad > 0:
+        pad = (pad_to or len(chunks)) - len(chunks)
+        assert pad >= 0, (pad_to, len(chunks))
+        if pad:
             t = cu[-1]
             ids += [0] * pad
             positions += [0] * pad
@@ -74,7 +76,7 @@ class ModelRunner:
                               pin=self.device.type == "cuda")
         return StepInputs(shape, i64, i32, seq_lens, context_lens)
 
-    def _forward(self, input_ids: torch.Tensor, batch) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         hidden = self.model(input_ids, batch, self.cache.caches)
         return self.model.compute_logits(hidden[batch.logits_indices])
 

@@ -5,7 +5,7 @@ device, a CUDA graph copies them into its static buffers; both read them through
     int64: input_ids [T] | positions [T] | slot_mapping [T] | logits_indices [R]
     int32: state_slots [N] | context_lens [N] | cu_seqlens [N+1] | block_tables [N, W] (row-major)
 
-Each section starts ALIGN elements aligned, as a tensor of its own would."""
+Each section starts ALIGN elements in (64 bytes of int32, 128 of int64), enough for any vector load."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,7 @@ import torch
 from ..forward_batch import ForwardBatch
 from ..host_tensors import from_list
 
-ALIGN = 16  # elements: 64 bytes of int32, 128 of int64
+ALIGN = 16  # elements
 
 
 def _starts(lengths: list[int]) -> tuple[list[int], int]:
@@ -48,11 +48,12 @@ class StepShape:
         return (_pack(i64, self.i64_layout()[0], torch.int64, pin),
                 _pack(i32, self.i32_layout()[0], torch.int32, pin))
 
-    def batch(self, i64: torch.Tensor, i32: torch.Tensor, block_tables: torch.Tensor | None = None, **lens
-              ) -> tuple[torch.Tensor, ForwardBatch]:
-        """(input_ids [T], ForwardBatch) as views of buffers with this layout; block_tables: a tensor of its
-        own (a graph's, wider than W), else the int32 buffer's last section. lens: ForwardBatch's
-        max_seqlen_q, context_len_bound, is_decode, seq_lens, context_lens."""
+    def batch(self, i64: torch.Tensor, i32: torch.Tensor, block_tables: torch.Tensor | None, *, max_seqlen_q: int,
+              context_len_bound: int, is_decode: bool, seq_lens: list[int] | None,
+              context_lens: list[int] | None) -> tuple[torch.Tensor, ForwardBatch]:
+        """(input_ids [T], ForwardBatch) as views of buffers with this layout (the rest as ForwardBatch has
+        them). block_tables: a tensor of its own (a graph's, wider than W), else None: the int32 buffer's
+        last section."""
         t, n, r = self.num_tokens, self.num_seqs, self.num_logits
         (ids, pos, slots, rows), _ = self.i64_layout()
         (states, ctx, cu, tables), _ = self.i32_layout()
@@ -61,7 +62,8 @@ class StepShape:
         return i64[ids:ids + t], ForwardBatch(
             positions=i64[pos:pos + t], cu_seqlens=i32[cu:cu + n + 1], state_slots=i32[states:states + n],
             block_tables=block_tables, slot_mapping=i64[slots:slots + t], context_lens_t=i32[ctx:ctx + n],
-            logits_indices=i64[rows:rows + r], **lens)
+            logits_indices=i64[rows:rows + r], max_seqlen_q=max_seqlen_q, context_len_bound=context_len_bound,
+            is_decode=is_decode, seq_lens=seq_lens, context_lens=context_lens)
 
 
 def _pack(sections: list[list[int]], starts: list[int], dtype, pin: bool) -> torch.Tensor:
@@ -86,6 +88,6 @@ class StepInputs:
     def to_device(self, device) -> tuple[torch.Tensor, ForwardBatch]:
         """(input_ids, ForwardBatch) on device, for an eager step: one copy per buffer."""
         return self.shape.batch(
-            self.i64.to(device, non_blocking=True), self.i32.to(device, non_blocking=True),
+            self.i64.to(device, non_blocking=True), self.i32.to(device, non_blocking=True), None,
             max_seqlen_q=max(self.seq_lens, default=0), context_len_bound=max(self.context_lens, default=0),
             is_decode=all(n == 1 for n in self.seq_lens), seq_lens=self.seq_lens, context_lens=self.context_lens)
