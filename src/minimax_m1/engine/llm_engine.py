@@ -94,8 +94,8 @@ class LLMEngine:
         self.num_generated_tokens += 1
         if seq.logprobs is not None:
             seq.logprobs.append(logprobs)
-        seq.detok.add(token)
-        text = seq.detok.text
+        seq.detokenizer.add(token)
+        text = seq.detokenizer.text
         reason, stop_reason = None, None
         if token in self.eos_token_ids and not p.ignore_eos:
             reason = "stop"

@@ -43,7 +43,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
-        self.detok = detokenizer
+        self.detokenizer = detokenizer
         self.text = ""  # the output text as returned (stop strings cut off)
         self.sent_tokens = 0  # how much of the output "delta" outputs have already carried
         self.sent_chars = 0

@@ -44,12 +44,13 @@ class SamplingBatch:
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
               token_ids: list[list[int]], output_token_ids: list[list[int]]) -> SamplingBatch:
         """From each row's settings, generator, prompt + output token ids and output token ids."""
+        temps = from_list([p.temperature for p in params], torch.float32)
         return cls(
-            temperatures=from_list([p.temperature for p in params], torch.float32),
+            temperatures=temps,
             top_k=from_list([max(p.top_k, 0) for p in params], torch.int64),
             top_p=from_list([p.top_p for p in params], torch.float32),
             min_p=from_list([p.min_p for p in params], torch.float32),
-            greedy=[p.temperature == 0 for p in params],
+            greedy=(temps == 0).tolist(),  # as the fp32 tensor has it (a temperature of 1e-50 is 0 there)
             generators=list(generators),
             penalties=[Penalties(i, p.repetition_penalty, p.presence_penalty, p.frequency_penalty, token_ids[i],
                                  output_token_ids[i])
