@@ -17,7 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from minimax_m1.bench import graph_time_ms, measure_card, time_ms
+from minimax_m1.timing import graph_time_ms, measure_card, time_ms
 from minimax_m1.config import lightning_slopes
 from minimax_m1.ops.lightning_attn import cuda as la_cuda
 

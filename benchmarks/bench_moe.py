@@ -25,7 +25,7 @@ import types
 
 import torch
 
-from minimax_m1.bench import copy_bandwidth, graph_time_ms
+from minimax_m1.timing import copy_bandwidth, graph_time_ms
 from minimax_m1.layers.moe import SparseMoE
 from minimax_m1.ops import moe_cuda
 

@@ -1,11 +1,17 @@
-"""The serving engine on the tiny model: continuous batching, chunked prefill, preemption, slot reuse."""
+"""The serving engine on the tiny model: continuous batching, chunked prefill, preemption, slot reuse, the
+cache manager, the inputs a decode graph reads."""
+import dataclasses
 import random
 
 import pytest
 import torch
 
 from minimax_m1 import SamplingParams
+from minimax_m1.config import tiny_config
 from minimax_m1.engine.builder import EngineArgs, build_engine
+from minimax_m1.engine.cache import CacheManager, CacheUsage
+from minimax_m1.engine.cuda_graph import StaticInputs
+from minimax_m1.engine.sequence import Sequence
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -61,7 +67,7 @@ def test_preemption_under_tiny_kv_budget(alone):
     engine = _engine(num_kv_blocks=40, block_size=64)  # 2560 tokens of KV for ~10k tokens of requests
     assert _run(engine, prompts) == alone
     assert engine.scheduler.num_preemptions > 0
-    assert engine.scheduler.kv_cache.num_free == 40 and engine.scheduler.state_pool.num_free == 64
+    assert engine.cache.num_free_blocks == 40 and engine.cache.num_free_slots == 64
 
 
 def test_slot_reuse_starts_from_zero():
@@ -71,7 +77,7 @@ def test_slot_reuse_starts_from_zero():
     for rid, p in prompts.items():
         assert _run(_engine(), {rid: p})[rid] == sequential[rid]
     # and the pool zeroes a slot it hands out
-    pool = engine.scheduler.state_pool
+    pool = engine.cache.state_pool
     pool.states.fill_(1.0)
     slot = pool.allocate()
     assert torch.count_nonzero(pool.states[:, slot]) == 0
@@ -80,12 +86,14 @@ def test_slot_reuse_starts_from_zero():
 
 def test_abort_frees_slot_and_blocks():
     engine = _engine()
-    pool, kv = engine.scheduler.state_pool, engine.scheduler.kv_cache
+    cache = engine.cache
     engine.add_request("a", [i % 256 for i in range(300)], SamplingParams(max_tokens=100, ignore_eos=True))
     engine.step()
-    assert pool.num_free == pool.num_slots - 1 and kv.num_free < kv.num_blocks
+    assert cache.num_free_slots == cache.num_slots - 1 and cache.num_free_blocks < cache.num_blocks
+    assert cache.usage().state_slots > 0 and cache.usage().kv_blocks > 0
     engine.abort_request("a")
-    assert pool.num_free == pool.num_slots and kv.num_free == kv.num_blocks
+    assert cache.num_free_slots == cache.num_slots and cache.num_free_blocks == cache.num_blocks
+    assert cache.usage() == CacheUsage(state_slots=0.0, kv_blocks=0.0)
     assert not engine.has_unfinished()
 
 
@@ -122,3 +130,68 @@ def test_decode_steps_do_not_recompute_the_prefix():
     _run(engine, {"a": [i % 256 for i in range(700)], "b": [5] * 300})
     assert sizes[0] == 1000 and all(n == 2 for n in sizes[1:]) and len(sizes) == 12
     assert decode_flags[1:] == [True] * 11
+
+
+def test_cache_manager_allocates_grows_and_releases():
+    cache = CacheManager.for_model(tiny_config(256), num_slots=2, num_blocks=5, block_size=16, dtype=torch.float32,
+                                   device="cpu")
+    a, b, c = (Sequence(rid, [1] * 10, SamplingParams()) for rid in "abc")
+    cache.state_pool.states.fill_(1.0)
+    assert cache.allocate(a, 20) and len(a.blocks) == 2 and torch.count_nonzero(cache.state_pool.states[:, a.state_slot]) == 0
+    assert cache.usage() == CacheUsage(state_slots=0.5, kv_blocks=0.4)
+    assert cache.grow(a, 33) and len(a.blocks) == 3 and cache.grow(a, 30) and len(a.blocks) == 3
+    # too few blocks: nothing is taken
+    assert not cache.allocate(b, 48) and b.state_slot == -1 and b.blocks == [] and cache.num_free_blocks == 2
+    assert not cache.grow(a, 81) and len(a.blocks) == 3
+    assert cache.allocate(b, 32) and not set(a.blocks) & set(b.blocks)
+    assert not cache.allocate(c, 1)  # no state slot left
+    assert cache.fits(80) and not cache.fits(81)
+    assert all(cache.kv_cache.ref_counts[blk] == 1 for blk in a.blocks + b.blocks)
+    cache.release(a)
+    cache.release(a)  # holding nothing is fine
+    cache.release(b)
+    assert cache.usage() == CacheUsage(state_slots=0.0, kv_blocks=0.0) and cache.kv_cache.ref_counts == [0] * 5
+    with pytest.raises(AssertionError, match="not held"):
+        cache.kv_cache.release([0])
+
+
+def test_graph_inputs_give_the_eager_step():
+    """What a captured graph reads (the batch padded to the graph's size, in the static buffers, with stale
+    block-table columns) is the padded eager step, exactly; that gives the unpadded step's logits (to fp32
+    rounding: the GEMMs see 8 rows instead of 3), and its padding rows write only the scratch block."""
+    engine = _engine()
+    for rid, n in (("a", 300), ("b", 20), ("c", 513)):
+        engine.add_request(rid, [(7 * i + len(rid)) % 256 for i in range(n)], GREEDY)
+    engine.step()  # the prefills, and a first token each
+    chunks = engine.scheduler.schedule()
+    assert len(chunks) == 3 and all(c.num_tokens == 1 and c.completes for c in chunks)
+    runner, caches, scratch = engine.runner, engine.cache.caches, engine.cache.scratch_block
+    saved = caches.lightning.clone(), caches.kv.clone()
+
+    def step(input_ids, batch):
+        caches.lightning.copy_(saved[0])
+        caches.kv.copy_(saved[1])
+        with torch.inference_mode():
+            return runner._forward(input_ids, batch), caches.lightning.clone(), caches.kv.clone()
+
+    want = step(*runner.prepare_inputs(chunks).to_device("cpu"))
+    padded = runner.prepare_inputs(chunks, pad_to=8)
+    assert padded.shape.num_seqs == 8 and padded.seq_lens == [1] * 8
+    eager = step(*padded.to_device("cpu"))
+    static = StaticInputs(16, engine.cache.blocks_needed(engine.max_model_len), scratch, "cpu")
+    static.block_tables.fill_(2**30)  # what earlier steps may leave past a row's blocks: read, it would fail
+    static.load(padded)
+    ids, graph_batch = static.batch(8, engine.max_model_len)
+    assert graph_batch.seq_lens is None and graph_batch.context_len_bound == engine.max_model_len
+    # the CPU reference attention loops over the sequences on the host: give it their lengths
+    graph = step(ids, dataclasses.replace(graph_batch, seq_lens=padded.seq_lens, context_lens=padded.context_lens))
+    assert all(torch.equal(a, b) for a, b in zip(graph, eager))
+    assert (eager[0][:3] - want[0]).abs().max() < 1e-5
+    # the padding rows: no state slot, KV into the scratch block only
+    slots = [c.seq.state_slot for c in chunks]
+    changed = (eager[1] != saved[0]).flatten(2).any(-1).any(0).nonzero().flatten().tolist()
+    assert changed == sorted(slots)
+    bs = engine.cache.block_size
+    real = {c.seq.blocks[c.seq.num_computed // bs] * bs + c.seq.num_computed % bs for c in chunks}
+    written = set((eager[2] != saved[1]).flatten(4).any(-1).any(0).any(0).flatten().nonzero().flatten().tolist())
+    assert written == real | {scratch * bs}  # the padding rows sit at position 0 of the scratch block

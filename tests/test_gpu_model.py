@@ -55,7 +55,7 @@ def test_paged_flash_attention_matches_reference():
         state_slots=torch.zeros(4, dtype=torch.int32, device="cuda"), block_tables=table_t,
         slot_mapping=torch.tensor(slot_mapping, device="cuda"),
         context_lens_t=torch.tensor(ctx, dtype=torch.int32, device="cuda"), seq_lens=[b for _, b in seqs],
-        context_lens=ctx, max_seqlen_q=max(b for _, b in seqs), max_seqlen_k=max(ctx), is_decode=False,
+        context_lens=ctx, max_seqlen_q=max(b for _, b in seqs), context_len_bound=max(ctx), is_decode=False,
         logits_indices=torch.arange(n, device="cuda"))
     out = paged_attention(q, kv, batch, d ** -0.5)
     ref = reference_paged_attention(q.float(), kv.float(), table_t, batch.seq_lens, ctx, d ** -0.5)
@@ -100,3 +100,28 @@ def test_decode_graphs_match_eager(monkeypatch):
             if a != b:
                 assert abs(g.logprobs[i][a] - e.logprobs[i][b]) < 0.05, (rid, i, g.token_ids, e.token_ids)
                 break
+
+
+def test_graph_replay_allocates_nothing_on_the_device(monkeypatch):
+    """A replay copies the step's pinned host buffers into the graph's static ones (the block tables through a
+    device-side copy): no device allocation between preparing the step and replaying it."""
+    from minimax_m1.engine import builder
+
+    monkeypatch.setattr(builder, "tiny_config", lambda vocab: dataclasses.replace(_small_real_config(),
+                                                                                 vocab_size=vocab))
+    engine = build_engine(EngineArgs(model="tiny", device="cuda", dtype="bfloat16", max_num_seqs=16,
+                                     gpu_memory_utilization=0.2))
+    runner = engine.runner
+    assert runner.graphs is not None, "decode graphs were not captured"
+    for i in range(5):
+        engine.add_request(f"r{i}", [(i * 13 + j) % 256 for j in range(1 + 97 * i)],
+                           SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    engine.step()  # the prefills
+    chunks = engine.scheduler.schedule()
+    assert len(chunks) == 5 and runner._graphable(chunks)
+    inputs = runner.prepare_inputs(chunks, pad_to=runner.graphs.padded_size(len(chunks)))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]  # allocations made so far
+    runner.graphs.run(inputs)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before

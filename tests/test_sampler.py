@@ -5,7 +5,8 @@ import torch
 
 from minimax_m1 import SamplingParams
 from minimax_m1.engine.detokenizer import IncrementalDetokenizer
-from minimax_m1.layers.sampler import sample
+from minimax_m1.layers import sampler
+from minimax_m1.layers.sampler import SamplingBatch
 from minimax_m1.tokenizer import tiny_tokenizer
 
 
@@ -13,7 +14,14 @@ def _seq(seed=None, prompt=(), output=(), **params):
     p = SamplingParams(seed=seed, **params)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     return types.SimpleNamespace(params=p, generator=gen, token_ids=list(prompt) + list(output),
-                                 output_token_ids=list(output), num_tokens=len(prompt) + len(output))
+                                 output_token_ids=list(output))
+
+
+def sample(logits, seqs):
+    """The sampler on the SamplingBatch of these rows."""
+    batch = SamplingBatch.build([s.params for s in seqs], [s.generator for s in seqs], [s.token_ids for s in seqs],
+                                [s.output_token_ids for s in seqs])
+    return sampler.sample(logits, batch)
 
 
 def _logits(probs):

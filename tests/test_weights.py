@@ -131,7 +131,7 @@ def test_transformers_twin_shares_weights_and_matches(device):
     pytest.importorskip("transformers")
     import dataclasses
 
-    from minimax_m1.bench import transformers_twin
+    from minimax_m1.transformers_twin import transformers_twin
 
     llm = LLM("tiny", device=device, dtype="float32", gpu_memory_utilization=0.2)
     model = llm.engine.runner.model

@@ -14,12 +14,11 @@ from ..models.minimax_m1 import MiniMaxM1ForCausalLM
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, tiny_tokenizer
 from ..weights import init_dummy, load_checkpoint
-from .kv_cache import KVCache
+from .cache import CacheManager
 from .llm_engine import LLMEngine
 from .model_runner import ModelRunner
-from .scheduler import ScheduledChunk, Scheduler, take_caches
+from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
-from .state_pool import StatePool
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +126,8 @@ def _requested_max_len(config: ModelConfig, args: EngineArgs) -> int:
 
 def plan_caches(config: ModelConfig, args: EngineArgs, budget_bytes: int) -> tuple[int, int]:
     """Split the cache budget: up to max_num_seqs state slots from at most half of it, KV blocks from the rest."""
-    n_lin, n_sm = len(config.linear_layers), len(config.softmax_layers)
-    slot_bytes = StatePool.bytes_per_slot(n_lin, config.num_attention_heads, config.head_dim)
-    block_bytes = KVCache.bytes_per_block(n_sm, args.block_size, config.num_key_value_heads, config.head_dim,
-                                          args.dtype)
+    slot_bytes = CacheManager.bytes_per_slot(config)
+    block_bytes = CacheManager.bytes_per_block(config, args.block_size, args.dtype)
     slots = args.max_num_seqs if slot_bytes == 0 else min(args.max_num_seqs, budget_bytes // 2 // slot_bytes)
     if slots < 1:
         raise MemoryError(f"the cache budget ({budget_bytes / 2**30:.2f} GiB) cannot hold one request's lightning "
@@ -151,16 +148,15 @@ def _profile_activation_bytes(model, config: ModelConfig, args: EngineArgs) -> i
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     n = min(args.max_num_batched_tokens, config.max_position_embeddings - 1)
-    pool = StatePool(len(config.linear_layers), 1, config.num_attention_heads, config.head_dim, device)
-    kv = KVCache(len(config.softmax_layers), -(-n // args.block_size), args.block_size, config.num_key_value_heads,
-                 config.head_dim, args.dtype, device)
-    runner = ModelRunner(model, pool, kv, device)
-    seq = Sequence("profile", None, [0] * n, SamplingParams(max_tokens=1), None, device)
-    take_caches(seq, pool, kv, kv.num_blocks)
+    cache = CacheManager.for_model(config, 1, -(-n // args.block_size), args.block_size, args.dtype, device)
+    runner = ModelRunner(model, cache, device)
+    seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1))
+    taken = cache.allocate(seq, n)  # the cache was sized for exactly this
+    assert taken
     runner.run([ScheduledChunk(seq, n)])
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
-    del runner, pool, kv
+    del runner, cache
     torch.cuda.empty_cache()
     return peak
 
@@ -177,23 +173,20 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     slots, blocks = plan_caches(config, args, max(budget, 0))
     if args.num_kv_blocks is not None:
         blocks = args.num_kv_blocks
-    pool = StatePool(len(config.linear_layers), slots, config.num_attention_heads, config.head_dim, device)
-    kv = KVCache(len(config.softmax_layers), blocks, args.block_size, config.num_key_value_heads, config.head_dim,
-                 args.dtype, device)
+    cache = CacheManager.for_model(config, slots, blocks, args.block_size, args.dtype, device)
     max_model_len = _requested_max_len(config, args)
     if config.softmax_layers:
         max_model_len = min(max_model_len, blocks * args.block_size)
     logger.info("cache: %d lightning state slots (%.1f MiB each), %d KV blocks of %d tokens (%d tokens); "
-                "max_model_len %d", slots, StatePool.bytes_per_slot(len(config.linear_layers),
-                config.num_attention_heads, config.head_dim) / 2**20, blocks, args.block_size,
+                "max_model_len %d", slots, CacheManager.bytes_per_slot(config) / 2**20, blocks, args.block_size,
                 blocks * args.block_size, max_model_len)
-    runner = ModelRunner(model, pool, kv, device)
+    runner = ModelRunner(model, cache, device)
     why_eager = _why_eager(args, config)
     if why_eager:
         logger.info("decode runs eagerly: %s", why_eager)
     else:
         runner.capture_decode_graphs(slots, max_model_len)  # plan_caches keeps slots <= max_num_seqs
-    scheduler = Scheduler(pool, kv, slots, args.max_num_batched_tokens)
+    scheduler = Scheduler(cache, slots, args.max_num_batched_tokens)
     return LLMEngine(runner, scheduler, tokenizer, eos, config.vocab_size, max_model_len)
 
 

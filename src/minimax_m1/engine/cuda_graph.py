@@ -1,12 +1,13 @@
 """Decode steps replayed from CUDA graphs, one graph per batch size; a batch is padded to the next size
-(padded rows: state slot -1, KV written to a scratch block that no request owns)."""
+(ModelRunner.prepare_inputs: padding rows have no state slot and write their KV into the scratch block)."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from ..forward_batch import Caches, ForwardBatch
+from ..forward_batch import ForwardBatch
+from .step_inputs import StepInputs, StepShape
 
 logger = logging.getLogger(__name__)
 
@@ -19,74 +20,73 @@ def capture_sizes(max_batch: int) -> list[int]:
     return sizes
 
 
+class StaticInputs:
+    """The buffers the graphs read, laid out as the host's StepInputs, so a step fills each with one copy.
+    Graph n reads the first n rows of one [max_batch, max_blocks] block table: its columns past a step's
+    width keep what an earlier step left there, which no kernel reads (each reads a row's first
+    ceil(context_len / block_size) entries)."""
+
+    def __init__(self, max_batch: int, max_blocks: int, scratch_block: int, device):
+        widest = StepShape(max_batch, max_batch, max_batch, max_blocks)
+        self.max_batch, self.max_blocks = max_batch, max_blocks
+        self.i64 = torch.zeros(widest.i64_layout()[1], dtype=torch.int64, device=device)
+        self.i32 = torch.zeros(widest.i32_layout()[1], dtype=torch.int32, device=device)
+        self.block_tables = torch.full((max_batch, max_blocks), scratch_block, dtype=torch.int32, device=device)
+
+    def load(self, inputs: StepInputs) -> None:
+        """One host-to-device copy per buffer, then the block tables from their staged place in the int32
+        buffer into the wider table (a copy on the device, no temporary)."""
+        shape = inputs.shape
+        n, w = shape.num_seqs, shape.width
+        assert shape.num_tokens == shape.num_logits == n <= self.max_batch and w <= self.max_blocks, shape
+        self.i64[:inputs.i64.numel()].copy_(inputs.i64, non_blocking=True)
+        self.i32[:inputs.i32.numel()].copy_(inputs.i32, non_blocking=True)
+        start = shape.i32_layout()[0][3]
+        self.block_tables[:n, :w].copy_(self.i32[start:start + n * w].view(n, w))
+
+    def batch(self, n: int, max_model_len: int) -> tuple[torch.Tensor, ForwardBatch]:
+        """What graph n reads: n decode rows whose contexts are at most max_model_len; no host lengths."""
+        return StepShape(n, n, n, self.max_blocks).batch(
+            self.i64, self.i32, self.block_tables[:n], max_seqlen_q=1, context_len_bound=max_model_len,
+            is_decode=True, seq_lens=None, context_lens=None)
+
+
 class DecodeGraphs:
-    def __init__(self, model, caches: Caches, max_batch: int, max_blocks: int, max_model_len: int,
-                 scratch_block: int, block_size: int, device):
-        self.model, self.caches = model, caches
+    """forward(input_ids, batch) -> logits captured once per size over StaticInputs; padding(n) gives the
+    inputs of n padding rows, which the buffers hold while graph n is captured."""
+
+    def __init__(self, forward, padding, max_batch: int, max_blocks: int, max_model_len: int, scratch_block: int,
+                 device):
         self.sizes = capture_sizes(max_batch)
-        self.max_batch, self.max_blocks, self.max_model_len = self.sizes[-1], max_blocks, max_model_len
-        b = self.max_batch
-        i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
-        self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
-        # static inputs, grouped by dtype so that a step fills each group with one copy
-        self.i64 = torch.zeros(3, b, **i64)
-        self.input_ids, self.positions, self.slot_mapping = self.i64
-        self.slot_mapping.fill_(self.scratch_slot)
-        self.i32 = torch.ones(2, b, **i32)
-        self.state_slots, self.context_lens = self.i32
-        self.state_slots.fill_(-1)
-        self.block_tables = torch.full((b, max_blocks), scratch_block, **i32)
-        self.cu_seqlens = torch.arange(b + 1, **i32)
-        self.rows = torch.arange(b, **i64)
+        self.static = StaticInputs(self.sizes[-1], max_blocks, scratch_block, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        self._capture(device)
-
-    def _batch(self, n: int) -> ForwardBatch:
-        return ForwardBatch(
-            positions=self.positions[:n], cu_seqlens=self.cu_seqlens[:n + 1], state_slots=self.state_slots[:n],
-            block_tables=self.block_tables[:n], slot_mapping=self.slot_mapping[:n],
-            context_lens_t=self.context_lens[:n], seq_lens=[1] * n, context_lens=[1] * n, max_seqlen_q=1,
-            max_seqlen_k=self.max_model_len, is_decode=True, logits_indices=self.rows[:n])
-
-    @torch.inference_mode()
-    def _forward(self, n: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:n], self._batch(n), self.caches)
-        return self.model.compute_logits(hidden)
-
-    def _capture(self, device) -> None:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
         for n in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                self._forward(n)  # warm-up outside capture: lazy initialisation, library handles
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[n] = self._forward(n)
+            self.static.load(padding(n))
+            input_ids, batch = self.static.batch(n, max_model_len)
+            with torch.inference_mode():
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    forward(input_ids, batch)  # warm-up outside capture: lazy initialisation, library handles
+                torch.cuda.current_stream(device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[n] = forward(input_ids, batch)
             self.graphs[n] = graph
         torch.cuda.synchronize(device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
     def can_run(self, n: int, num_blocks: int) -> bool:
-        return n <= self.max_batch and num_blocks <= self.max_blocks
+        return n <= self.static.max_batch and num_blocks <= self.static.max_blocks
 
-    def run(self, input_ids, positions, state_slots, block_tables, slot_mapping, context_lens) -> torch.Tensor:
-        """Host lists for n decode rows -> logits [n, vocab] fp32 (a view into the graph's output). Padding
-        rows (up to the captured size) get no state slot and write their KV into the scratch block. Three
-        host-to-device copies per step: the int64 rows, the int32 rows, the block tables."""
-        n = len(input_ids)
-        size = next(s for s in self.sizes if s >= n)
-        pad = size - n
-        i64 = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slot_mapping + [self.scratch_slot] * pad],
-                           dtype=torch.int64, pin_memory=True)
-        i32 = torch.tensor([state_slots + [-1] * pad, context_lens + [1] * pad], dtype=torch.int32, pin_memory=True)
-        width = len(block_tables[0])
-        tables = torch.tensor(block_tables + [[self.scratch_block] * width] * pad, dtype=torch.int32,
-                              pin_memory=True)
-        self.i64[:, :size].copy_(i64, non_blocking=True)
-        self.i32[:, :size].copy_(i32, non_blocking=True)
-        self.block_tables[:size, :width].copy_(tables, non_blocking=True)
-        self.graphs[size].replay()
-        return self.logits[size][:n]
+    def padded_size(self, n: int) -> int:
+        return next(s for s in self.sizes if s >= n)
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """inputs: a decode step padded to a captured size (`padded_size`). Returns logits [size, vocab] fp32,
+        a view into the graph's output that the next replay overwrites."""
+        self.static.load(inputs)
+        self.graphs[inputs.shape.num_seqs].replay()
+        return self.logits[inputs.shape.num_seqs]

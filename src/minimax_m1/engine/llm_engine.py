@@ -5,11 +5,11 @@ import logging
 
 import torch
 
-from ..layers.sampler import sample
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
+from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
-from .scheduler import ScheduledChunk, Scheduler, release_caches, take_caches
+from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -19,6 +19,7 @@ class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, eos_token_ids: list[int],
                  vocab_size: int, max_model_len: int):
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
+        self.cache = scheduler.cache  # the one cache manager: the scheduler allocates, metrics read usage
         self.eos_token_ids = set(eos_token_ids)
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
         self.requests: dict[str, Sequence] = {}
@@ -32,7 +33,11 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
-        seq = Sequence(request_id, prompt, prompt_token_ids, params, self.tokenizer, self.runner.device)
+        # a seed gives the same tokens whatever else runs in the batch: a generator of its own
+        generator = None if params.seed is None else torch.Generator(self.runner.device).manual_seed(params.seed)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+        seq = Sequence(request_id, prompt_token_ids, params, prompt=prompt, detokenizer=detokenizer,
+                       generator=generator)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         self.num_prompt_tokens += len(prompt_token_ids)
@@ -68,7 +73,7 @@ class LLMEngine:
         logits = self.runner.run(chunks)
         outputs = []
         if done:
-            tokens, logprobs = sample(logits, done)
+            tokens, logprobs = self.runner.sample(logits, done)
             for seq, tok, lp in zip(done, tokens, logprobs):
                 self._append(seq, tok, lp)
                 outputs.append(self._output(seq))
@@ -89,8 +94,8 @@ class LLMEngine:
         self.num_generated_tokens += 1
         if seq.logprobs is not None:
             seq.logprobs.append(logprobs)
-        seq.detok.add(token)
-        text = seq.detok.text
+        seq.detokenizer.add(token)
+        text = seq.detokenizer.text
         reason, stop_reason = None, None
         if token in self.eos_token_ids and not p.ignore_eos:
             reason = "stop"
@@ -133,13 +138,10 @@ class LLMEngine:
         """Next-token logits at every prompt position, [len(token_ids), vocab] fp32, computed in chunks of
         the step token budget with the state carried between chunks."""
         self.validate_prompt(token_ids)
-        pool, kv = self.scheduler.state_pool, self.scheduler.kv_cache
-        need = kv.blocks_needed(len(token_ids))
-        if not pool.num_free or need > kv.num_free:
+        seq = Sequence("prompt-logits", token_ids, SamplingParams(max_tokens=1))
+        if not self.cache.allocate(seq, len(token_ids)):
             raise RuntimeError("prompt_logits needs a free state slot and KV blocks for the whole prompt; "
                                "wait for running requests to finish")
-        seq = Sequence("prompt-logits", None, token_ids, SamplingParams(max_tokens=1), None, self.runner.device)
-        take_caches(seq, pool, kv, need)
         try:
             parts = []
             while seq.num_computed < len(token_ids):
@@ -147,7 +149,7 @@ class LLMEngine:
                 parts.append(self.runner.run([ScheduledChunk(seq, n)], all_logits=True))
             return torch.cat(parts)
         finally:
-            release_caches(seq, pool, kv)
+            self.cache.release(seq)
 
 
 def _find_stop(text: str, stops: list[str], emitted: int):

@@ -1,24 +1,25 @@
-"""Turns scheduled chunks into one packed model step and returns next-token logits."""
+"""Turns scheduled chunks into one packed model step (eager, or replayed from a CUDA graph), returns
+next-token logits, and samples from them."""
 from __future__ import annotations
 
 import torch
 
-from ..forward_batch import Caches, ForwardBatch
+from ..forward_batch import ForwardBatch
+from ..layers.sampler import SamplingBatch, sample
+from .cache import CacheManager
 from .cuda_graph import DecodeGraphs
-from .kv_cache import KVCache
 from .scheduler import ScheduledChunk
-from .state_pool import StatePool
+from .sequence import Sequence
+from .step_inputs import StepInputs, StepShape
 
 
 class ModelRunner:
-    def __init__(self, model, state_pool: StatePool, kv_cache: KVCache, device):
+    def __init__(self, model, cache: CacheManager, device):
         self.model, self.device = model, torch.device(device)
-        self.state_pool, self.kv_cache = state_pool, kv_cache
-        self.caches = Caches(lightning=state_pool.states, kv=kv_cache.kv)
+        self.cache = cache
         self.graphs: DecodeGraphs | None = None
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
-        bs = self.kv_cache.block_size
         cfg = self.model.config
         if cfg.softmax_layers:
             from ..ops import paged_attention_cuda
@@ -26,59 +27,68 @@ class ModelRunner:
             if paged_attention_cuda.available():  # its workspace must exist before capture
                 paged_attention_cuda.reserve(max_batch, cfg.num_attention_heads, cfg.head_dim, max_model_len,
                                              self.device)
-        self.graphs = DecodeGraphs(self.model, self.caches, max_batch, self.kv_cache.blocks_needed(max_model_len),
-                                   max_model_len, self.kv_cache.scratch_block, bs, self.device)
+        self.graphs = DecodeGraphs(self._forward, lambda n: self.prepare_inputs([], pad_to=n), max_batch,
+                                   self.cache.blocks_needed(max_model_len), max_model_len, self.cache.scratch_block,
+                                   self.device)
 
-    def build_batch(self, chunks: list[ScheduledChunk], all_logits: bool = False) -> tuple[torch.Tensor, ForwardBatch]:
-        bs = self.kv_cache.block_size
-        ids, positions, slot_mapping, cu, logit_rows = [], [], [], [0], []
-        max_blocks = max((len(c.seq.blocks) for c in chunks), default=0)
-        tables = []
+    def prepare_inputs(self, chunks: list[ScheduledChunk], all_logits: bool = False,
+                       pad_to: int | None = None) -> StepInputs:
+        """The host side of one step over the chunks: logits for the completing chunks' last tokens, or for
+        every token when all_logits. pad_to: add one-token rows up to this many sequences (a graph's size);
+        they have no state slot, write their KV into the scratch block and get a logits row (dropped). Block
+        tables are padded with the scratch block. O(tokens + sequences x blocks) host work, no device access."""
+        bs, scratch = self.cache.block_size, self.cache.scratch_block
+        width = max([len(c.seq.blocks) for c in chunks] + [1])
+        ids, positions, slot_mapping, logit_rows, cu = [], [], [], [], [0]
+        state_slots, seq_lens, context_lens, tables = [], [], [], []
         for c in chunks:
             seq, start, n = c.seq, c.seq.num_computed, c.num_tokens
+            blocks = seq.blocks
             ids += seq.token_ids[start:start + n]
             pos = range(start, start + n)
             positions += pos
-            slot_mapping += [seq.blocks[p // bs] * bs + p % bs for p in pos]
+            slot_mapping += [blocks[p // bs] * bs + p % bs for p in pos]
             cu.append(cu[-1] + n)
-            tables.append(seq.blocks + [0] * (max_blocks - len(seq.blocks)))
             if all_logits:
                 logit_rows += range(cu[-2], cu[-1])
             elif c.completes:
                 logit_rows.append(cu[-1] - 1)
-        dev = self.device
-        seq_lens = [c.num_tokens for c in chunks]
-        context_lens = [c.seq.num_computed + c.num_tokens for c in chunks]
+            state_slots.append(seq.state_slot)
+            seq_lens.append(n)
+            context_lens.append(start + n)
+            tables += blocks
+            tables += [scratch] * (width - len(blocks))
+        pad = (pad_to or len(chunks)) - len(chunks)
+        assert pad >= 0, (pad_to, len(chunks))
+        if pad:
+            t = cu[-1]
+            ids += [0] * pad
+            positions += [0] * pad
+            slot_mapping += [scratch * bs] * pad
+            logit_rows += range(t, t + pad)
+            cu += range(t + 1, t + pad + 1)
+            state_slots += [-1] * pad
+            seq_lens += [1] * pad
+            context_lens += [1] * pad
+            tables += [scratch] * (width * pad)
+        shape = StepShape(num_tokens=len(ids), num_seqs=len(state_slots), num_logits=len(logit_rows), width=width)
+        i64, i32 = shape.pack([ids, positions, slot_mapping, logit_rows], [state_slots, context_lens, cu, tables],
+                              pin=self.device.type == "cuda")
+        return StepInputs(shape, i64, i32, seq_lens, context_lens)
 
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype, device=dev)
-
-        batch = ForwardBatch(
-            positions=t(positions, torch.int64),
-            cu_seqlens=t(cu, torch.int32),
-            state_slots=t([c.seq.state_slot for c in chunks], torch.int32),
-            block_tables=t(tables, torch.int32).view(len(chunks), max_blocks),
-            slot_mapping=t(slot_mapping, torch.int64),
-            context_lens_t=t(context_lens, torch.int32),
-            seq_lens=seq_lens,
-            context_lens=context_lens,
-            max_seqlen_q=max(seq_lens, default=0),
-            max_seqlen_k=max(context_lens, default=0),
-            is_decode=all(c.num_tokens == 1 for c in chunks),
-            logits_indices=t(logit_rows, torch.int64),
-        )
-        return t(ids, torch.int64), batch
+    def _forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.model(input_ids, batch, self.cache.caches)
+        return self.model.compute_logits(hidden[batch.logits_indices])
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], all_logits: bool = False) -> torch.Tensor:
         """One model step over the chunks; returns fp32 logits [R, vocab] for the completing chunks' last
         tokens (R = number of completing chunks), or for every token when all_logits."""
         if self.graphs is not None and not all_logits and self._graphable(chunks):
-            logits = self._run_graph(chunks)
+            inputs = self.prepare_inputs(chunks, pad_to=self.graphs.padded_size(len(chunks)))
+            logits = self.graphs.run(inputs)[:len(chunks)]
         else:
-            input_ids, batch = self.build_batch(chunks, all_logits)
-            hidden = self.model(input_ids, batch, self.caches)
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            logits = self._forward(*self.prepare_inputs(chunks, all_logits).to_device(self.device))
         for c in chunks:
             c.seq.num_computed += c.num_tokens
         return logits
@@ -87,18 +97,10 @@ class ModelRunner:
         return (all(c.num_tokens == 1 and c.completes for c in chunks)
                 and self.graphs.can_run(len(chunks), max(len(c.seq.blocks) for c in chunks)))
 
-    def _run_graph(self, chunks) -> torch.Tensor:
-        bs = self.kv_cache.block_size
-        pos = [c.seq.num_computed for c in chunks]
-        return self.graphs.run(
-            input_ids=[c.seq.token_ids[p] for c, p in zip(chunks, pos)],
-            positions=pos,
-            state_slots=[c.seq.state_slot for c in chunks],
-            block_tables=_pad([c.seq.blocks for c in chunks]),
-            slot_mapping=[c.seq.blocks[p // bs] * bs + p % bs for c, p in zip(chunks, pos)],
-            context_lens=[p + 1 for p in pos])
+    def prepare_sampling(self, seqs: list[Sequence]) -> SamplingBatch:
+        return SamplingBatch.build([s.params for s in seqs], [s.generator for s in seqs],
+                                   [s.token_ids for s in seqs], [s.output_token_ids for s in seqs])
 
-
-def _pad(rows: list[list[int]]) -> list[list[int]]:
-    width = max(len(r) for r in rows)
-    return [r + [r[-1]] * (width - len(r)) for r in rows]
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
+        """logits [len(seqs), vocab] fp32 -> (next token per sequence, logprobs per sequence or None)."""
+        return sample(logits, self.prepare_sampling(seqs))

@@ -6,9 +6,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from .kv_cache import KVCache
+from .cache import CacheManager
 from .sequence import Sequence, Status
-from .state_pool import StatePool
 
 
 @dataclasses.dataclass
@@ -22,23 +21,9 @@ class ScheduledChunk:
         return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
 
 
-def take_caches(seq: Sequence, state_pool, kv_cache, num_blocks: int) -> None:
-    """Give seq a (zeroed) state slot and num_blocks KV blocks and mark it running: for work run outside the
-    scheduler's queues (profiling, prompt_logits, benchmarks). `release_caches` gives them back."""
-    seq.state_slot, seq.blocks, seq.status = state_pool.allocate(), kv_cache.allocate(num_blocks), Status.RUNNING
-
-
-def release_caches(seq: Sequence, state_pool, kv_cache) -> None:
-    if seq.state_slot >= 0:
-        state_pool.release(seq.state_slot)
-        seq.state_slot = -1
-    kv_cache.release(seq.blocks)
-    seq.blocks = []
-
-
 class Scheduler:
-    def __init__(self, state_pool: StatePool, kv_cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int):
-        self.state_pool, self.kv_cache = state_pool, kv_cache
+    def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.cache = cache
         self.max_num_seqs, self.token_budget = max_num_seqs, max_num_batched_tokens
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -58,10 +43,10 @@ class Scheduler:
             if seq.status != Status.RUNNING or budget == 0:
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if self.kv_cache.blocks_needed(seq.num_computed + n) > self.kv_cache.num_blocks:
+            if not self.cache.fits(seq.num_computed + n):
                 self.finish(seq, "length")  # longer than the whole KV cache: it can never continue
                 continue
-            while not self._grow(seq, n):
+            while not self.cache.grow(seq, seq.num_computed + n):
                 victim = self._youngest_running(exclude=seq)
                 if victim is None:
                     break
@@ -73,31 +58,20 @@ class Scheduler:
                 continue
             self._preempt(seq)  # nothing left to free: it waits for others to finish
         # admissions, first come first served
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.state_pool.num_free:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.cache.num_free_slots:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if self.kv_cache.blocks_needed(seq.num_tokens) > self.kv_cache.num_blocks:
+            if not self.cache.fits(seq.num_tokens):
                 self.finish(seq, "length")  # the engine rejects such prompts up front; this is a backstop
                 continue
-            if not self._grow(seq, n):
+            if not self.cache.allocate(seq, seq.num_computed + n):  # a zeroed state slot and the blocks
                 break
             self.waiting.popleft()
-            seq.state_slot = self.state_pool.allocate()
             seq.status = Status.RUNNING
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
         return chunks
-
-    def _grow(self, seq: Sequence, n: int) -> bool:
-        """Make sure seq has KV blocks for num_computed + n tokens."""
-        extra = self.kv_cache.blocks_needed(seq.num_computed + n) - len(seq.blocks)
-        if extra <= 0:
-            return True
-        if extra > self.kv_cache.num_free:
-            return False
-        seq.blocks += self.kv_cache.allocate(extra)
-        return True
 
     def _youngest_running(self, exclude: Sequence) -> Sequence | None:
         candidates = [s for s in self.running if s is not exclude and s.status == Status.RUNNING]
@@ -112,7 +86,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _free(self, seq: Sequence) -> None:
-        release_caches(seq, self.state_pool, self.kv_cache)
+        self.cache.release(seq)
         if seq in self.running:
             self.running.remove(seq)
 

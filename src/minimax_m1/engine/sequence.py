@@ -19,8 +19,13 @@ class Status(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 tokenizer, device):
+    """detokenizer: turns the output tokens into text (None for work whose text nobody reads: profiling,
+    prompt logits, benchmarks). generator: the request's own random stream when it has a seed, so its
+    tokens do not depend on what else runs in the batch."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                 prompt: str | None = None, detokenizer: IncrementalDetokenizer | None = None,
+                 generator: torch.Generator | None = None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -31,20 +36,18 @@ class Sequence:
         self.params = params
         self.arrival = next(_arrival)
         self.status = Status.WAITING
+        # what the cache manager gave it (only the manager changes these)
         self.state_slot = -1
         self.blocks: list[int] = []
         self.num_computed = 0  # tokens whose state/KV the caches hold
         self.finish_reason: str | None = None
         self.stop_reason = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self.detokenizer = detokenizer
         self.text = ""  # the output text as returned (stop strings cut off)
         self.sent_tokens = 0  # how much of the output "delta" outputs have already carried
         self.sent_chars = 0
-        # a seed gives the same tokens whatever else runs in the batch: a generator of its own
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+        self.generator = generator
 
     def append_token(self, token: int) -> None:
         self.output_token_ids.append(token)

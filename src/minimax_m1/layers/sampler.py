@@ -1,29 +1,79 @@
 """Sampling over the whole batch: penalties, greedy, temperature, top-k, top-p, min-p, per-request seeds,
 logprobs. Rows are independent: a seeded request draws from its own generator, so its tokens do not
-depend on what else runs in the batch."""
+depend on what else runs in the batch. What to do is decided from host-side settings (a SamplingBatch),
+never by waiting for the GPU."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
+from ..host_tensors import from_list
+from ..sampling_params import SamplingParams
 
-def apply_penalties(logits: torch.Tensor, seqs) -> torch.Tensor:
+
+@dataclasses.dataclass
+class Penalties:
+    """One row's penalties (vLLM's) and the token ids they count: host lists, not copies."""
+
+    row: int
+    repetition: float
+    presence: float
+    frequency: float
+    seen_token_ids: list[int]  # prompt + output so far: repetition
+    output_token_ids: list[int]  # presence and frequency
+
+
+@dataclasses.dataclass
+class SamplingBatch:
+    """What the sampler needs about N rows. Tensors are on the host ([N], moved to the logits' device only
+    when a row needs them); the lists are host-side decisions. Further per-row settings (logit_bias,
+    min_tokens, a grammar's token bitmask, prompt logprobs) become more fields here, applied to the logits
+    where the penalties are."""
+
+    temperatures: torch.Tensor  # [N] fp32, 0 = greedy
+    top_k: torch.Tensor  # [N] int64, 0 = off
+    top_p: torch.Tensor  # [N] fp32, 1 = off
+    min_p: torch.Tensor  # [N] fp32, 0 = off
+    greedy: list[bool]  # temperature 0: argmax, no draw
+    generators: list[torch.Generator | None]  # a seeded row's own stream (None: the device's default)
+    penalties: list[Penalties]  # only the rows that have one
+    logprobs: list[int | None]  # top logprobs to return per row (None: none; 0: the sampled token's only)
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
+              token_ids: list[list[int]], output_token_ids: list[list[int]]) -> SamplingBatch:
+        """From each row's settings, generator, prompt + output token ids and output token ids."""
+        temps = from_list([p.temperature for p in params], torch.float32)
+        return cls(
+            temperatures=temps,
+            top_k=from_list([max(p.top_k, 0) for p in params], torch.int64),
+            top_p=from_list([p.top_p for p in params], torch.float32),
+            min_p=from_list([p.min_p for p in params], torch.float32),
+            greedy=(temps == 0).tolist(),  # as the fp32 tensor has it (a temperature of 1e-50 is 0 there)
+            generators=list(generators),
+            penalties=[Penalties(i, p.repetition_penalty, p.presence_penalty, p.frequency_penalty, token_ids[i],
+                                 output_token_ids[i])
+                       for i, p in enumerate(params) if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                       or p.frequency_penalty != 0.0],
+            logprobs=[p.logprobs for p in params])
+
+
+def apply_penalties(logits: torch.Tensor, penalties: list[Penalties]) -> torch.Tensor:
     """vLLM's penalties: repetition over prompt and output tokens (positive logits divided, negative
     multiplied); presence and frequency over output tokens. Returns a penalised copy (logits itself when no
     row has a penalty)."""
-    rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
-            or s.params.presence_penalty != 0.0 or s.params.frequency_penalty != 0.0]
-    if rows:
+    if penalties:
         logits = logits.clone()
-    for i in rows:
-        p, s = seqs[i].params, seqs[i]
-        row = logits[i]
-        if p.repetition_penalty != 1.0 and s.num_tokens:
-            seen = torch.tensor(sorted(set(s.token_ids)), device=logits.device)
+    for p in penalties:
+        row = logits[p.row]
+        if p.repetition != 1.0 and p.seen_token_ids:
+            seen = torch.tensor(sorted(set(p.seen_token_ids)), device=logits.device)
             vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if s.output_token_ids and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(torch.tensor(s.output_token_ids, device=logits.device), minlength=row.shape[0])
-            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+            row[seen] = torch.where(vals > 0, vals / p.repetition, vals * p.repetition)
+        if p.output_token_ids and (p.presence or p.frequency):
+            counts = torch.bincount(torch.tensor(p.output_token_ids, device=logits.device), minlength=row.shape[0])
+            row -= p.frequency * counts + p.presence * (counts > 0)
     return logits
 
 
@@ -48,36 +98,31 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
     return logits
 
 
-def sample(logits: torch.Tensor, seqs) -> tuple[list[int], list[dict[int, float] | None]]:
-    """logits [N, V] fp32 (one row per sequence) -> (next token per row, logprobs per row or None)."""
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[dict[int, float] | None]]:
+    """logits [N, V] fp32 (one row per SamplingBatch row) -> (next token per row, logprobs per row or None)."""
     n, vocab = logits.shape
-    want_logprobs = [s.params.logprobs for s in seqs]
-    raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in want_logprobs) else None
-    logits = apply_penalties(logits, seqs)
+    raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in batch.logprobs) else None
+    logits = apply_penalties(logits, batch.penalties)
 
     tokens = logits.argmax(-1)
-    temps = torch.tensor([s.params.temperature for s in seqs])  # on the host: no wait for the GPU per row
-    row_greedy = (temps == 0).tolist()
-    if not all(row_greedy):
-        temps = temps.to(logits.device)
+    if not all(batch.greedy):
+        temps = batch.temperatures.to(logits.device)
         greedy = temps == 0
-        top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs])
-        top_p = torch.tensor([s.params.top_p for s in seqs])
-        min_p = torch.tensor([s.params.min_p for s in seqs])
+        top_k = torch.where(batch.top_k > 0, batch.top_k, vocab)
         scaled = logits / torch.where(greedy, 1.0, temps)[:, None]
-        probs = _filter(scaled, top_k, top_p, min_p).softmax(-1)
+        probs = _filter(scaled, top_k, batch.top_p, batch.min_p).softmax(-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; per-row noise keeps seeds independent
         noise = torch.empty_like(probs)
-        for i, s in enumerate(seqs):
-            if not row_greedy[i]:
-                noise[i].exponential_(generator=s.generator)
+        for i, gen in enumerate(batch.generators):
+            if not batch.greedy[i]:
+                noise[i].exponential_(generator=gen)
         drawn = (probs / noise.clamp_(min=1e-30)).argmax(-1)
         tokens = torch.where(greedy, tokens, drawn)
     token_list = tokens.tolist()
 
     logprobs = [None] * n
     if raw_logprobs is not None:
-        for i, k in enumerate(want_logprobs):
+        for i, k in enumerate(batch.logprobs):
             if k is None:
                 continue
             top = raw_logprobs[i].topk(k) if k > 0 else None

@@ -34,14 +34,14 @@ def paged_attention(q, kv_cache, batch, scale):
     if _VARLEN is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         if not _VARLEN_PAGED and batch.is_decode and paged_attention_cuda.supports(q, kv_cache):
             return paged_attention_cuda.paged_decode(q, kv_cache, batch.block_tables, batch.context_lens_t, scale,
-                                                     batch.max_seqlen_k)
+                                                     batch.context_len_bound)
         cu_k = F.pad(batch.context_lens_t.cumsum(0, dtype=torch.int32), (1, 0))
         if _VARLEN_PAGED:
             return _VARLEN(q, kv_cache[0], kv_cache[1], batch.cu_seqlens, cu_k, batch.max_seqlen_q,
-                           batch.max_seqlen_k, scale=scale, window_size=(-1, 0), enable_gqa=True,
+                           batch.context_len_bound, scale=scale, window_size=(-1, 0), enable_gqa=True,
                            seqused_k=batch.context_lens_t, block_table=batch.block_tables)
         k, v = _gather_context(kv_cache, batch, cu_k)
-        return _VARLEN(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen_q, batch.max_seqlen_k, scale=scale,
+        return _VARLEN(q, k, v, batch.cu_seqlens, cu_k, batch.max_seqlen_q, batch.context_len_bound, scale=scale,
                        window_size=(-1, 0))
     return reference_paged_attention(q, kv_cache, batch.block_tables, batch.seq_lens, batch.context_lens, scale)
 

@@ -36,11 +36,11 @@ class EngineMetrics:
         r.register(self._totals)
 
     def update_gauges(self, engine) -> None:
-        s = engine.scheduler
+        s, usage = engine.scheduler, engine.cache.usage()
         self.running.set(len(s.running))
         self.waiting.set(len(s.waiting))
-        self.state_pool_usage.set(1 - s.state_pool.num_free / s.state_pool.num_slots)
-        self.kv_cache_usage.set(1 - s.kv_cache.num_free / s.kv_cache.num_blocks)
+        self.state_pool_usage.set(usage.state_slots)
+        self.kv_cache_usage.set(usage.kv_blocks)
         self._totals.sample(engine)
 
     def on_first_token(self, seconds: float) -> None:

@@ -21,7 +21,7 @@ class StatePool:
     def allocate(self) -> int:
         """Take a slot and zero it: a new request starts from the zero state."""
         if not self._free:
-            raise RuntimeError("state pool exhausted")  # the scheduler checks num_free first
+            raise RuntimeError("state pool exhausted")  # the cache manager checks num_free first
         slot = self._free.pop()
         self.states[:, slot].zero_()
         return slot
