@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import minimax_m1
 from minimax_m1.config import LINEAR, SOFTMAX, ModelConfig, ParallelConfig
-from minimax_m1.distributed import SINGLE, Group, destroy_distributed, init_distributed
+from minimax_m1.distributed import MULTI_GPU_ENV, Group, destroy_distributed, init_distributed
 from minimax_m1.forward_batch import Caches, ForwardBatch
 from minimax_m1.models.minimax_m1 import MiniMaxM1ForCausalLM
 from minimax_m1.weights import checkpoint_shapes, init_dummy, load_checkpoint
@@ -39,10 +39,22 @@ def split_config(num_kv_heads: int = 4) -> ModelConfig:
         linear_attn_alpha=alpha, mlp_alpha=alpha, max_position_embeddings=4096)
 
 
-def build(config: ModelConfig, parallel: ParallelConfig, group: Group, checkpoint=None, seed: int = 0):
-    """This rank's fp32 CPU model: dummy weights of `seed`, or loaded from `checkpoint`."""
-    with torch.device("cpu"):
-        model = MiniMaxM1ForCausalLM(config, parallel, group)
+def gpu_config() -> ModelConfig:
+    """split_config at head_dim 128 and widths the CUDA kernels serve (hidden and I/2 multiples of 64)."""
+    return dataclasses.replace(split_config(2), hidden_size=256, num_attention_heads=4, head_dim=128, rotary_dim=64,
+                               intermediate_size=128, num_local_experts=4)
+
+
+def build(config: ModelConfig, parallel: ParallelConfig, group: Group, checkpoint=None, seed: int = 0,
+          device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """This rank's model: dummy weights of `seed`, or loaded from `checkpoint`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = MiniMaxM1ForCausalLM(config, parallel, group)
+    finally:
+        torch.set_default_dtype(previous)
     if checkpoint is None:
         init_dummy(model, seed)
     else:
@@ -61,14 +73,16 @@ class Seq:
 class Runner:
     """Model steps over hand-packed batches with this rank's state slots and KV blocks."""
 
-    def __init__(self, model, num_seqs: int, max_len: int):
-        cfg, self.model = model.config, model
-        self.blocks_per_seq = -(-max_len // BLOCK)
+    def __init__(self, model, num_seqs: int, max_len: int, block_size: int = BLOCK):
+        cfg, self.model, self.block_size = model.config, model, block_size
+        w = model.lm_head.weight
+        self.device = w.device
+        self.blocks_per_seq = -(-max_len // block_size)
         self.caches = Caches(
             lightning=torch.zeros(len(cfg.linear_layers), num_seqs, model.num_lightning_heads, cfg.head_dim,
-                                  cfg.head_dim),
-            kv=torch.zeros(len(cfg.softmax_layers), 2, num_seqs * self.blocks_per_seq + 1, BLOCK, model.num_kv_heads,
-                           cfg.head_dim))
+                                  cfg.head_dim, device=w.device),
+            kv=torch.zeros(len(cfg.softmax_layers), 2, num_seqs * self.blocks_per_seq + 1, block_size, model.num_kv_heads,
+                           cfg.head_dim, dtype=w.dtype, device=w.device))
 
     def seq(self, token_ids: list[int], slot: int) -> Seq:
         return Seq(list(token_ids), slot, list(range(slot * self.blocks_per_seq, (slot + 1) * self.blocks_per_seq)))
@@ -82,19 +96,21 @@ class Runner:
             start = seq.num_computed
             ids += seq.token_ids[start:start + n]
             positions += range(start, start + n)
-            slot_mapping += [seq.blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, start + n)]
+            bs = self.block_size
+            slot_mapping += [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
             cu.append(cu[-1] + n)
             rows += range(cu[-2], cu[-1]) if all_logits else [cu[-1] - 1]
         seq_lens = [n for _, n in chunks]
         context_lens = [s.num_computed + n for s, n in chunks]
+        i32, i64 = dict(dtype=torch.int32, device=self.device), dict(dtype=torch.int64, device=self.device)
         batch = ForwardBatch(
-            positions=torch.tensor(positions), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-            state_slots=torch.tensor([s.slot for s, _ in chunks], dtype=torch.int32),
-            block_tables=torch.tensor([s.blocks for s, _ in chunks], dtype=torch.int32),
-            slot_mapping=torch.tensor(slot_mapping), context_lens_t=torch.tensor(context_lens, dtype=torch.int32),
+            positions=torch.tensor(positions, **i64), cu_seqlens=torch.tensor(cu, **i32),
+            state_slots=torch.tensor([s.slot for s, _ in chunks], **i32),
+            block_tables=torch.tensor([s.blocks for s, _ in chunks], **i32),
+            slot_mapping=torch.tensor(slot_mapping, **i64), context_lens_t=torch.tensor(context_lens, **i32),
             seq_lens=seq_lens, context_lens=context_lens, max_seqlen_q=max(seq_lens), max_seqlen_k=max(context_lens),
-            is_decode=all(n == 1 for n in seq_lens), logits_indices=torch.tensor(rows))
-        hidden = self.model(torch.tensor(ids), batch, self.caches)
+            is_decode=all(n == 1 for n in seq_lens), logits_indices=torch.tensor(rows, **i64))
+        hidden = self.model(torch.tensor(ids, **i64), batch, self.caches)
         for seq, n in chunks:
             seq.num_computed += n
         return self.model.compute_logits(hidden[batch.logits_indices])
@@ -102,22 +118,26 @@ class Runner:
 
 def greedy(logits: torch.Tensor | None, group: Group, rows: int) -> list[int]:
     """Rank 0's argmax tokens, sent to every rank (the engine's step-input broadcast, done plainly)."""
-    tokens = logits.argmax(-1) if logits is not None else torch.zeros(rows, dtype=torch.int64)
+    tokens = logits.argmax(-1).cpu() if logits is not None else torch.zeros(rows, dtype=torch.int64)
     if group.communicates:
         dist.broadcast(tokens, src=0, group=group.process_group)
     return tokens.tolist()
 
 
-def scenario(config: ModelConfig, parallel: ParallelConfig, group: Group, checkpoint=None) -> dict:
-    """prompt logits (one prefill step over both prompts), chunked prefill then greedy decode of both together."""
-    model = build(config, parallel, group, checkpoint)
+def scenario(config: ModelConfig, parallel: ParallelConfig, group: Group, checkpoint=None, device: str = "cpu",
+             dtype: torch.dtype = torch.float32, forced: bool = False) -> dict:
+    """prompt logits (one prefill step over both prompts), chunked prefill then greedy decode of both together
+    (forced: decode fixed tokens instead, so that runs which round differently still see the same context).
+    Logits come back on the CPU in fp32."""
+    model = build(config, parallel, group, checkpoint, device=device, dtype=dtype)
     out = {"lightning_heads": model.num_lightning_heads, "kv_heads": model.num_kv_heads,
            "kv_first_head": next(l.self_attn.k_proj.first_head for l in model.model.layers if not l.is_linear)}
-    r = Runner(model, 2, 64)
+    block = BLOCK if device == "cpu" else 256  # flash attention's paged kernel reads blocks of 256
+    r = Runner(model, 2, 64, block)
     a, b = r.seq(PROMPTS[0], 0), r.seq(PROMPTS[1], 1)
     out["prompt"] = r.step([(a, len(PROMPTS[0])), (b, len(PROMPTS[1]))], all_logits=True)
 
-    r = Runner(model, 2, 64)
+    r = Runner(model, 2, 64, block)
     seqs = [r.seq(PROMPTS[0], 0), r.seq(PROMPTS[1], 1)]
     parts, last = [], [None, None]  # last: each prompt's final-row logits, where its last chunk ran
     for step in range(max(map(len, CHUNKS))):
@@ -134,6 +154,8 @@ def scenario(config: ModelConfig, parallel: ParallelConfig, group: Group, checkp
     decode, tokens = [], []
     for _ in range(DECODE_STEPS):
         nxt = greedy(logits, group, len(seqs))
+        if forced:
+            nxt = [(31 * len(tokens) + 7 * i) % config.vocab_size for i in range(len(seqs))]
         tokens.append(nxt)
         for s, t in zip(seqs, nxt):
             s.token_ids.append(t)
@@ -141,7 +163,7 @@ def scenario(config: ModelConfig, parallel: ParallelConfig, group: Group, checkp
         decode.append(logits)
     out["decode"] = None if decode[0] is None else torch.stack(decode)
     out["tokens"] = tokens
-    return out
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
 # ---- checkpoints and scenarios --------------------------------------------------------------------
@@ -178,10 +200,13 @@ def released_config_json(c: ModelConfig) -> dict:
 
 
 def run_spec(spec: dict, world_size: int, group: Group) -> dict:
-    """spec: {"kv_heads": int, "ep": bool, "checkpoint": dir or None}."""
+    """spec: {"ep": bool, and "kv_heads": int, or "checkpoint": dir, or "gpu": True (bf16 on CUDA, gpu_config)}."""
+    parallel = ParallelConfig(world_size, spec["ep"])
+    if spec.get("gpu"):
+        return scenario(gpu_config(), parallel, group, device="cuda", dtype=torch.bfloat16, forced=True)
     ckpt = spec.get("checkpoint")
     config = ModelConfig.from_file(ckpt) if ckpt else split_config(spec["kv_heads"])
-    return scenario(config, ParallelConfig(world_size, spec["ep"]), group, ckpt)
+    return scenario(config, parallel, group, ckpt)
 
 
 def run_ranks(world_size: int, specs: dict[str, dict], workdir: pathlib.Path, timeout_s: float = 300) -> list[dict]:
@@ -230,7 +255,9 @@ def main() -> None:
     group = init_distributed(init_method=f"file://{workdir / 'rendezvous'}", timeout_s=60)
     try:
         results = {name: run_spec(spec, group.world_size, group) for name, spec in specs.items()}
+        results["_env"] = {k: os.environ.get(k) for k in MULTI_GPU_ENV}  # what init_distributed set
         torch.save(results, workdir / f"results{group.rank}.pt")
+        dist.barrier()  # no rank closes its connections while another still uses them
     finally:
         destroy_distributed()
 
