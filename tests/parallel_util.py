@@ -81,8 +81,8 @@ class Runner:
         self.caches = Caches(
             lightning=torch.zeros(len(cfg.linear_layers), num_seqs, model.num_lightning_heads, cfg.head_dim,
                                   cfg.head_dim, device=w.device),
-            kv=torch.zeros(len(cfg.softmax_layers), 2, num_seqs * self.blocks_per_seq + 1, block_size, model.num_kv_heads,
-                           cfg.head_dim, dtype=w.dtype, device=w.device))
+            kv=torch.zeros(len(cfg.softmax_layers), 2, num_seqs * self.blocks_per_seq + 1, block_size,
+                           model.num_kv_heads, cfg.head_dim, dtype=w.dtype, device=w.device))
 
     def seq(self, token_ids: list[int], slot: int) -> Seq:
         return Seq(list(token_ids), slot, list(range(slot * self.blocks_per_seq, (slot + 1) * self.blocks_per_seq)))
@@ -195,8 +195,8 @@ def released_config_json(c: ModelConfig) -> dict:
             "num_experts_per_tok": c.num_experts_per_tok, "attn_type_list": c.attn_type_list,
             "rotary_dim": c.rotary_dim, "rope_theta": c.rope_theta, "postnorm": c.postnorm,
             "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
-            "layernorm_full_attention_alpha": c.full_attn_alpha, "layernorm_linear_attention_alpha": c.linear_attn_alpha,
-            "layernorm_mlp_alpha": c.mlp_alpha}
+            "layernorm_full_attention_alpha": c.full_attn_alpha,
+            "layernorm_linear_attention_alpha": c.linear_attn_alpha, "layernorm_mlp_alpha": c.mlp_alpha}
 
 
 def run_spec(spec: dict, world_size: int, group: Group) -> dict:
@@ -214,8 +214,8 @@ def run_ranks(world_size: int, specs: dict[str, dict], workdir: pathlib.Path, ti
     out); returns each rank's {spec name: scenario results}."""
     workdir.mkdir(parents=True, exist_ok=True)
     src = pathlib.Path(minimax_m1.__file__).resolve().parents[1]
-    env = dict(os.environ, WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(src), str(pathlib.Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    path = [str(src), str(pathlib.Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
     if pathlib.Path("/sys/class/net/lo").exists():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     procs, logs = [], []
@@ -225,16 +225,18 @@ def run_ranks(world_size: int, specs: dict[str, dict], workdir: pathlib.Path, ti
             procs.append(subprocess.Popen([sys.executable, __file__, str(workdir), json.dumps(specs)],
                                           env=dict(env, RANK=str(rank)), stdout=logs[-1], stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout_s
-        while any(p.poll() is None for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                raise RuntimeError(f"rank {failed[0]} of {world_size} failed:\n{_tail(workdir / f'rank{failed[0]}.log')}")
+                log = _tail(workdir / f"rank{failed[0]}.log")
+                raise RuntimeError(f"rank {failed[0]} of {world_size} failed (exit {codes[failed[0]]}):\n{log}")
+            if all(c == 0 for c in codes):
+                break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{world_size} ranks still running after {timeout_s} s:\n{_tail(workdir / 'rank0.log')}")
+                log = _tail(workdir / "rank0.log")
+                raise TimeoutError(f"{world_size} ranks still running after {timeout_s} s (killed):\n{log}")
             time.sleep(0.1)
-        failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-        if failed:
-            raise RuntimeError(f"rank {failed[0]} of {world_size} failed:\n{_tail(workdir / f'rank{failed[0]}.log')}")
     finally:
         for p in procs:
             if p.poll() is None:

@@ -11,6 +11,7 @@ MASTER_ADDR/MASTER_PORT, or an explicit init_method such as file://) and builds 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -21,8 +22,9 @@ import torch.distributed as dist
 
 from .config import ConfigError, ParallelConfig
 
-# Never NVLink multicast (NVLS, multimem): set in this process before any process group exists, and so
-# inherited by every process it starts. `multi_gpu_env()` gives the same for an explicit child environment.
+# Never NVLink multicast (NVLS, multimem): set in this process before any process group exists (on import and
+# again in init_distributed), and so inherited by every process it starts; `multi_gpu_env(env)` sets them in
+# an explicit child environment.
 MULTI_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
@@ -31,6 +33,9 @@ def multi_gpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
     env = os.environ if env is None else env
     env.update(MULTI_GPU_ENV)
     return env
+
+
+multi_gpu_env()  # on import too: the model imports this module before any process group can exist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +64,7 @@ class Group:
             return x
         if small_all_reduce(x, self):
             return x
-        with _on_host_for_gloo(self, x, writeback=True) as buf:
+        with _staged_for_gloo(self, x, writeback=True) as buf:
             dist.all_reduce(buf, group=self.process_group)
         return x
 
@@ -67,7 +72,7 @@ class Group:
         """Every rank's x (same shape on all), concatenated along `dim` in rank order."""
         if not self.communicates:
             return x
-        with _on_host_for_gloo(self, x.contiguous()) as buf:
+        with _staged_for_gloo(self, x.contiguous()) as buf:
             parts = [torch.empty_like(buf) for _ in range(self.world_size)]
             dist.all_gather(parts, buf, group=self.process_group)
         return torch.cat(parts, dim=dim).to(x.device)
@@ -77,7 +82,7 @@ class Group:
         (world size 1, emulation) x itself, whatever the rank."""
         if not self.communicates:
             return x
-        with _on_host_for_gloo(self, x.contiguous()) as buf:
+        with _staged_for_gloo(self, x.contiguous()) as buf:
             parts = [torch.empty_like(buf) for _ in range(self.world_size)] if self.rank == dst else None
             dist.gather(buf, parts, dst=dist.get_global_rank(self.process_group, dst), group=self.process_group)
         return torch.cat(parts, dim=dim).to(x.device) if parts is not None else None
@@ -99,21 +104,17 @@ def small_all_reduce(x: torch.Tensor, group: Group) -> bool:
     return False
 
 
-class _on_host_for_gloo:
-    """gloo reduces CUDA tensors but gathers only host ones: stage a CUDA tensor through the host for gloo
-    (the one-GPU, several-rank tests); any other tensor is used in place."""
-
-    def __init__(self, group: Group, x: torch.Tensor, writeback: bool = False):
-        self.x, self.writeback = x, writeback
-        self.staged = x.is_cuda and dist.get_backend(group.process_group) == "gloo"
-
-    def __enter__(self) -> torch.Tensor:
-        self.buf = self.x.cpu() if self.staged else self.x
-        return self.buf
-
-    def __exit__(self, *exc) -> None:
-        if self.staged and self.writeback and exc[0] is None:
-            self.x.copy_(self.buf)
+@contextlib.contextmanager
+def _staged_for_gloo(group: Group, x: torch.Tensor, writeback: bool = False):
+    """gloo reduces CUDA tensors but gathers only host ones: stage a CUDA tensor through the host for gloo (the
+    one-GPU, several-rank tests), copying the result back when `writeback`; any other tensor is used in place."""
+    if not (x.is_cuda and dist.get_backend(group.process_group) == "gloo"):
+        yield x
+        return
+    buf = x.cpu()
+    yield buf
+    if writeback:
+        x.copy_(buf)
 
 
 def init_distributed(rank: int | None = None, world_size: int | None = None, backend: str | None = None,
