@@ -74,11 +74,11 @@ class SparseMoE(nn.Module):
                                    (box(experts, (i + r0, i + r0 + il), (0, h)),
                                     box((0, self.num_experts), (il, 2 * il), (0, h)))]
         part, expert = shard_id
+        assert part in ("w1", "w3"), shard_id
         local = self._local(expert)
         if local is None:
             return (i, h), []
         dst_rows = (0, il) if part == "w1" else (il, 2 * il)
-        assert part in ("w1", "w3"), shard_id
         return (i, h), [(box((r0, r0 + il), (0, h)), box((local, local + 1), dst_rows, (0, h)))]
 
     def _w2_plan(self, shard_id) -> Plan:
