@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from minimax_m1 import LLM
 from minimax_m1.config import ModelConfig, minimax_m1_config
 from minimax_m1.models.minimax_m1 import MiniMaxM1ForCausalLM
-from minimax_m1.weights import WeightError, _targets, resolve
+from minimax_m1.weights import WeightError, checkpoint_shapes, resolve
 
 CONFIG = {"architectures": ["MiniMaxM1ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
           "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 16,
@@ -38,8 +38,8 @@ def test_real_index_against_preset(shared_model_dir):
 def _released_tensors(seed=0):
     """Random tensors under the released checkpoint's names for the CONFIG model."""
     g = torch.Generator().manual_seed(seed)
-    targets, _ = _targets(_meta_model(ModelConfig.from_dict(CONFIG)))
-    return {name: torch.randn(t.shape, generator=g) for name, t in targets.items()}
+    shapes = checkpoint_shapes(_meta_model(ModelConfig.from_dict(CONFIG)))
+    return {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
 
 
 def _write(path, tensors, shards=1):

@@ -233,3 +233,50 @@ def _alibi_slopes(n: int) -> list[float]:
         return power_of_two(n)
     closest = 2 ** math.floor(math.log2(n))
     return power_of_two(closest) + _alibi_slopes(2 * closest)[0::2][: n - closest]
+
+
+# ---- parallelism ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How one model splits over N = tensor_parallel_size ranks (distributed.Group).
+
+    Attention heads, the vocabulary and the lightning output norm are split N ways; without expert parallelism
+    every expert's intermediate dim is too (I/N per rank, all experts on every rank). With
+    enable_expert_parallel each rank holds E/N whole experts instead, over the same N ranks (as vLLM: EP uses
+    the TP group). emulate_rank r builds and runs only rank r's share, with collectives skipped (one-device
+    benchmarks of one rank)."""
+
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    emulate_rank: int | None = None
+
+    def __post_init__(self):
+        n = self.tensor_parallel_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"tensor_parallel_size must be an integer >= 1, got {n!r}")
+        if self.emulate_rank is not None and not (isinstance(self.emulate_rank, int) and 0 <= self.emulate_rank < n):
+            raise ConfigError(f"emulate_rank must be a rank in [0, {n}), got {self.emulate_rank!r}")
+
+    def check(self, model: ModelConfig) -> None:
+        """Raise ConfigError naming the dimension (and the sizes that work) when `model` cannot be split this way."""
+        problems = self._problems(model)
+        if problems:
+            sizes = [m for m in range(1, 2 * model.num_attention_heads + 1)
+                     if not dataclasses.replace(self, tensor_parallel_size=m, emulate_rank=None)._problems(model)]
+            raise ConfigError(f"tensor_parallel_size={self.tensor_parallel_size} cannot split this model: "
+                              f"{'; '.join(problems)}. Sizes that work: {sizes}")
+
+    def _problems(self, model: ModelConfig) -> list[str]:
+        n, problems = self.tensor_parallel_size, []
+        if model.num_attention_heads % n:
+            problems.append(f"num_attention_heads ({model.num_attention_heads}) is not divisible by it")
+        kv = model.num_key_value_heads
+        if kv % n and n % kv:  # KV heads split when n <= kv, each replicated on n/kv ranks when n > kv
+            problems.append(f"num_key_value_heads ({kv}) neither divides it nor is divisible by it")
+        if self.enable_expert_parallel and model.num_local_experts % n:
+            problems.append(f"num_local_experts ({model.num_local_experts}) is not divisible by it "
+                            f"(expert parallelism gives each rank whole experts)")
+        if not self.enable_expert_parallel and model.intermediate_size % n:
+            problems.append(f"intermediate_size ({model.intermediate_size}) is not divisible by it")
+        return problems

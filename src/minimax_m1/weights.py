@@ -1,85 +1,52 @@
-"""Checkpoint loading: safetensors (one file or shards with model.safetensors.index.json), both the
-released checkpoint's tensor names and what transformers' MiniMaxForCausalLM.save_pretrained writes,
-loaded shard by shard straight into the parameters (built on the meta device) on the target device/dtype.
+"""Checkpoint loading: safetensors (one file or shards with model.safetensors.index.json), in the released
+checkpoint's tensor names or in what transformers' MiniMaxForCausalLM.save_pretrained writes.
+
+The model names the tensors it needs (MiniMaxM1ForCausalLM.checkpoint_tensors, packed_tensor) and each
+parameter's weight_loader takes its rank's boxes of a tensor (layers/linear.py), so loading is a loop over
+checkpoint tensors: a rank reads only its own slices (`get_slice(name)[box]`), one box in host memory at a
+time. Dummy weights (load_format="dummy") go through the same loaders.
 """
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import pathlib
-import re
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .models.minimax_m1 import MiniMaxM1ForCausalLM
-
-# Buffers transformers derives from the config and saves anyway; the engine recomputes them.
-_DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.(slope_rate|query_decay|key_decay|diagonal_decay)$"
-                      r"|model\.rotary_emb\.inv_freq$|.*\.rotary\.inv_freq$")
-_EXPERT = re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
-_HF_PACKED = re.compile(r"(model\.layers\.\d+)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)$")
+from .layers.linear import Box
+from .models.minimax_m1 import DERIVED, MiniMaxM1ForCausalLM
 
 
 class WeightError(ValueError):
     """The checkpoint does not match the model: missing, unexpected or mis-shaped tensors."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    param: str  # parameter name in MiniMaxM1ForCausalLM
-    index: tuple  # where in the parameter the tensor goes (() = the whole parameter)
-    shape: tuple[int, ...]  # the shape the checkpoint tensor must have
-    pieces: tuple  # coverage keys this tensor fills
+def _open_shard(path: pathlib.Path):
+    return safe_open(path, "pt", device="cpu")
 
 
-def _targets(model: MiniMaxM1ForCausalLM) -> tuple[dict[str, Target], dict[str, set]]:
-    """Every released-checkpoint tensor name -> Target, and for each parameter the pieces that cover it."""
-    cfg = model.config
-    i = cfg.intermediate_size
-    targets, needed = {}, {}
-    for name, p in model.named_parameters():
-        shape = tuple(p.shape)
-        m = re.match(r"(model\.layers\.\d+)\.block_sparse_moe\.(w13|w2)$", name)
-        if not m:
-            targets[name] = Target(name, (), shape, ((name, None),))
-            needed[name] = {(name, None)}
-            continue
-        layer, which = m.groups()
-        needed[name] = set()
-        for e in range(cfg.num_local_experts):
-            prefix = f"{layer}.block_sparse_moe.experts.{e}"
-            if which == "w13":
-                parts = (("w1", slice(0, i)), ("w3", slice(i, 2 * i)))
-                for part, rows in parts:
-                    key = (name, (e, part))
-                    targets[f"{prefix}.{part}.weight"] = Target(name, (e, rows), (i, shape[2]), (key,))
-                    needed[name].add(key)
-            else:
-                key = (name, (e, "w2"))
-                targets[f"{prefix}.w2.weight"] = Target(name, (e,), shape[1:], (key,))
-                needed[name].add(key)
-    if cfg.tie_word_embeddings:
-        targets.pop("lm_head.weight", None)
-        needed.pop("lm_head.weight", None)
-    return targets, needed
-
-
-def resolve(model: MiniMaxM1ForCausalLM, names) -> dict[str, Target]:
-    """Map checkpoint tensor names onto the model; raise WeightError naming every missing or unexpected tensor."""
-    targets, needed = _targets(model)
-    plan, unexpected, covered = {}, [], set()
+def resolve(model: MiniMaxM1ForCausalLM, names) -> dict[str, tuple[str, object]]:
+    """Map checkpoint tensor names onto (parameter name, shard id); raise WeightError naming every missing or
+    unexpected tensor (missing ones in the released spelling)."""
+    released = model.checkpoint_tensors()
+    params = {p for p, _ in released.values()}
+    plan, unexpected = {}, []
     for name in names:
-        if _DERIVED.match(name):
+        if DERIVED.match(name):
             continue
-        t = targets.get(name) or _hf_packed_target(name, model, needed)
-        if t is None:
+        target = released.get(name)
+        if target is None and model.packed_tensor(name) in params:
+            target = (model.packed_tensor(name), None)
+        if target is None:
             unexpected.append(name)
-            continue
-        plan[name] = t
-        covered.update(t.pieces)
-    missing = sorted(_piece_name(k) for pieces in needed.values() for k in pieces - covered)
+        else:
+            plan[name] = target
+    whole = {p for p, shard in plan.values() if shard is None}
+    loaded = set(plan.values())
+    missing = sorted(n for n, (p, shard) in released.items() if p not in whole and (p, shard) not in loaded)
     problems = []
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing from the checkpoint: {_short(missing)}")
@@ -90,28 +57,10 @@ def resolve(model: MiniMaxM1ForCausalLM, names) -> dict[str, Target]:
     return plan
 
 
-def _hf_packed_target(name: str, model, needed) -> Target | None:
-    """transformers >= 5 spelling: mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I],
-    mlp.gate.weight (the router)."""
-    m = _HF_PACKED.match(name)
-    if not m:
-        return None
-    layer, what = m.groups()
-    param = {"experts.gate_up_proj": "w13", "experts.down_proj": "w2", "gate.weight": "gate.weight"}[what]
-    pname = f"{layer}.block_sparse_moe.{param}"
-    if pname not in needed:
-        return None
-    shape = tuple(model.get_parameter(pname).shape)
-    return Target(pname, (), shape, tuple(needed[pname]))
-
-
-def _piece_name(key) -> str:
-    param, piece = key
-    if piece is None:
-        return param
-    e, part = piece
-    return param.replace(f"block_sparse_moe.{'w13' if part != 'w2' else 'w2'}",
-                         f"block_sparse_moe.experts.{e}.{part}.weight")
+def checkpoint_shapes(model: MiniMaxM1ForCausalLM) -> dict[str, tuple[int, ...]]:
+    """Every released-checkpoint tensor the model needs -> its (whole, unsplit) shape."""
+    params = dict(model.named_parameters())
+    return {name: params[p].load_plan(shard)[0] for name, (p, shard) in model.checkpoint_tensors().items()}
 
 
 def _short(names: list[str], n: int = 8) -> str:
@@ -133,51 +82,97 @@ def checkpoint_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
         raise FileNotFoundError(f"no *.safetensors files and no model.safetensors.index.json in {path}")
     files = {}
     for f in single:
-        with safe_open(f, "pt") as sf:
+        with _open_shard(f) as sf:
             for name in sf.keys():
                 files[name] = f
     return files
 
 
+class _Lazy:
+    """A tensor in a safetensors file, read box by box."""
+
+    def __init__(self, sliced):
+        self.sliced, self.shape = sliced, tuple(sliced.get_shape())
+
+    def __getitem__(self, index: Box) -> torch.Tensor:
+        return self.sliced[index]
+
+
 def load_checkpoint(model: MiniMaxM1ForCausalLM, path: str | pathlib.Path, progress: bool = True) -> None:
-    """Fill the model's parameters (already on their device/dtype) from a safetensors checkpoint."""
+    """Fill this rank's parameters (already on their device/dtype) from a safetensors checkpoint."""
     files = checkpoint_files(pathlib.Path(path))
     plan = resolve(model, files)
     by_file: dict[pathlib.Path, list[str]] = {}
     for name in plan:
         by_file.setdefault(files[name], []).append(name)
     params = dict(model.named_parameters())
-    for f in tqdm(sorted(by_file), desc="Loading weights", unit="shard", disable=not progress):
-        with safe_open(f, "pt", device="cpu") as sf:
+    show = progress and model.group.rank == 0
+    for f in tqdm(sorted(by_file), desc="Loading weights", unit="shard", disable=not show):
+        with _open_shard(f) as sf:
             for name in by_file[f]:
-                target = plan[name]
-                shape = tuple(sf.get_slice(name).get_shape())
-                if shape != target.shape:
+                pname, shard = plan[name]
+                param = params[pname]
+                shape, pieces = param.load_plan(shard)
+                tensor = _Lazy(sf.get_slice(name))
+                if tensor.shape != shape:
                     raise WeightError(
-                        f"tensor {name} in {f.name} has shape {list(shape)}, the model expects {list(target.shape)}")
-                with torch.no_grad():
-                    dst = params[target.param]
-                    dst[target.index].copy_(sf.get_tensor(name))
+                        f"tensor {name} in {f.name} has shape {list(tensor.shape)}, the model expects {list(shape)}")
+                if pieces:  # nothing to read where another rank holds all of it (expert parallelism)
+                    param.weight_loader(param, tensor, shard)
 
 
 @torch.no_grad()
-def init_dummy(model: MiniMaxM1ForCausalLM, seed: int = 0, generator_device: str | None = None) -> None:
-    """Random weights of the real shapes (load_format="dummy"): norms at 1, the rest N(0, 1/fan_in).
-    Drawn on `generator_device` (default: each parameter's own device) from a fixed seed, so the same
-    seed gives the same model whatever the target device when generator_device="cpu"."""
-    for name, p in model.named_parameters():
+def init_dummy(model: MiniMaxM1ForCausalLM, seed: int = 0) -> None:
+    """Random weights of the real shapes (load_format="dummy"): norms at 1; every other released-checkpoint
+    tensor uniform with the variance of N(0, 1/fan_in), each element a hash of (seed, tensor name, its index
+    in the whole tensor). Any box is computed on its own, on the parameter's device: a rank generates only
+    its own slices (fast on a GPU, bounded memory), the model is the same on every device, and the TP=N model
+    of a seed is exactly the TP=1 model sliced."""
+    params = dict(model.named_parameters())
+    for name, (pname, shard) in model.checkpoint_tensors().items():
+        p = params[pname]
+        shape, pieces = p.load_plan(shard)
         if name.endswith("norm.weight") or "layernorm" in name:
             p.fill_(1.0)
-            continue
-        dev = generator_device or p.device
-        g = torch.Generator(device=dev).manual_seed(seed + _stable_hash(name))
-        scale = p.shape[-1] ** -0.5
-        for part in (p if p.dim() == 3 else [p]):  # expert by expert: bounds the fp32 scratch
-            part.copy_(torch.randn(part.shape, generator=g, device=dev, dtype=torch.float32) * scale)
+        elif pieces:
+            p.weight_loader(p, _DummyTensor(name, shape, seed, p.device), shard)
 
 
-def _stable_hash(name: str) -> int:
-    h = 0
-    for c in name.encode():
-        h = (h * 131 + c) % 1_000_003
-    return h
+class _DummyTensor:
+    """One dummy checkpoint tensor; indexing with a box computes that box (fp32, on `device`)."""
+
+    CHUNK = 1 << 22  # elements per generation step: bounds the int64 scratch
+
+    def __init__(self, name: str, shape: tuple[int, ...], seed: int, device):
+        assert torch.Size(shape).numel() < 1 << 32, (name, shape)  # the hash takes 32-bit element indices
+        self.shape, self.device = shape, device
+        self.key = int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=4).digest(), "little")
+        self.scale = (3.0 / shape[-1]) ** 0.5  # uniform(-a, a) has variance a^2 / 3
+
+    def __getitem__(self, index: Box) -> torch.Tensor:
+        strides = [1] * len(self.shape)
+        for d in range(len(self.shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * self.shape[d + 1]
+        sizes = [s.stop - s.start for s in index]
+        out = torch.empty(sizes, dtype=torch.float32, device=self.device)
+        rest = torch.zeros((), dtype=torch.int64, device=self.device)  # flat offset of the trailing dims
+        for d in range(len(sizes) - 1, 0, -1):
+            ar = torch.arange(index[d].start, index[d].stop, device=self.device) * strides[d]
+            rest = ar.view([-1] + [1] * (len(sizes) - 1 - d)) + rest
+        rows = max(1, self.CHUNK // max(1, rest.numel()))
+        for a in range(0, sizes[0], rows):
+            lead = torch.arange(index[0].start + a, index[0].start + min(sizes[0], a + rows), device=self.device)
+            flat = lead.view([-1] + [1] * (len(sizes) - 1)) * strides[0] + rest
+            out[a:a + rows] = _hash_uniform(flat, self.key).mul_(self.scale)
+        return out
+
+
+def _hash_uniform(idx: torch.Tensor, key: int) -> torch.Tensor:
+    """Uniform in [-1, 1) from 32-bit element indices (int64 tensor) and a 32-bit key: an integer hash
+    (two xor-shift-multiply rounds) kept in 32 bits inside int64, so it is exact on every device."""
+    m = 0xFFFFFFFF
+    x = idx.bitwise_xor(key)
+    for _ in range(2):
+        x = (x ^ (x >> 16)).mul_(0x45D9F3B).bitwise_and_(m)
+    x = x ^ (x >> 16)
+    return (x >> 8).float().mul_(2.0 ** -23).sub_(1.0)

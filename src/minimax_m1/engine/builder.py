@@ -9,7 +9,7 @@ import pathlib
 
 import torch
 
-from ..config import ModelConfig, minimax_m1_config, minimax_m1_slice, tiny_config
+from ..config import ModelConfig, ParallelConfig, minimax_m1_config, minimax_m1_slice, tiny_config
 from ..models.minimax_m1 import MiniMaxM1ForCausalLM
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, tiny_tokenizer
@@ -64,8 +64,10 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
-def load_model(args: EngineArgs) -> tuple[ModelConfig, MiniMaxM1ForCausalLM, Tokenizer | None, list[int]]:
-    """Returns (config, model with weights, tokenizer or None, EOS token ids)."""
+def load_model(args: EngineArgs, parallel: ParallelConfig | None = None
+               ) -> tuple[ModelConfig, MiniMaxM1ForCausalLM, Tokenizer | None, list[int]]:
+    """Returns (config, this rank's model with weights, tokenizer or None, EOS token ids). `parallel`: how the
+    model splits over ranks (default: one rank); see distributed.py for the process group it needs."""
     path = pathlib.Path(args.model)
     tokenizer, eos = None, []
     if args.model == "tiny":
@@ -90,22 +92,28 @@ def load_model(args: EngineArgs) -> tuple[ModelConfig, MiniMaxM1ForCausalLM, Tok
     tokenizer = Tokenizer.from_dir(args.tokenizer) if args.tokenizer is not None else tokenizer
     eos = sorted(set(eos + config.eos_token_id + (tokenizer.eos_token_ids if tokenizer else [])))
 
-    device = torch.device(args.device)
-    with torch.device("meta"):
-        model = MiniMaxM1ForCausalLM(config)
-    model.to(args.dtype)
-    if args.lm_head_fp32 and not config.tie_word_embeddings:
-        model.lm_head.float()
-    model.to_empty(device=device)
-    model.init_buffers()
-    if args.model == "tiny":
-        init_dummy(model, seed=args.seed, generator_device="cpu")  # the same tiny model on every device
-    elif args.load_format == "dummy":
-        init_dummy(model, seed=args.seed)
+    model = build_model(config, args, parallel)
+    if args.model == "tiny" or args.load_format == "dummy":
+        init_dummy(model, seed=args.seed)  # the same model on every device (and sliced on every rank)
     else:
         load_checkpoint(model, path, progress=args.progress)
     model.eval()
     return config, model, tokenizer, eos
+
+
+def build_model(config: ModelConfig, args: EngineArgs, parallel: ParallelConfig | None = None) -> MiniMaxM1ForCausalLM:
+    """This rank's model, parameters allocated (uninitialised) straight on the device in args.dtype. Not on the
+    meta device: each parameter carries its weight loader, which moving off meta would drop."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(args.dtype)
+    try:
+        with torch.device(args.device):
+            model = MiniMaxM1ForCausalLM(config, parallel)
+    finally:
+        torch.set_default_dtype(previous)
+    if args.lm_head_fp32 and not config.tie_word_embeddings:
+        model.lm_head.float()
+    return model
 
 
 def _real_shapes(name: str) -> ModelConfig:

@@ -1,25 +1,32 @@
 """The lightning (linear) attention layer: per-head qkv, decayed linear attention, one RMSNorm over all
-heads, sigmoid output gate."""
+heads, sigmoid output gate. Under tensor parallelism each rank owns heads [r*H/N, (r+1)*H/N): their qkv rows
+and output-gate rows (column-parallel), their decay rates, their state slots, their norm features (the sum
+of squares all-reduced) and their columns of out_proj (row-parallel, all-reduced)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, lightning_slopes
+from ..distributed import SINGLE, Group
 from ..forward_batch import ForwardBatch
 from ..ops import lightning_attn
-from .norm import RMSNorm
+from .linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from .norm import ParallelRMSNorm
 
 
 class LightningAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, group: Group = SINGLE):
         super().__init__()
-        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        width = self.num_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * width, bias=False)
-        self.output_gate = nn.Linear(config.hidden_size, width, bias=False)
-        self.out_proj = nn.Linear(width, config.hidden_size, bias=False)
-        self.norm = RMSNorm(width, config.lightning_norm_eps)
-        self._slopes = lightning_slopes(self.num_heads, *config.global_layer(layer_idx))
+        heads, self.head_dim = config.num_attention_heads, config.head_dim
+        width = heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, heads, 3 * self.head_dim, group)
+        self.num_heads = self.qkv_proj.num_heads  # on this rank: its state pool holds these heads only
+        self.output_gate = ColumnParallelLinear(config.hidden_size, width, group)
+        self.out_proj = RowParallelLinear(width, config.hidden_size, group)
+        self.norm = ParallelRMSNorm(width, config.lightning_norm_eps, group)
+        # this rank's heads' rates, sliced from the global set (the formula depends on the head count)
+        first = self.qkv_proj.first_head
+        self._slopes = lightning_slopes(heads, *config.global_layer(layer_idx))[first:first + self.num_heads]
         self.register_buffer("slopes", torch.empty(self.num_heads, dtype=torch.float32), persistent=False)
         self.init_buffers()
 

@@ -1,6 +1,9 @@
 import torch
 from torch import nn
 
+from ..distributed import SINGLE, Group
+from .linear import Plan, box, replicated, set_load_plan
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """w * x / sqrt(mean(x^2) + eps), all in fp32, cast back to x's dtype."""
@@ -10,10 +13,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    """The whole feature vector on every rank (the decoder's norms)."""
+
     def __init__(self, size: int, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = replicated(nn.Parameter(torch.ones(size)))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+class ParallelRMSNorm(nn.Module):
+    """RMSNorm over `size` features split evenly across the group's ranks (the lightning output norm over all
+    H * D features, each rank holding its heads'): x [T, size/N] -> [T, size/N]. The fp32 sum of squares
+    [T, 1] is all-reduced, one tiny collective; at world size 1 this is rms_norm itself."""
+
+    def __init__(self, size: int, eps: float, group: Group = SINGLE):
+        super().__init__()
+        per = size // group.world_size
+        assert per * group.world_size == size, (size, group.world_size)
+        self.size, self.eps, self.group = size, eps, group
+        self.cols = (group.rank * per, (group.rank + 1) * per)
+        self.weight = set_load_plan(nn.Parameter(torch.ones(per)), self._plan)
+
+    def _plan(self, shard_id) -> Plan:
+        assert shard_id is None, shard_id
+        return (self.size,), [(box(self.cols), box((0, self.cols[1] - self.cols[0])))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group.world_size == 1:
+            return rms_norm(x, self.weight, self.eps)
+        xf = x.float()
+        sum_sq = self.group.all_reduce(xf.pow(2).sum(-1, keepdim=True))  # emulation: this rank's share only
+        xf = xf * torch.rsqrt(sum_sq / self.size + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)

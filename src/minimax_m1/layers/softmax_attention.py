@@ -1,22 +1,26 @@
-"""Softmax attention with GQA and partial rotary over a paged KV cache."""
+"""Softmax attention with GQA and partial rotary over a paged KV cache. Under tensor parallelism each rank
+has H/N query heads and the KV heads they read: Hkv/N of them, or when N > Hkv the one KV head its query
+heads share (replicated on N/Hkv ranks); o_proj is row-parallel."""
 import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..distributed import SINGLE, Group
 from ..forward_batch import ForwardBatch
 from ..ops.paged_attention import paged_attention, write_kv
+from .linear import QKVParallelLinear, RowParallelLinear
 from .rotary import PartialRotary
 
 
 class SoftmaxAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, group: Group = SINGLE):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.head_dim, h = config.head_dim, config.hidden_size
+        self.q_proj = QKVParallelLinear(h, config.num_attention_heads, self.head_dim, group)
+        self.k_proj = QKVParallelLinear(h, config.num_key_value_heads, self.head_dim, group)
+        self.v_proj = QKVParallelLinear(h, config.num_key_value_heads, self.head_dim, group)
+        self.num_heads, self.num_kv_heads = self.q_proj.num_heads, self.k_proj.num_heads  # on this rank
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, h, group)
         self.rotary = PartialRotary(config.head_dim, config.rotary_dim, config.rope_theta)
         self.scale = self.head_dim ** -0.5
 
