@@ -9,7 +9,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <sstream>
+#include <utility>
 
 namespace minimax_m1 {
 
@@ -58,6 +60,12 @@ inline void check_cuda(const TensorView& t, const char* name, int device_id, con
   if (dev.device_id != device_id)
     TVM_FFI_THROW(ValueError) << name << " is on cuda:" << dev.device_id << " but " << first << " is on cuda:"
                               << device_id;
+}
+
+// The same for several tensors: {{&t, "name"}, ...}.
+inline void check_cuda(std::initializer_list<std::pair<const TensorView*, const char*>> tensors, int device_id,
+                       const char* first = "q") {
+  for (const auto& [t, name] : tensors) check_cuda(*t, name, device_id, first);
 }
 
 inline void check_dtype(const TensorView& t, const char* name, Dtype want) {

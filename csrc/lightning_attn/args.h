@@ -19,13 +19,9 @@ inline Dtype check_lightning_args(const TensorView& q, const TensorView& k, cons
                                   const TensorView& state_slots, const TensorView& out) {
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int device_id = q.device().device_id;
-  check_cuda(q, "q", device_id);
-  check_cuda(k, "k", device_id);
-  check_cuda(v, "v", device_id);
-  check_cuda(slopes, "slopes", device_id);
-  check_cuda(state_pool, "state_pool", device_id);
-  check_cuda(state_slots, "state_slots", device_id);
-  check_cuda(out, "out", device_id);
+  check_cuda({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&slopes, "slopes"}, {&state_pool, "state_pool"},
+              {&state_slots, "state_slots"}, {&out, "out"}},
+             device_id);
   const Dtype dtype = dtype_of(q);
   if (!is_one_of(kDtypes, dtype))
     TVM_FFI_THROW(ValueError) << "q must be bfloat16, float16 or float32, got " << dtype_name(dtype);

@@ -195,8 +195,7 @@ void prefill(TensorView q, TensorView k, TensorView v, TensorView slopes, Tensor
   const int device_id = q.device().device_id;
   const Dtype dtype = check_lightning_args(q, k, v, slopes, state_pool, state_slots, out);
   const int64_t seqs = state_slots.size(0);
-  check_cuda(cu_seqlens, "cu_seqlens", device_id);
-  check_cuda(workspace, "workspace", device_id);
+  check_cuda({{&cu_seqlens, "cu_seqlens"}, {&workspace, "workspace"}}, device_id);
   if (heads < 1 || heads > 65535) TVM_FFI_THROW(ValueError) << "heads must be in [1, 65535], got " << heads;
   if (tokens >= (int64_t{1} << 31)) TVM_FFI_THROW(ValueError) << "too many tokens: " << tokens;
   check_dtype(cu_seqlens, "cu_seqlens", Dtype::kI32);

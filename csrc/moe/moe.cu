@@ -84,14 +84,9 @@ void experts(TensorView x, TensorView experts, TensorView weights, TensorView w1
   if (x.ndim() != 2) TVM_FFI_THROW(ValueError) << "x must be [tokens, hidden]";
   const int64_t tokens = x.size(0), hidden = x.size(1);
   const int device_id = x.device().device_id;
-  check_cuda(x, "x", device_id, "x");
-  check_cuda(experts, "experts", device_id, "x");
-  check_cuda(weights, "weights", device_id, "x");
-  check_cuda(w13, "w13", device_id, "x");
-  check_cuda(w2, "w2", device_id, "x");
-  check_cuda(act, "act", device_id, "x");
-  check_cuda(partial, "partial", device_id, "x");
-  check_cuda(out, "out", device_id, "x");
+  check_cuda({{&x, "x"}, {&experts, "experts"}, {&weights, "weights"}, {&w13, "w13"}, {&w2, "w2"}, {&act, "act"},
+              {&partial, "partial"}, {&out, "out"}},
+             device_id, "x");
   const Dtype dtype = dtype_of(x);
   if (!is_one_of(kDtypes, dtype))
     TVM_FFI_THROW(ValueError) << "x must be bfloat16 or float16, got " << dtype_name(dtype);

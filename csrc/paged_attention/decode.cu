@@ -98,12 +98,9 @@ void decode(TensorView q, TensorView kv_cache, TensorView block_tables, TensorVi
   if (q.ndim() != 3) TVM_FFI_THROW(ValueError) << "q must be [batch, num_q_heads, head_dim]";
   const int64_t batch = q.size(0), num_q_heads = q.size(1), dim = q.size(2);
   const int device_id = q.device().device_id;
-  check_cuda(q, "q", device_id);
-  check_cuda(kv_cache, "kv_cache", device_id);
-  check_cuda(block_tables, "block_tables", device_id);
-  check_cuda(context_lens, "context_lens", device_id);
-  check_cuda(out, "out", device_id);
-  check_cuda(workspace, "workspace", device_id);
+  check_cuda({{&q, "q"}, {&kv_cache, "kv_cache"}, {&block_tables, "block_tables"}, {&context_lens, "context_lens"},
+              {&out, "out"}, {&workspace, "workspace"}},
+             device_id);
   const Dtype dtype = dtype_of(q);
   if (!is_one_of(kDtypes, dtype))
     TVM_FFI_THROW(ValueError) << "q must be bfloat16 or float16, got " << dtype_name(dtype);

@@ -76,6 +76,10 @@ class KernelLibrary:
             raise RuntimeError(f"the kernel library is not loaded: {self._error}")
         return self._limits
 
+    def limits_if_loaded(self) -> dict | None:
+        """`limits()`, or None without the library."""
+        return self._limits if self.load() is not None else None
+
 
 def _to_python(limits) -> dict:
     out = {}

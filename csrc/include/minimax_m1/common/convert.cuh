@@ -13,14 +13,10 @@ namespace minimax_m1 {
 constexpr double kLog2eDouble = 1.4426950408889634;
 constexpr float kLog2e = static_cast<float>(kLog2eDouble);
 
-// T (float, __half or __nv_bfloat16) -> fp32, and fp32 -> T rounded to nearest.
-template <typename T>
-__device__ __forceinline__ float to_float(T x) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);
-  if constexpr (std::is_same_v<T, __half>) return __half2float(x);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
-  else return x;
-}
+// The activation types (float, __half, __nv_bfloat16) -> fp32, and fp32 -> T rounded to nearest.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x) {

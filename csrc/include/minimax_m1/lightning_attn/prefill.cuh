@@ -30,6 +30,7 @@
 namespace minimax_m1 {
 namespace lightning_attn {
 
+// What every prefill kernel reads (prefill.cu fills it; strides in elements).
 struct PrefillParams {
   // bf16 inputs (or the hi parts of fp16/fp32 inputs) and, when split, their lo parts (same strides).
   const __nv_bfloat16* q;
@@ -737,7 +738,7 @@ __global__ void split_to_bf16_kernel(const T* x, int64_t stride_t, int64_t strid
     const int64_t t = idx / (static_cast<int64_t>(heads) * dim);
     const int64_t r = idx - t * heads * dim;
     const int64_t hh = r / dim, d = r - hh * dim;
-    const float val = to_float<T>(x[t * stride_t + hh * stride_h + d * stride_d]);
+    const float val = to_float(x[t * stride_t + hh * stride_h + d * stride_d]);
     const __nv_bfloat16 a = __float2bfloat16_rn(val);
     hi[idx] = a;
     lo[idx] = __float2bfloat16_rn(val - __bfloat162float(a));

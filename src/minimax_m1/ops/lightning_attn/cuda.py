@@ -21,21 +21,14 @@ from .. import _library
 from .._library import KernelLibrary, custom_op
 from .checks import check_args
 
-LIBRARY_ENV = "MINIMAX_M1_LIGHTNING_LIB"
-
-_LIBRARY = KernelLibrary("liblightning_attn.so", LIBRARY_ENV, "lightning_attn_limits")
-_load = _LIBRARY.load
-available = _LIBRARY.available
-load_error = _LIBRARY.load_error
-limits = _LIBRARY.limits
+_LIBRARY = KernelLibrary("liblightning_attn.so", "MINIMAX_M1_LIGHTNING_LIB", "lightning_attn_limits")
+_load, available, load_error, limits = _LIBRARY.load, _LIBRARY.available, _LIBRARY.load_error, _LIBRARY.limits
 
 
 def serves(head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the built kernels serve heads of this size in this dtype (False without the library)."""
-    if _load() is None:
-        return False
-    lim = limits()
-    return head_dim in lim["head_dims"] and dtype in lim["dtypes"]
+    lim = _LIBRARY.limits_if_loaded()
+    return lim is not None and head_dim in lim["head_dims"] and dtype in lim["dtypes"]
 
 
 def supports(q: torch.Tensor, state_pool: torch.Tensor) -> bool:

@@ -25,23 +25,17 @@ from torch import Tensor
 from .. import _library
 from .._library import KernelLibrary, custom_op
 
-LIBRARY_ENV = "MINIMAX_M1_MOE_LIB"
-
-_LIBRARY = KernelLibrary("libmoe.so", LIBRARY_ENV, "moe_limits")
-_load = _LIBRARY.load
-available = _LIBRARY.available
-load_error = _LIBRARY.load_error
-limits = _LIBRARY.limits
+_LIBRARY = KernelLibrary("libmoe.so", "MINIMAX_M1_MOE_LIB", "moe_limits")
+_load, available, load_error, limits = _LIBRARY.load, _LIBRARY.available, _LIBRARY.load_error, _LIBRARY.limits
 
 
 def serves(num_experts: int, hidden: int, inter: int, rows: int, dtype: torch.dtype) -> bool:
     """Whether the built kernels serve these sizes (rows = tokens * top_k) in this dtype (False without the
     library)."""
-    if _load() is None:
-        return False
-    lim = limits()
-    return (dtype in lim["dtypes"] and hidden % lim["size_multiple"] == 0 and inter % lim["size_multiple"] == 0
-            and inter > 0 and 1 <= num_experts <= lim["max_experts"] and rows <= lim["max_rows"])
+    lim = _LIBRARY.limits_if_loaded()
+    return (lim is not None and dtype in lim["dtypes"] and hidden % lim["size_multiple"] == 0
+            and inter % lim["size_multiple"] == 0 and inter > 0 and 1 <= num_experts <= lim["max_experts"]
+            and rows <= lim["max_rows"])
 
 
 def supports(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> bool:

@@ -22,24 +22,17 @@ import torch
 
 from .._library import KernelLibrary, custom_op
 
-LIBRARY_ENV = "MINIMAX_M1_PAGED_ATTN_LIB"
-
-_LIBRARY = KernelLibrary("libpaged_attn.so", LIBRARY_ENV, "paged_attention_limits")
-_load = _LIBRARY.load
-available = _LIBRARY.available
-load_error = _LIBRARY.load_error
-limits = _LIBRARY.limits
+_LIBRARY = KernelLibrary("libpaged_attn.so", "MINIMAX_M1_PAGED_ATTN_LIB", "paged_attention_limits")
+_load, available, load_error, limits = _LIBRARY.load, _LIBRARY.available, _LIBRARY.load_error, _LIBRARY.limits
 _workspaces: dict[int, torch.Tensor] = {}  # device index -> the current (largest) workspace
 _retired: list[torch.Tensor] = []  # outgrown workspaces: graphs captured earlier may still point at them
 
 
 def serves(num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> bool:
     """Whether the built kernel serves a cache of these sizes in this dtype (False without the library)."""
-    if _load() is None:
-        return False
-    lim = limits()
-    return (dtype in lim["dtypes"] and head_dim in lim["head_dims"] and block_size % lim["block_size_multiple"] == 0
-            and num_kv_heads > 0 and num_q_heads % num_kv_heads == 0
+    lim = _LIBRARY.limits_if_loaded()
+    return (lim is not None and dtype in lim["dtypes"] and head_dim in lim["head_dims"]
+            and block_size % lim["block_size_multiple"] == 0 and num_kv_heads > 0 and num_q_heads % num_kv_heads == 0
             and num_q_heads // num_kv_heads <= lim["max_group"])
 
 
