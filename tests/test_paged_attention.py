@@ -67,7 +67,7 @@ def test_reference_bounds_scores_per_call(monkeypatch):
     seen, sdpa = [], F.scaled_dot_product_attention
 
     def spy(qc, k, v, **kw):
-        seen.append(qc.shape[0] * qc.shape[1] * k.shape[1])
+        seen.append(qc.shape[1] * qc.shape[2] * k.shape[2])
         return sdpa(qc, k, v, **kw)
 
     monkeypatch.setattr(reference.F, "scaled_dot_product_attention", spy)

@@ -206,9 +206,9 @@ def _why_eager(args: EngineArgs, config: ModelConfig) -> str | None:
     if device.type != "cuda":
         return "not on a CUDA device"
     reasons = [
+        config.linear_layers and lightning_attn.why_not_capturable(config.head_dim, args.dtype),
         config.softmax_layers and paged_attention.why_not_capturable(
             config.num_attention_heads, config.num_key_value_heads, config.head_dim, args.block_size, args.dtype),
-        config.linear_layers and lightning_attn.why_not_capturable(config.head_dim, args.dtype),
         moe.why_not_capturable(config.num_local_experts, config.hidden_size, config.intermediate_size,
                                config.num_experts_per_tok, args.max_num_seqs, args.dtype, device),
     ]

@@ -66,8 +66,9 @@ class KernelLibrary:
         return torch.cuda.is_available() and self.load() is not None
 
     def load_error(self) -> str | None:
-        """Why `available()` is False (None when the library loaded)."""
-        self.load()
+        """Why `available()` is False (None when it is True)."""
+        if self.load() is not None and not torch.cuda.is_available():
+            return "the library loaded, but there is no CUDA device"
         return self._error
 
     def limits(self) -> dict:

@@ -42,7 +42,7 @@ def why_not_capturable(head_dim: int, dtype: torch.dtype) -> str | None:
     """None when decode steps of layers with heads of this size in this dtype can be captured in CUDA graphs
     (the kernels serve them; the torch reference reads the state slots on the host), else why not."""
     if not cuda.available():
-        return f"the lightning-attention CUDA kernels are not built ({cuda.load_error()})"
+        return f"the lightning-attention CUDA kernels are not available ({cuda.load_error()})"
     limits = cuda.limits()
     if head_dim not in limits["head_dims"]:
         return f"the lightning kernels serve head_dim {limits['head_dims']}, not {head_dim}"

@@ -49,9 +49,9 @@ def why_not_capturable(num_experts: int, hidden: int, inter: int, top_k: int, ma
     rows = max_tokens * top_k
     if rows <= FUSED_MAX_ROWS and cuda.available() and cuda.serves(num_experts, hidden, inter, rows, dtype):
         return None
-    return (f"MoE batches of up to {max_tokens} tokens need the fused kernels (built: {cuda.available()}, up to "
-            f"{FUSED_MAX_ROWS} rows of tokens * top_k) or torch._grouped_mm (bf16 on sm_90+), and neither serves "
-            f"{dtype} here")
+    fused = cuda.load_error() or f"they take up to {FUSED_MAX_ROWS} rows, and these sizes and dtype: {cuda.limits()}"
+    return (f"MoE batches of up to {rows} rows (tokens * top_k) in {dtype} need the fused kernels ({fused}) or "
+            f"torch._grouped_mm (bf16 on sm_90+), and neither serves them here")
 
 
 __all__ = ["moe_experts", "use_fused", "why_not_capturable", "reference_experts", "grouped_experts", "grouped_mm",
