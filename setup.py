@@ -24,7 +24,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-# One shared library per csrc/<folder>/ (its *.cu files, headers from csrc/include), placed in minimax_m1/_kernels/.
+# One shared library per csrc/<folder>/ (its *.cu files and those of csrc/common/, headers from csrc/include),
+# placed in minimax_m1/_kernels/.
 KERNEL_LIBS = {
     "lightning_attn": "liblightning_attn",
     "paged_attention": "libpaged_attn",
@@ -98,7 +99,7 @@ class BuildExt(build_ext):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(self.build_temp) / "csrc" / ext.folder
         tmp.mkdir(parents=True, exist_ok=True)
-        sources = sorted((ROOT / "csrc" / ext.folder).glob("*.cu"))
+        sources = sorted((ROOT / "csrc" / ext.folder).glob("*.cu")) + sorted((ROOT / "csrc" / "common").glob("*.cu"))
         flags = [
             "-std=c++17", "-O3", "-DNDEBUG", "-lineinfo", "-Xcompiler", "-fPIC",
             f"-I{ROOT / 'csrc' / 'include'}", f"-I{include}",
@@ -106,7 +107,7 @@ class BuildExt(build_ext):
         ]
 
         def compile_one(src):
-            obj = tmp / (src.stem + ".o")
+            obj = tmp / f"{src.parent.name}.{src.stem}.o"
             cmd = [nvcc, *flags, "-c", str(src), "-o", str(obj)]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)

@@ -1,4 +1,4 @@
-"""MoE experts at decode batch sizes: the fused kernels (ops/moe_cuda.py) against torch._grouped_mm.
+"""MoE experts at decode batch sizes: the fused kernels (ops/moe/cuda.py) against torch._grouped_mm.
 
     python benchmarks/bench_moe.py [--tokens 1,2,4,...] [--sweep]
 
@@ -7,7 +7,7 @@ logits (fp32 softmax, top-2, renormalised), the same for both paths. Bytes per c
 the batch uses (3 * 6144 * 9216 * 2 bytes each), the minimum any implementation reads. Each path runs inside
 one CUDA graph of 4 calls alternating between two layers' weights (the L2 keeps nothing between calls); the
 time is per call. The copy rate is a 1 GiB device-to-device copy in this process, bytes read plus written.
-The grouped path is SparseMoE.grouped_experts (argsort, grouped GEMM, silu, grouped GEMM, index_add).
+The grouped path is ops.moe.grouped_experts (argsort, grouped GEMM, silu, grouped GEMM, index_add).
 
 A skewed routing (a few hot experts, which need several row passes) is timed at 16, 64 and 128 tokens.
 Measured on an NVIDIA H200 (copy 4185 GB/s), us per layer (GB/s of the used experts, % of copy), fused vs grouped:
@@ -20,14 +20,13 @@ counts. (Earlier sweeps, H200: 8 warps per gate_up CTA or 32 rows per down CTA i
 rows: equal or up to 4% slower; a third 64-element block in flight per warp: equal.)
 """
 import argparse
-import os
 import types
 
 import torch
 
 from minimax_m1.timing import copy_bandwidth, graph_time_ms
 from minimax_m1.layers.moe import SparseMoE
-from minimax_m1.ops import moe_cuda
+from minimax_m1.ops.moe import cuda as moe_cuda, grouped_experts
 
 E, H, I, K = 32, 6144, 9216, 2
 CALLS = 4
@@ -58,12 +57,10 @@ def case(layers, tokens, gen, skew=0.0):
 
 
 def fused_ms(layers, x, weights, experts, row_tiles=0, pdl=True):
-    os.environ[moe_cuda.PDL_ENV] = "1" if pdl else "0"
-
     def step():
         for c in range(CALLS):
             m = layers[c % 2]
-            moe_cuda.moe_experts(x, experts, weights, m.w13, m.w2, row_tiles=row_tiles)
+            moe_cuda.moe_experts(x, experts, weights, m.w13, m.w2, row_tiles=row_tiles, pdl=pdl)
 
     return graph_ms(step)
 
@@ -71,7 +68,8 @@ def fused_ms(layers, x, weights, experts, row_tiles=0, pdl=True):
 def grouped_ms(layers, x, weights, experts):
     def step():
         for c in range(CALLS):
-            layers[c % 2].grouped_experts(x, weights, experts)
+            m = layers[c % 2]
+            grouped_experts(x, experts, weights, m.w13, m.w2)
 
     return graph_ms(step)
 
@@ -95,7 +93,7 @@ def main():
     for tokens in [int(t) for t in args.tokens.split(",")]:
         x, weights, experts, used = case(layers, tokens, gen)
         nbytes = used * expert_bytes
-        f = fused_ms(layers, x, weights, experts) if tokens * K <= moe_cuda.MAX_ROWS else float("nan")
+        f = fused_ms(layers, x, weights, experts) if tokens * K <= moe_cuda.limits()["max_rows"] else float("nan")
         g = grouped_ms(layers, x, weights, experts)
         fb, gb = nbytes / f / 1e6, nbytes / g / 1e6
         print(f"{tokens:6d} {used:7d} {nbytes / 1e6:7.0f} | {1000 * f:9.1f} {fb:6.0f} {100 * fb / gbs:5.1f}% | "
@@ -121,7 +119,6 @@ def main():
                 ms = fused_ms(layers, x, weights, experts, row_tiles, pdl)
                 cells.append(f"{1000 * ms:7.1f} ({used * expert_bytes / ms / 1e6:4.0f})")
             print(f"{label:>20s} " + " ".join(f"{c:>15s}" for c in cells), flush=True)
-        os.environ.pop(moe_cuda.PDL_ENV, None)
 
 
 if __name__ == "__main__":

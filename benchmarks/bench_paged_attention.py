@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from minimax_m1.timing import copy_bandwidth, graph_time_ms
-from minimax_m1.ops import paged_attention_cuda as pac
+from minimax_m1.ops.paged_attention import cuda as pac
 
 HQ, HKV, D, BLOCK = 64, 8, 128, 256
 

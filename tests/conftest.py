@@ -4,6 +4,8 @@ import pathlib
 import pytest
 import torch
 
+from util import unloaded_kernels
+
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "minimax-m1"
 
 
@@ -33,4 +35,16 @@ def _release_gpu_memory(request):
     if "gpu" in request.keywords and torch.cuda.is_available():
         gc.collect()
         torch.cuda.empty_cache()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tier_needs_kernels(request):
+    """The GPU tier runs against the built kernels: on a machine with a GPU, a missing or broken kernel library
+    fails every GPU test with its load error (a skip would let an unbuilt package pass for a tested one)."""
+    if "gpu" in request.keywords and torch.cuda.is_available():
+        missing = unloaded_kernels()
+        if missing:
+            pytest.fail("CUDA kernels not loaded on a machine with a GPU: "
+                        + "; ".join(f"{name}: {why}" for name, why in missing.items()), pytrace=False)
     yield

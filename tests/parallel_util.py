@@ -108,7 +108,7 @@ class Runner:
             state_slots=torch.tensor([s.slot for s, _ in chunks], **i32),
             block_tables=torch.tensor([s.blocks for s, _ in chunks], **i32),
             slot_mapping=torch.tensor(slot_mapping, **i64), context_lens_t=torch.tensor(context_lens, **i32),
-            seq_lens=seq_lens, context_lens=context_lens, max_seqlen_q=max(seq_lens), max_seqlen_k=max(context_lens),
+            seq_lens=seq_lens, context_lens=context_lens, max_seqlen_q=max(seq_lens), context_len_bound=max(context_lens),
             is_decode=all(n == 1 for n in seq_lens), logits_indices=torch.tensor(rows, **i64))
         hidden = self.model(torch.tensor(ids, **i64), batch, self.caches)
         for seq, n in chunks:

@@ -13,6 +13,7 @@ Inputs are silu(randn), as the model produces them; decay rates are the real one
 (slopes of the 64-head set; a case with fewer heads takes heads spread over that set).
 
 The CPU tier (unmarked) checks that the package imports and falls back to the reference without the library.
+On a machine with a GPU, unbuilt kernels fail the GPU tier (tests/conftest.py), never skip it.
 """
 import os
 import subprocess
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from minimax_m1.config import lightning_slopes
 from minimax_m1.ops import lightning_attn as la
 from minimax_m1.ops.lightning_attn import cuda as la_cuda
+from util import needs_hopper, rel_err
 
 OUT_TOL = {torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float32: 1e-4}
 STATE_TOL = {torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float32: 1e-4}
@@ -58,10 +60,6 @@ def _exact_prefill(q, k, v, slopes, pool, slots, cu):
     return o, p
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
 def _poison_allocator(nbytes):
     """Fill memory the caching allocator will hand out next with NaN, so unwritten outputs show."""
     x = torch.full((nbytes // 4,), float("nan"), device="cuda")
@@ -77,9 +75,9 @@ def _check_prefill(lengths, dtype, heads=8, dim=128, layer=0, slots=None, seg_le
     torch.cuda.synchronize()
     assert o.dtype == dtype and o.shape == q.shape
     assert not o.isnan().any(), "unwritten or NaN outputs"
-    err_o = _rel(o, ref_o)
+    err_o = rel_err(o, ref_o)
     used = sorted({x for x in sl.tolist() if x >= 0})
-    err_s = _rel(pool[used], ref_pool[used]) if used else 0.0
+    err_s = rel_err(pool[used], ref_pool[used]) if used else 0.0
     untouched = [i for i in range(pool.shape[0]) if i not in used]
     assert torch.equal(pool[untouched], before[untouched]), "state slots outside the batch changed"
     bounds = cu.tolist()
@@ -119,11 +117,9 @@ def test_cpu_tensors_use_reference():
 # ----------------------------------------------------------------------------------------------- GPU tier
 
 gpu = pytest.mark.gpu
-needs_kernels = pytest.mark.skipif(not la_cuda.available(), reason=f"kernels not loaded: {la_cuda.load_error()}")
 
 
 @gpu
-@needs_kernels
 @pytest.mark.parametrize("layer", [0, 78])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n", [1, 2, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 1, 255, 256, 257, 769])
@@ -132,7 +128,6 @@ def test_prefill_lengths(n, dtype, layer):
 
 
 @gpu
-@needs_kernels
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("seg_len", [32, 64, 96])
 def test_prefill_segmented(seg_len, dim):
@@ -142,14 +137,12 @@ def test_prefill_segmented(seg_len, dim):
 
 
 @gpu
-@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_prefill_segmented_split_inputs(dtype):
     _check_prefill([250, 33, 400], dtype, layer=0, slots=[1, 3, 0], seg_len=64)
 
 
 @gpu
-@needs_kernels
 @pytest.mark.parametrize("num_seqs", [1, 3, 17, 64])
 def test_prefill_varlen(num_seqs):
     g = torch.Generator().manual_seed(num_seqs)
@@ -166,7 +159,6 @@ def test_prefill_varlen(num_seqs):
 
 
 @gpu
-@needs_kernels
 @pytest.mark.parametrize("heads", [8, 64])
 @pytest.mark.parametrize("layer", [0, 78])
 def test_prefill_long(layer, heads):
@@ -178,13 +170,12 @@ def test_prefill_long(layer, heads):
     ref_pool = pool.double()
     ref_o = la.reference_prefill(q.double(), k.double(), v.double(), s.double(), ref_pool, sl, cu)
     o = la_cuda.prefill(q, k, v, s, pool, sl, cu)
-    err_o, err_s = _rel(o, ref_o), _rel(pool[:1], ref_pool[:1])
+    err_o, err_s = rel_err(o, ref_o), rel_err(pool[:1], ref_pool[:1])
     assert err_o <= OUT_TOL[torch.bfloat16], f"output error {err_o:.2e}"
     assert err_s <= STATE_TOL[torch.bfloat16], f"state error {err_s:.2e}"
 
 
 @gpu
-@needs_kernels
 @pytest.mark.parametrize("n1,n2", [(1, 1), (31, 33), (100, 300), (256, 513)])
 def test_prefill_chunks_compose(n1, n2):
     """prefill(n1) then prefill(n2) == prefill(n1 + n2)."""
@@ -193,12 +184,11 @@ def test_prefill_chunks_compose(n1, n2):
     whole = la_cuda.prefill(q, k, v, s, whole_pool, sl, torch.tensor([0, n1 + n2], dtype=torch.int32, device="cuda"))
     a = la_cuda.prefill(q[:n1], k[:n1], v[:n1], s, pool, sl, torch.tensor([0, n1], dtype=torch.int32, device="cuda"))
     b = la_cuda.prefill(q[n1:], k[n1:], v[n1:], s, pool, sl, torch.tensor([0, n2], dtype=torch.int32, device="cuda"))
-    assert _rel(torch.cat([a, b]), whole) <= OUT_TOL[torch.bfloat16]
-    assert _rel(pool[0], whole_pool[0]) <= 1e-5
+    assert rel_err(torch.cat([a, b]), whole) <= OUT_TOL[torch.bfloat16]
+    assert rel_err(pool[0], whole_pool[0]) <= 1e-5
 
 
 @gpu
-@needs_kernels
 @pytest.mark.parametrize("steps", [1, 5])
 def test_prefill_then_decode(steps):
     """prefill(n) then k decode steps == prefill(n + k)."""
@@ -209,12 +199,11 @@ def test_prefill_then_decode(steps):
     outs = [la_cuda.prefill(q[:n], k[:n], v[:n], s, pool, sl, torch.tensor([0, n], dtype=torch.int32, device="cuda"))]
     for t in range(n, n + steps):
         outs.append(la_cuda.decode(q[t:t + 1], k[t:t + 1], v[t:t + 1], s, pool, sl))
-    assert _rel(torch.cat(outs), whole) <= OUT_TOL[torch.bfloat16]
-    assert _rel(pool[0], whole_pool[0]) <= 1e-5
+    assert rel_err(torch.cat(outs), whole) <= OUT_TOL[torch.bfloat16]
+    assert rel_err(pool[0], whole_pool[0]) <= 1e-5
 
 
 @gpu
-@needs_kernels
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("batch", [1, 5, 64])
@@ -230,15 +219,14 @@ def test_decode(batch, dtype, dim):
     o = la_cuda.decode(q, k, v, s, pool, sl)
     used = [x for x in slots if x >= 0]
     untouched = [i for i in range(pool.shape[0]) if i not in used]
-    assert _rel(o, ref_o) <= OUT_TOL[dtype]
-    assert _rel(pool[used], ref_pool[used]) <= 1e-6
+    assert rel_err(o, ref_o) <= OUT_TOL[dtype]
+    assert rel_err(pool[used], ref_pool[used]) <= 1e-6
     assert torch.equal(pool[untouched], before[untouched])
     if batch > 1:
         assert (o[1] == 0).all()
 
 
 @gpu
-@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_non_contiguous_inputs(dtype):
     """q, k, v as the model makes them (splits of a [T, H, 3D] tensor) and with a strided last dim."""
@@ -263,7 +251,6 @@ def test_non_contiguous_inputs(dtype):
 
 
 @gpu
-@needs_kernels
 def test_dispatch_uses_kernels():
     q, k, v, s, pool, sl, cu = _inputs([40], dtype=torch.bfloat16)
     pool2 = pool.clone()
@@ -281,20 +268,20 @@ def _kernel_names(fn, *args, **kwargs):
 
 
 @gpu
-@needs_kernels
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                    reason="the wgmma kernels run on compute capability 9.0")
+@needs_hopper
 def test_hopper_dispatch():
-    """On an H100/H200, bf16 head_dim 128 runs the wgmma kernels (both passes); other inputs the mma.sync ones."""
+    """On an H100/H200, bf16 head_dim 128 runs the wgmma kernels (both passes); other inputs, and allow_sm90=False
+    (MINIMAX_M1_LIGHTNING_SM90=0), the mma.sync ones."""
     names = _kernel_names(la_cuda.prefill, *_inputs([700], dtype=torch.bfloat16), seg_len=256)
     assert "prefill_sm90_state_kernel" in names and "prefill_sm90_output_kernel" in names, names
+    names = _kernel_names(la_cuda.prefill, *_inputs([700], dtype=torch.bfloat16), seg_len=256, allow_sm90=False)
+    assert "prefill_output_kernel" in names and "sm90" not in names, names
     for dtype, dim in ((torch.float16, 128), (torch.bfloat16, 64)):
         names = _kernel_names(la_cuda.prefill, *_inputs([300], dtype=dtype, dim=dim))
         assert "prefill_output_kernel" in names and "sm90" not in names, names
 
 
 @gpu
-@needs_kernels
 def test_errors_are_clear():
     q, k, v, s, pool, sl, cu = _inputs([40], dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="state_pool"):
@@ -304,7 +291,6 @@ def test_errors_are_clear():
 
 
 @gpu
-@needs_kernels
 def test_cuda_graph_capture():
     """Decode and prefill captured in a CUDA graph give the eager results on replay."""
     q, k, v, s, pool, sl, _ = _inputs([1] * 16, heads=8, dtype=torch.bfloat16, slots=list(range(15)) + [-1])
@@ -333,7 +319,6 @@ def test_cuda_graph_capture():
 
 
 @gpu
-@needs_kernels
 def test_torch_compile_sees_through():
     q, k, v, s, pool, sl, cu = _inputs([70, 20], dtype=torch.bfloat16)
     eager_pool = pool.clone()

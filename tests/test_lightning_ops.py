@@ -10,6 +10,7 @@ import torch
 
 from minimax_m1.config import lightning_slopes
 from minimax_m1.ops import lightning_attn as la
+from util import rel_err
 
 H, D = 4, 32
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 8e-3}
@@ -34,10 +35,6 @@ def _exact(q, k, v, slopes, pool, slots, cu):
     return o, p
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_blocked_matches_recurrence_varlen(dtype):
     lengths = [1, 255, 256, 257, 1000]
@@ -48,9 +45,9 @@ def test_blocked_matches_recurrence_varlen(dtype):
     before = pool.clone()
     o = la.reference_prefill(q, k, v, s, pool, sl, cu)
     assert o.dtype == dtype and o.shape == q.shape
-    assert _rel(o, ref_o) < TOL[dtype]
+    assert rel_err(o, ref_o) < TOL[dtype]
     state_tol = 1e-12 if dtype == torch.float64 else 2e-5  # the state is fp32 whatever the input dtype
-    assert _rel(pool[sl.long()], ref_pool[sl.long()]) < state_tol
+    assert rel_err(pool[sl.long()], ref_pool[sl.long()]) < state_tol
     untouched = [i for i in range(pool.shape[0]) if i not in slots]
     assert torch.equal(pool[untouched], before[untouched])
 
@@ -62,8 +59,8 @@ def test_prefill_chunks_compose(n1, n2):
     o_once = la.reference_prefill(q, k, v, s, p_once, sl, torch.tensor([0, n1 + n2], dtype=torch.int32))
     o1 = la.reference_prefill(q[:n1], k[:n1], v[:n1], s, p_twice, sl, torch.tensor([0, n1], dtype=torch.int32))
     o2 = la.reference_prefill(q[n1:], k[n1:], v[n1:], s, p_twice, sl, torch.tensor([0, n2], dtype=torch.int32))
-    assert _rel(torch.cat([o1, o2]), o_once) < TOL[torch.float32]
-    assert _rel(p_twice[2], p_once[2]) < TOL[torch.float32]
+    assert rel_err(torch.cat([o1, o2]), o_once) < TOL[torch.float32]
+    assert rel_err(p_twice[2], p_once[2]) < TOL[torch.float32]
 
 
 def test_decode_steps_after_prefill_equal_longer_prefill():
@@ -82,9 +79,9 @@ def test_decode_steps_after_prefill_equal_longer_prefill():
         dec_slots = torch.tensor([4, -1, 1], dtype=torch.int32)
         o = la.reference_decode(q[rows], k[rows], v[rows], s, p_step, dec_slots)
         assert torch.equal(o[1], torch.zeros_like(o[1]))
-        assert _rel(o[0], o_long[n + t]) < TOL[torch.float32]
-        assert _rel(o[2], o_long[2 * n + steps + t]) < TOL[torch.float32]
-    assert _rel(p_step, p_long) < TOL[torch.float32]
+        assert rel_err(o[0], o_long[n + t]) < TOL[torch.float32]
+        assert rel_err(o[2], o_long[2 * n + steps + t]) < TOL[torch.float32]
+    assert rel_err(p_step, p_long) < TOL[torch.float32]
     untouched = [i for i in range(pool.shape[0]) if i not in (1, 4)]
     assert torch.equal(p_step[untouched], before[untouched])
 
@@ -95,8 +92,8 @@ def test_decode_matches_recurrence():
     ref_pool = pool.to(torch.float64, copy=True)
     ref = la.recurrent_decode(q.double(), k.double(), v.double(), s.double(), ref_pool, slots)
     o = la.decode(q, k, v, s, pool, slots)
-    assert _rel(o, ref) < TOL[torch.bfloat16]
-    assert _rel(pool, ref_pool) < 2e-5
+    assert rel_err(o, ref) < TOL[torch.bfloat16]
+    assert rel_err(pool, ref_pool) < 2e-5
     assert torch.equal(o[[1, 4]], torch.zeros_like(o[[1, 4]]))
 
 

@@ -1,4 +1,4 @@
-"""The fused MoE expert kernels against the grouped-GEMM path and an fp32 reference.
+"""The fused MoE expert kernels against the grouped-GEMM path and the fp32 reference (ops.moe.reference_experts).
 
 GPU tier (`gpu` marker). Reference: per used expert, the routed tokens' x (rounded inputs) through w1/w3/w2 in
 fp32 on the GPU (TF32 off), silu(g) * u in fp32, the top-k products weighted and summed in fp32. Tolerance:
@@ -8,8 +8,10 @@ activation silu(g) * u (the second mma's operand) and the output to x's dtype: a
 Routings include experts with no rows, experts chosen by many tokens (all tokens on two experts, whose rows
 span several CTAs), ids outside [0, E) and a graph captured once and replayed with new routings.
 
-The CPU tier (unmarked) checks that the module imports without the library and that SparseMoE keeps its torch
-path on the CPU.
+The CPU tier (unmarked) checks that the module imports without the library, that SparseMoE keeps its torch
+path on the CPU, and the grouped-GEMM path against the reference in fp32 (tolerance 1e-5 of max|reference|: the
+two differ only in summation order over H = 256 and I = 320 products). On a machine with a GPU, unbuilt kernels
+fail the GPU tier (tests/conftest.py), never skip it.
 """
 import os
 import subprocess
@@ -19,8 +21,9 @@ import types
 import pytest
 import torch
 
-from minimax_m1.layers.moe import FUSED_MAX_ROWS, SparseMoE
-from minimax_m1.ops import moe_cuda
+from minimax_m1.layers.moe import SparseMoE
+from minimax_m1.ops.moe import FUSED_MAX_ROWS, cuda as moe_cuda, grouped_experts, reference_experts, use_fused
+from util import rel_err
 
 TOL = 1e-2
 REAL = {"experts": 32, "hidden": 6144, "inter": 9216}
@@ -29,7 +32,7 @@ SMALL = {"experts": 8, "hidden": 256, "inter": 320}
 
 def test_import_without_library():
     code = (
-        "from minimax_m1.ops import moe_cuda\n"
+        "from minimax_m1.ops.moe import cuda as moe_cuda\n"
         "assert not moe_cuda.available()\n"
         "assert 'nonexistent' in moe_cuda.load_error()\n"
     )
@@ -40,9 +43,18 @@ def test_import_without_library():
 def test_cpu_keeps_torch_path():
     moe = _module(SMALL, top_k=2, dtype=torch.float32, device="cpu")
     x = torch.randn(5, SMALL["hidden"])
-    assert not moe.use_fused(x)
+    assert not use_fused(x, moe.w13, moe.w2, moe.top_k)
     weights, experts = moe.route(x)
-    torch.testing.assert_close(moe(x), moe.grouped_experts(x, weights, experts))
+    torch.testing.assert_close(moe(x), grouped_experts(x, experts, weights, moe.w13, moe.w2))
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_cpu_grouped_matches_reference(tokens):
+    moe = _module(SMALL, top_k=2, dtype=torch.float32, device="cpu")
+    x = torch.randn(tokens, SMALL["hidden"], generator=torch.Generator().manual_seed(tokens))
+    weights, experts = moe.route(x)
+    ref = reference_experts(x, experts, weights, moe.w13, moe.w2)
+    assert rel_err(grouped_experts(x, experts, weights, moe.w13, moe.w2), ref) <= 1e-5
 
 
 def _module(shape, top_k, dtype, device, seed=0):
@@ -56,34 +68,8 @@ def _module(shape, top_k, dtype, device, seed=0):
     return moe.requires_grad_(False)
 
 
-def _reference(x, experts, weights, w13, w2):
-    """fp32 experts on the rounded inputs; ids outside [0, E) contribute nothing."""
-    inter = w2.shape[2]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in experts.unique().tolist():
-        if not 0 <= e < w13.shape[0]:
-            continue
-        tok, j = (experts == e).nonzero(as_tuple=True)
-        h = x[tok].float() @ w13[e].float().t()
-        a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        out.index_add_(0, tok, (a @ w2[e].float().t()) * weights[tok, j, None])
-    return out
-
-
-def _rel_err(out, ref):
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
-
-
-def _require_kernel():
-    if not moe_cuda.available():
-        pytest.skip(f"fused MoE kernel not loaded: {moe_cuda.load_error()}")
-
-
 @pytest.fixture(scope="module")
 def real_moe():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     moe = _module(REAL, top_k=2, dtype=torch.bfloat16, device="cuda")
     yield moe
     del moe
@@ -117,28 +103,26 @@ def _check(moe, tokens, kind="router", dtype=torch.bfloat16, row_tiles=0, ids_dt
     weights, experts = _routing(moe, x, kind, gen)
     out = moe_cuda.moe_experts(x, experts.to(ids_dtype), weights, moe.w13, moe.w2, row_tiles=row_tiles)
     assert out.shape == x.shape and out.dtype == dtype
-    ref = _reference(x, experts, weights, moe.w13, moe.w2)
-    err, err_grouped = _rel_err(out, ref), None
+    ref = reference_experts(x, experts, weights, moe.w13, moe.w2)
+    err, err_grouped = rel_err(out, ref), None
     assert err <= TOL, f"vs fp32 reference: {err:.2e}"
     if kind != "invalid_ids" and dtype == torch.bfloat16:
-        grouped = moe.grouped_experts(x, weights, experts)
-        err_grouped = _rel_err(out, grouped.float())
+        grouped = grouped_experts(x, experts, weights, moe.w13, moe.w2)
+        err_grouped = rel_err(out, grouped.float())
         assert err_grouped <= TOL, f"vs grouped GEMM: {err_grouped:.2e}"
-        assert _rel_err(grouped, ref) <= TOL  # the tolerance is one the torch path meets too
+        assert rel_err(grouped, ref) <= TOL  # the tolerance is one the torch path meets too
     return err, err_grouped
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 2, 7, 16, 64])
 def test_real_shapes(real_moe, tokens):
-    _require_kernel()
     _check(real_moe, tokens, seed=tokens)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens,row_tiles", [(64, 0), (64, 1), (16, 2)])
 def test_real_shapes_two_hot_experts(real_moe, tokens, row_tiles):
-    _require_kernel()
     _check(real_moe, tokens, kind="two_experts", row_tiles=row_tiles)
 
 
@@ -146,7 +130,6 @@ def test_real_shapes_two_hot_experts(real_moe, tokens, row_tiles):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 2, 7, 16, 64, 200])
 def test_small_shapes(dtype, tokens):
-    _require_kernel()
     moe = _module(SMALL, top_k=2, dtype=dtype, device="cuda", seed=1)
     _check(moe, tokens, dtype=dtype, seed=tokens)
 
@@ -155,7 +138,6 @@ def test_small_shapes(dtype, tokens):
 @pytest.mark.parametrize("case", ["two_experts_multipass", "invalid_ids", "int32_ids", "strided_x", "top3",
                                   "top1"])
 def test_awkward_cases(case):
-    _require_kernel()
     top_k = {"top3": 3, "top1": 1}.get(case, 2)
     moe = _module(SMALL, top_k=top_k, dtype=torch.bfloat16, device="cuda", seed=2)
     if case == "two_experts_multipass":
@@ -172,10 +154,9 @@ def test_awkward_cases(case):
 
 @pytest.mark.gpu
 def test_empty_batch():
-    _require_kernel()
     moe = _module(SMALL, top_k=2, dtype=torch.bfloat16, device="cuda")
     x = torch.empty(0, SMALL["hidden"], dtype=torch.bfloat16, device="cuda")
-    assert moe.use_fused(x)
+    assert use_fused(x, moe.w13, moe.w2, moe.top_k)
     assert moe(x).shape == (0, SMALL["hidden"])
 
 
@@ -183,12 +164,11 @@ def test_empty_batch():
 @pytest.mark.parametrize("shape,tokens", [("small", 16), ("real", 4)])
 def test_cuda_graph_new_routing(real_moe, shape, tokens):
     """SparseMoE.forward captured once, replayed with new inputs (so new routings): equal to eager calls."""
-    _require_kernel()
     moe = real_moe if shape == "real" else _module(SMALL, top_k=2, dtype=torch.bfloat16, device="cuda", seed=3)
     h = moe.w13.shape[2]
     gen = torch.Generator(device="cuda").manual_seed(4)
     static_x = torch.randn(tokens, h, generator=gen, device="cuda").to(torch.bfloat16)
-    assert moe.use_fused(static_x) and tokens * moe.top_k <= FUSED_MAX_ROWS
+    assert use_fused(static_x, moe.w13, moe.w2, moe.top_k) and tokens * moe.top_k <= FUSED_MAX_ROWS
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -206,5 +186,5 @@ def test_cuda_graph_new_routing(real_moe, shape, tokens):
         eager = moe(x)
         assert torch.equal(static_out, eager)  # deterministic kernels: bit-identical
         weights, experts = moe.route(x)
-        assert _rel_err(static_out, _reference(x, experts, weights, moe.w13, moe.w2)) <= TOL
+        assert rel_err(static_out, reference_experts(x, experts, weights, moe.w13, moe.w2)) <= TOL
     assert len(routings) == 3

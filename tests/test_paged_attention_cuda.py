@@ -7,6 +7,7 @@ shuffled. Tolerance: max|error| / max|reference| <= 1e-2 for bf16 and 4e-3 for f
 costs up to 2^-9 = 2e-3 and 2^-12 of it; the softmax weights go through the mma in the input type).
 
 The CPU tier (unmarked) checks that the module imports without the library and reports itself unavailable.
+On a machine with a GPU, unbuilt kernels fail the GPU tier (tests/conftest.py), never skip it.
 """
 import os
 import subprocess
@@ -15,7 +16,8 @@ import sys
 import pytest
 import torch
 
-from minimax_m1.ops import paged_attention_cuda as pac
+from minimax_m1.ops.paged_attention import cuda as pac
+from util import rel_err
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 4e-3}
 CONTEXTS = [1, 15, 255, 256, 257, 4097, 100000]
@@ -24,17 +26,12 @@ SCRATCH = 0  # block 0: the padding rows' scratch block (only its token 0 is wri
 
 def test_import_without_library():
     code = (
-        "from minimax_m1.ops import paged_attention_cuda as pac\n"
+        "from minimax_m1.ops.paged_attention import cuda as pac\n"
         "assert not pac.available()\n"
         "assert 'nonexistent' in pac.load_error()\n"
     )
     env = dict(os.environ, MINIMAX_M1_PAGED_ATTN_LIB="/nonexistent/libpaged_attn.so")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
-
-
-def _require_kernel():
-    if not pac.available():
-        pytest.skip(f"paged decode kernel not loaded: {pac.load_error()}")
 
 
 def _fill(kv, contexts, gen, max_blocks=None):
@@ -74,11 +71,6 @@ def _reference(q, kv, tables, contexts, scale):
     return out
 
 
-def _rel_err(out, ref):
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
-
-
 def _case(contexts, hq, hkv, d, block_size, dtype, seed, spare_blocks=4):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     num_blocks = sum(-(-c // block_size) for c in contexts) + spare_blocks + 1
@@ -93,7 +85,7 @@ def _check(contexts, hq, hkv, d, block_size, dtype, max_context, seed=0):
     q, kv, tables, lens = _case(contexts, hq, hkv, d, block_size, dtype, seed)
     scale = d ** -0.5
     out = pac.paged_decode(q, kv, tables, lens, scale, max_context)
-    err = _rel_err(out, _reference(q, kv, tables, contexts, scale))
+    err = rel_err(out, _reference(q, kv, tables, contexts, scale))
     assert err <= TOL[dtype], (err, pac.num_splits(len(contexts), hkv, d, max_context))
     return err
 
@@ -107,7 +99,6 @@ def _check(contexts, hq, hkv, d, block_size, dtype, max_context, seed=0):
     (torch.float16, 12, 4, 64, 48),  # 3 per kv head, a block size that is no power of two
 ])
 def test_mixed_contexts(dtype, hq, hkv, d, block_size):
-    _require_kernel()
     assert pac.num_splits(len(CONTEXTS), hkv, d, 131072) > 1  # the combine step runs
     _check(CONTEXTS, hq, hkv, d, block_size, dtype, max_context=131072)
 
@@ -116,14 +107,12 @@ def test_mixed_contexts(dtype, hq, hkv, d, block_size):
 @pytest.mark.parametrize("ctx", CONTEXTS)
 @pytest.mark.parametrize("max_context", [None, 1 << 20])
 def test_batch_one(ctx, max_context):
-    _require_kernel()
     _check([ctx], 64, 8, 128, 256, torch.bfloat16, max_context or ctx, seed=ctx)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("hkv", [8, 1])
 def test_batch_64(hkv):
-    _require_kernel()
     gen = torch.Generator().manual_seed(64)
     contexts = torch.randint(1, 3000, (64,), generator=gen).tolist()
     contexts[:4] = [1, 256, 257, 4097]
@@ -132,7 +121,6 @@ def test_batch_64(hkv):
 
 @pytest.mark.gpu
 def test_every_output_written_and_workspace_garbage_ignored():
-    _require_kernel()
     q, kv, tables, lens = _case(CONTEXTS, 64, 8, 128, 256, torch.bfloat16, seed=3)
     max_context = 1 << 20
     out = torch.full_like(q, float("nan"))
@@ -143,14 +131,13 @@ def test_every_output_written_and_workspace_garbage_ignored():
     ref = _reference(q, kv, tables, CONTEXTS, 128 ** -0.5)
     for _ in range(2):  # the second launch relies on the first leaving its counters at zero
         pac._load().paged_decode(q, kv, tables, lens, out, workspace, 128 ** -0.5, max_context)
-        assert _rel_err(out, ref) <= TOL[torch.bfloat16]
+        assert rel_err(out, ref) <= TOL[torch.bfloat16]
         out.fill_(float("nan"))
     assert (workspace[:8192] == 0).all()
 
 
 @pytest.mark.gpu
 def test_empty_context_gives_zeros_and_empty_batch():
-    _require_kernel()
     q, kv, tables, lens = _case([0, 5], 16, 8, 128, 16, torch.bfloat16, seed=4)
     out = pac.paged_decode(q, kv, tables, lens, 0.1, 64)
     assert (out[0] == 0).all()
@@ -159,7 +146,6 @@ def test_empty_context_gives_zeros_and_empty_batch():
 
 @pytest.mark.gpu
 def test_strided_inputs():
-    _require_kernel()
     contexts = [300, 1, 1000]
     q, kv, tables, lens = _case(contexts, 64, 8, 128, 256, torch.bfloat16, seed=5)
     ref = _reference(q, kv, tables, contexts, 0.08)
@@ -168,16 +154,15 @@ def test_strided_inputs():
     qkv[:, :64] = q
     wide = torch.full((3, tables.shape[1] + 5), SCRATCH, dtype=torch.int32, device="cuda")
     wide[:, :tables.shape[1]] = tables
-    assert _rel_err(pac.paged_decode(qkv[:, :64], kv, wide, lens, 0.08, 4096), ref) <= 1e-2
+    assert rel_err(pac.paged_decode(qkv[:, :64], kv, wide, lens, 0.08, 4096), ref) <= 1e-2
     # a q whose rows are not 16-byte aligned is copied first
     odd = torch.empty(3 * 64 * 128 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(3, 64, 128)
     odd.copy_(q)
-    assert _rel_err(pac.paged_decode(odd, kv, tables, lens, 0.08, 4096), ref) <= 1e-2
+    assert rel_err(pac.paged_decode(odd, kv, tables, lens, 0.08, 4096), ref) <= 1e-2
 
 
 @pytest.mark.gpu
 def test_bad_arguments_raise():
-    _require_kernel()
     q, kv, tables, lens = _case([20], 64, 8, 128, 16, torch.bfloat16, seed=6)
     with pytest.raises(ValueError, match="block_size"):
         pac.paged_decode(q, kv.view(2, -1, 8, 8, 128), tables, lens, 0.1, 64)
@@ -193,7 +178,6 @@ def test_bad_arguments_raise():
 
 @pytest.mark.gpu
 def test_opcheck():
-    _require_kernel()
     q, kv, tables, lens = _case([7, 300], 16, 2, 64, 16, torch.bfloat16, seed=7)
     kv.normal_()  # no NaN: opcheck compares inputs before and after
     torch.library.opcheck(torch.ops.minimax_m1.paged_decode.default, (q, kv, tables, lens, 0.125, 512))
@@ -201,7 +185,6 @@ def test_opcheck():
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_with_new_tables_and_lengths():
-    _require_kernel()
     hq, hkv, d, block_size, batch, max_context = 64, 8, 128, 256, 8, 1 << 20
     max_blocks = 40
     gen = torch.Generator(device="cuda").manual_seed(8)
@@ -237,4 +220,4 @@ def test_cuda_graph_replay_with_new_tables_and_lengths():
         q.copy_(2 * torch.randn(batch, hq, d, generator=gen, device="cuda"))
         out.fill_(float("nan"))
         graph.replay()
-        assert _rel_err(out, _reference(q, kv, tables, contexts, d ** -0.5)) <= TOL[torch.bfloat16], contexts
+        assert rel_err(out, _reference(q, kv, tables, contexts, d ** -0.5)) <= TOL[torch.bfloat16], contexts

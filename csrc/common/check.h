@@ -7,13 +7,27 @@
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/c_env_api.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <initializer_list>
+#include <sstream>
+#include <utility>
 
 namespace minimax_m1 {
 
 using tvm::ffi::TensorView;
 
+// 16-bit rows read in 16-byte vectors: their start and strides are multiples of this (check_rows_16b).
+constexpr int kRowAlignBytes = 16;
+
 enum class Dtype { kBF16, kF16, kF32, kI32, kOther };
+
+template <typename T, size_t N>
+constexpr bool is_one_of(const T (&set)[N], T x) {
+  for (size_t i = 0; i < N; ++i)
+    if (set[i] == x) return true;
+  return false;
+}
 
 inline Dtype dtype_of(const TensorView& t) {
   const DLDataType d = t.dtype();
@@ -48,6 +62,12 @@ inline void check_cuda(const TensorView& t, const char* name, int device_id, con
                               << device_id;
 }
 
+// The same for several tensors: {{&t, "name"}, ...}.
+inline void check_cuda(std::initializer_list<std::pair<const TensorView*, const char*>> tensors, int device_id,
+                       const char* first = "q") {
+  for (const auto& [t, name] : tensors) check_cuda(*t, name, device_id, first);
+}
+
 inline void check_dtype(const TensorView& t, const char* name, Dtype want) {
   if (dtype_of(t) != want)
     TVM_FFI_THROW(ValueError) << name << " must be " << dtype_name(want) << ", got " << dtype_name(dtype_of(t));
@@ -80,28 +100,17 @@ inline void check_aligned(const void* p, int bytes, const char* name) {
 // 16-bit elements read in 16-byte vectors along the last dimension: unit stride there, strides of multiples
 // of 8 elements elsewhere, a 16-byte aligned start.
 inline void check_rows_16b(const TensorView& t, const char* name) {
+  constexpr int kElements = kRowAlignBytes / 2;
   if (t.stride(t.ndim() - 1) != 1) TVM_FFI_THROW(ValueError) << name << " must have a contiguous last dimension";
   for (int i = 0; i < t.ndim() - 1; ++i)
-    if (t.size(i) > 1 && t.stride(i) % 8 != 0)
-      TVM_FFI_THROW(ValueError) << name << ": stride " << i << " (" << t.stride(i)
-                                << " elements) must be a multiple of 8 (16 bytes); pass a contiguous tensor";
-  check_aligned(data_of(t), 16, name);
+    if (t.size(i) > 1 && t.stride(i) % kElements != 0)
+      TVM_FFI_THROW(ValueError) << name << ": stride " << i << " (" << t.stride(i) << " elements) must be a multiple of "
+                                << kElements << " (" << kRowAlignBytes << " bytes); pass a contiguous tensor";
+  check_aligned(data_of(t), kRowAlignBytes, name);
 }
 
 inline cudaStream_t current_stream(int device_id) {
   return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device_id));
-}
-
-inline int multiprocessor_count(int device_id) {
-  static int cache[64] = {0};
-  if (device_id >= 0 && device_id < 64 && cache[device_id] > 0) return cache[device_id];
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device_id) != cudaSuccess || n <= 0) {
-    (void)cudaGetLastError();
-    n = 132;
-  }
-  if (device_id >= 0 && device_id < 64) cache[device_id] = n;
-  return n;
 }
 
 #define MINIMAX_CHECK_LAUNCH()                                                                   \

@@ -8,23 +8,24 @@
 namespace minimax_m1 {
 namespace lightning_attn {
 
+// What the kernels serve (exported by lightning_attn_limits): the head dims they are instantiated for and
+// the input dtypes (fp16 and fp32 inputs are first split into bf16 hi + lo parts).
+constexpr int64_t kHeadDims[] = {64, 128};
+constexpr Dtype kDtypes[] = {Dtype::kBF16, Dtype::kF16, Dtype::kF32};
+
 // Returns q's dtype. `rows` is tokens (prefill) or sequences (decode).
 inline Dtype check_lightning_args(const TensorView& q, const TensorView& k, const TensorView& v,
                                   const TensorView& slopes, const TensorView& state_pool,
                                   const TensorView& state_slots, const TensorView& out) {
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int device_id = q.device().device_id;
-  check_cuda(q, "q", device_id);
-  check_cuda(k, "k", device_id);
-  check_cuda(v, "v", device_id);
-  check_cuda(slopes, "slopes", device_id);
-  check_cuda(state_pool, "state_pool", device_id);
-  check_cuda(state_slots, "state_slots", device_id);
-  check_cuda(out, "out", device_id);
+  check_cuda({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&slopes, "slopes"}, {&state_pool, "state_pool"},
+              {&state_slots, "state_slots"}, {&out, "out"}},
+             device_id);
   const Dtype dtype = dtype_of(q);
-  if (dtype != Dtype::kBF16 && dtype != Dtype::kF16 && dtype != Dtype::kF32)
+  if (!is_one_of(kDtypes, dtype))
     TVM_FFI_THROW(ValueError) << "q must be bfloat16, float16 or float32, got " << dtype_name(dtype);
-  if (dim != 64 && dim != 128) TVM_FFI_THROW(ValueError) << "head_dim must be 64 or 128, got " << dim;
+  if (!is_one_of(kHeadDims, dim)) TVM_FFI_THROW(ValueError) << "head_dim must be 64 or 128, got " << dim;
   check_dtype(k, "k", dtype);
   check_dtype(v, "v", dtype);
   check_dtype(out, "out", dtype);

@@ -7,3 +7,4 @@
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(lightning_prefill, minimax_m1::lightning_attn::prefill);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(lightning_prefill_workspace_bytes, minimax_m1::lightning_attn::prefill_workspace_bytes);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(lightning_decode, minimax_m1::lightning_attn::decode);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(lightning_attn_limits, minimax_m1::lightning_attn::limits);

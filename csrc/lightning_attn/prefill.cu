@@ -2,10 +2,8 @@
 #include <tvm/ffi/extra/cuda/device_guard.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
-#include <string>
 
+#include "../common/device.h"
 #include "args.h"
 #include "launchers.h"
 #include "minimax_m1/lightning_attn/prefill.cuh"
@@ -38,32 +36,21 @@ struct Plan {
 
 // The Hopper kernels (prefill_sm90.cuh) serve bf16 inputs of head_dim 128 when the library was built with
 // sm_90a code and the device runs it (a 9.0 device loads the sm_90a image); two of their CTAs share a
-// multiprocessor.
-bool use_sm90(int64_t dim, bool split, int device_id) {
+// multiprocessor. `allowed` false (MINIMAX_M1_LIGHTNING_SM90=0 on the Python side) keeps the mma.sync kernels.
+bool use_sm90(int64_t dim, bool split, int device_id, bool allowed) {
 #ifndef MINIMAX_M1_HAS_SM90A
   return false;  // built without sm_90a: the Hopper kernels are empty
 #endif
-  if (dim != 128 || split) return false;
-  // MINIMAX_M1_LIGHTNING_SM90=0 forces the mma.sync kernels (comparisons, or a fallback).
-  static const bool disabled = [] {
-    const char* e = std::getenv("MINIMAX_M1_LIGHTNING_SM90");
-    return e != nullptr && std::string(e) == "0";
-  }();
-  if (disabled) return false;
-  static std::atomic<int> cache[64];
-  const int slot = device_id & 63;
-  int v = cache[slot].load(std::memory_order_relaxed);
-  if (v == 0) {
+  if (dim != 128 || split || !allowed) return false;
+  const DeviceInfo info = device_info(device_id);
+  if (info.cc_major != 9 || info.cc_minor != 0) return false;
+  static PerDevice<bool> loaded_sm90a;
+  return loaded_sm90a.get(device_id, [](int id) {
+    tvm::ffi::CUDADeviceGuard guard(id);
     cudaFuncAttributes attr{};
-    int major = 0, minor = 0;
-    const bool ok = cudaFuncGetAttributes(&attr, prefill_sm90_output_kernel) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_id) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_id) == cudaSuccess;
-    if (!ok) (void)cudaGetLastError();
-    v = ok && major == 9 && minor == 0 && attr.binaryVersion == 90 ? 1 : 2;
-    cache[slot].store(v, std::memory_order_relaxed);
-  }
-  return v == 1;
+    check_cuda_call(cudaFuncGetAttributes(&attr, prefill_sm90_output_kernel), "cudaFuncGetAttributes", id);
+    return attr.binaryVersion == 90;
+  });
 }
 
 Plan make_plan(int64_t tokens, int64_t seqs, int64_t heads, int64_t dim, bool split, int sms, int64_t seg_len,
@@ -99,14 +86,16 @@ Plan make_plan(int64_t tokens, int64_t seqs, int64_t heads, int64_t dim, bool sp
   return p;
 }
 
-// Raises the dynamic shared-memory limit of a kernel once per device.
+// Raises the dynamic shared-memory limit of a kernel once per device (`done`: one per kernel; the caller
+// holds a device guard).
 template <typename Kernel>
-void allow_smem(Kernel kernel, int bytes, int device_id, std::atomic<uint64_t>& done) {
-  const uint64_t bit = 1ull << (device_id & 63);
-  if (bytes <= 48 * 1024 || (done.load(std::memory_order_relaxed) & bit)) return;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "cudaFuncSetAttribute: " << cudaGetErrorString(err);
-  done.fetch_or(bit, std::memory_order_relaxed);
+void allow_smem(Kernel kernel, int bytes, int device_id, PerDevice<bool>& done) {
+  if (bytes <= 48 * 1024) return;
+  done.get(device_id, [&](int id) {
+    check_cuda_call(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+                    "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)", id);
+    return true;
+  });
 }
 
 // The segmented mode's planning kernel (segment and state offsets) and, after pass 1, the segment scan.
@@ -127,7 +116,7 @@ template <int D, bool kSplit, typename OutT>
 void launch_prefill(const PrefillParams& p, const Plan& plan, int64_t heads, int device_id, cudaStream_t stream) {
   using L = PrefillLayout<D, kSplit>;
   static_assert(L::output_bytes <= 227 * 1024, "prefill tiles exceed the shared memory of a multiprocessor");
-  static std::atomic<uint64_t> smem_state_done{0}, smem_output_done{0};
+  static PerDevice<bool> smem_state_done, smem_output_done;
   const dim3 grid(static_cast<unsigned>(plan.max_segments * 2), static_cast<unsigned>(heads));
   if (plan.segmented) {
     launch_plan(p, stream);
@@ -143,7 +132,7 @@ void launch_prefill(const PrefillParams& p, const Plan& plan, int64_t heads, int
 
 template <int kStages>
 void launch_sm90_state(const PrefillParams& p, dim3 grid, int device_id, cudaStream_t stream) {
-  static std::atomic<uint64_t> smem_done{0};
+  static PerDevice<bool> smem_done;
   constexpr int kBytes = Sm90StateLayout<kStages>::bytes;
   allow_smem(prefill_sm90_state_kernel<kStages>, kBytes, device_id, smem_done);
   prefill_sm90_state_kernel<kStages><<<grid, Sm90Layout::kThreads, kBytes, stream>>>(p);
@@ -152,12 +141,12 @@ void launch_sm90_state(const PrefillParams& p, dim3 grid, int device_id, cudaStr
 
 void launch_prefill_sm90(const PrefillParams& p, const Plan& plan, int64_t heads, int device_id, cudaStream_t stream) {
   using L = Sm90Layout;
-  static std::atomic<uint64_t> smem_output_done{0};
+  static PerDevice<bool> smem_output_done;
   const dim3 grid(static_cast<unsigned>(plan.max_segments * 2 * heads));  // see CtaCoords
   if (plan.segmented) {
     launch_plan(p, stream);
     // Pass-1 CTAs: two per head for every non-final segment ((tokens - 1) / seg_len of them for one sequence).
-    if (2 * heads * ((p.total_tokens - 1) / plan.seg_len) <= multiprocessor_count(device_id))
+    if (2 * heads * ((p.total_tokens - 1) / plan.seg_len) <= device_info(device_id).sm_count)
       launch_sm90_state<4>(p, grid, device_id, stream);
     else
       launch_sm90_state<3>(p, grid, device_id, stream);
@@ -192,21 +181,21 @@ void dispatch_dtype(Dtype dtype, const PrefillParams& p, const Plan& plan, int64
 }  // namespace
 
 int64_t prefill_workspace_bytes(int64_t total_tokens, int64_t num_seqs, int64_t num_heads, int64_t head_dim,
-                                bool split, int64_t device_id, int64_t seg_len) {
-  const int sms = multiprocessor_count(static_cast<int>(device_id));
-  const bool sm90 = use_sm90(head_dim, split, static_cast<int>(device_id));
+                                bool split, int64_t device_id, int64_t seg_len, bool allow_sm90) {
+  const int sms = device_info(static_cast<int>(device_id)).sm_count;
+  const bool sm90 = use_sm90(head_dim, split, static_cast<int>(device_id), allow_sm90);
   return make_plan(total_tokens, num_seqs, num_heads, head_dim, split, sms, seg_len, sm90).total;
 }
 
 void prefill(TensorView q, TensorView k, TensorView v, TensorView slopes, TensorView state_pool,
-             TensorView state_slots, TensorView cu_seqlens, TensorView out, TensorView workspace, int64_t seg_len) {
+             TensorView state_slots, TensorView cu_seqlens, TensorView out, TensorView workspace, int64_t seg_len,
+             bool allow_sm90) {
   if (q.ndim() != 3) TVM_FFI_THROW(ValueError) << "q must be [tokens, heads, head_dim]";
   const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2);
   const int device_id = q.device().device_id;
   const Dtype dtype = check_lightning_args(q, k, v, slopes, state_pool, state_slots, out);
   const int64_t seqs = state_slots.size(0);
-  check_cuda(cu_seqlens, "cu_seqlens", device_id);
-  check_cuda(workspace, "workspace", device_id);
+  check_cuda({{&cu_seqlens, "cu_seqlens"}, {&workspace, "workspace"}}, device_id);
   if (heads < 1 || heads > 65535) TVM_FFI_THROW(ValueError) << "heads must be in [1, 65535], got " << heads;
   if (tokens >= (int64_t{1} << 31)) TVM_FFI_THROW(ValueError) << "too many tokens: " << tokens;
   check_dtype(cu_seqlens, "cu_seqlens", Dtype::kI32);
@@ -225,8 +214,8 @@ void prefill(TensorView q, TensorView k, TensorView v, TensorView slopes, Tensor
   tvm::ffi::CUDADeviceGuard guard(device_id);
   const cudaStream_t stream = current_stream(device_id);
   const bool split = dtype != Dtype::kBF16;
-  const bool sm90 = use_sm90(dim, split, device_id);
-  const Plan plan = make_plan(tokens, seqs, heads, dim, split, multiprocessor_count(device_id), seg_len, sm90);
+  const bool sm90 = use_sm90(dim, split, device_id, allow_sm90);
+  const Plan plan = make_plan(tokens, seqs, heads, dim, split, device_info(device_id).sm_count, seg_len, sm90);
   const int64_t ws_bytes = static_cast<int64_t>(tvm::ffi::GetDataSize(workspace));
   if (ws_bytes < plan.total)
     TVM_FFI_THROW(ValueError) << "workspace has " << ws_bytes << " bytes, needs " << plan.total

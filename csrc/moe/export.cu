@@ -5,3 +5,4 @@
 #include "launchers.h"
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_experts, minimax_m1::moe::experts);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_limits, minimax_m1::moe::limits);

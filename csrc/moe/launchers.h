@@ -8,8 +8,14 @@
 
 #include <cstdint>
 
+#include "../common/limits.h"
+
 namespace minimax_m1 {
 namespace moe {
+
+// dtypes (torch names), max_rows (tokens * top_k of one call), max_experts, size_multiple (hidden and
+// intermediate sizes), row_align_bytes.
+Limits limits();
 
 // out[t] = sum_j weights[t, j] * w2[e] @ (silu(w1[e] @ x[t]) * (w3[e] @ x[t])), e = experts[t, j].
 // x [T, H] bf16/fp16 (last dim contiguous, row stride a multiple of 8, 16-byte aligned); experts [T, k]

@@ -2,9 +2,8 @@
 // gate_up -> down -> combine on the current stream.
 #include <tvm/ffi/extra/cuda/device_guard.h>
 
-#include <mutex>
-
 #include "../common/check.h"
+#include "../common/device.h"
 #include "launchers.h"
 #include "minimax_m1/moe/experts.cuh"
 
@@ -21,22 +20,12 @@ void check_workspace(const TensorView& t, const char* name, Dtype dtype, int64_t
   check_aligned(data_of(t), 16, name);
 }
 
-// Programmatic dependent launch needs sm_90; read once per device.
-bool device_has_pdl(int device_id) {
-  static std::mutex mutex;
-  static int cache[64] = {};  // 0 unknown, 1 no, 2 yes
-  if (device_id < 0 || device_id >= 64) return false;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (cache[device_id] == 0) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_id) != cudaSuccess) {
-      (void)cudaGetLastError();
-      major = 0;
-    }
-    cache[device_id] = major >= 9 ? 2 : 1;
-  }
-  return cache[device_id] == 2;
-}
+// What the kernels serve (exported by moe_limits): the dtypes of x and the weights. The row, expert and
+// size limits are the kernels' own (kMaxRows, kMaxExperts, kBlockK in experts.cuh).
+constexpr Dtype kDtypes[] = {Dtype::kBF16, Dtype::kF16};
+
+// Programmatic dependent launch needs sm_90.
+bool device_has_pdl(int device_id) { return device_info(device_id).cc_major >= 9; }
 
 template <typename... Args>
 void launch(void (*kernel)(Args...), dim3 grid, unsigned threads, cudaStream_t stream, bool pdl, const Params& p) {
@@ -83,21 +72,23 @@ void dispatch_tiles(int row_tiles, const Params& p, int64_t rows, cudaStream_t s
 
 }  // namespace
 
+Limits limits() {
+  return make_limits({{"dtypes", dtype_list(kDtypes)},
+                      {"max_rows", static_cast<int64_t>(kMaxRows)},
+                      {"max_experts", static_cast<int64_t>(kMaxExperts)},
+                      {"size_multiple", static_cast<int64_t>(kBlockK)}});
+}
+
 void experts(TensorView x, TensorView experts, TensorView weights, TensorView w13, TensorView w2, TensorView act,
              TensorView partial, TensorView out, int64_t row_tiles, bool pdl) {
   if (x.ndim() != 2) TVM_FFI_THROW(ValueError) << "x must be [tokens, hidden]";
   const int64_t tokens = x.size(0), hidden = x.size(1);
   const int device_id = x.device().device_id;
-  check_cuda(x, "x", device_id, "x");
-  check_cuda(experts, "experts", device_id, "x");
-  check_cuda(weights, "weights", device_id, "x");
-  check_cuda(w13, "w13", device_id, "x");
-  check_cuda(w2, "w2", device_id, "x");
-  check_cuda(act, "act", device_id, "x");
-  check_cuda(partial, "partial", device_id, "x");
-  check_cuda(out, "out", device_id, "x");
+  check_cuda({{&x, "x"}, {&experts, "experts"}, {&weights, "weights"}, {&w13, "w13"}, {&w2, "w2"}, {&act, "act"},
+              {&partial, "partial"}, {&out, "out"}},
+             device_id, "x");
   const Dtype dtype = dtype_of(x);
-  if (dtype != Dtype::kBF16 && dtype != Dtype::kF16)
+  if (!is_one_of(kDtypes, dtype))
     TVM_FFI_THROW(ValueError) << "x must be bfloat16 or float16, got " << dtype_name(dtype);
   check_rows_16b(x, "x");
 

@@ -2,9 +2,9 @@
 #include <tvm/ffi/extra/cuda/device_guard.h>
 
 #include <algorithm>
-#include <mutex>
 
 #include "../common/check.h"
+#include "../common/device.h"
 #include "launchers.h"
 #include "minimax_m1/paged_attention/decode.cuh"
 
@@ -14,32 +14,34 @@ namespace {
 
 using tvm::ffi::TensorView;
 
-// CTAs of decode_kernel<D> resident on the whole device; read once per (device, D) and cached, so
-// plans made before a graph capture and during it agree.
-int64_t resident_ctas(int64_t device_id, int64_t head_dim) {
-  static std::mutex mutex;
-  static int64_t cache[64][2] = {};
-  const int slot = head_dim == 128 ? 1 : 0;
-  if (device_id < 0 || device_id >= 64) TVM_FFI_THROW(ValueError) << "bad device id " << device_id;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (cache[device_id][slot] == 0) {
-    tvm::ffi::CUDADeviceGuard guard(static_cast<int>(device_id));
+// What the kernel serves (exported by paged_attention_limits): the head dims it is instantiated for, the
+// cache dtypes, and block sizes that are multiples of the 16-token tile (a tile never crosses a block).
+constexpr int64_t kHeadDims[] = {64, 128};
+constexpr Dtype kDtypes[] = {Dtype::kBF16, Dtype::kF16};
+constexpr int64_t kBlockSizeMultiple = kTile;
+
+// CTAs of decode_kernel<D> resident on the whole device; read once per (device, D) and kept, so plans
+// made before a graph capture and during it agree.
+template <int D>
+int64_t resident_ctas_of(int64_t device_id) {
+  static PerDevice<int64_t> cache;
+  return cache.get(static_cast<int>(device_id), [](int id) {
+    tvm::ffi::CUDADeviceGuard guard(id);
     int per_sm = 0;
-    const cudaError_t err =
-        head_dim == 128
-            ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_kernel<128, __nv_bfloat16>, kWarps * 32, 0)
-            : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_kernel<64, __nv_bfloat16>, kWarps * 32, 0);
-    if (err != cudaSuccess || per_sm <= 0) {
-      (void)cudaGetLastError();
-      per_sm = 2;
-    }
-    cache[device_id][slot] = static_cast<int64_t>(per_sm) * multiprocessor_count(static_cast<int>(device_id));
-  }
-  return cache[device_id][slot];
+    check_cuda_call(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_kernel<D, __nv_bfloat16>, kWarps * 32, 0),
+                    "cudaOccupancyMaxActiveBlocksPerMultiprocessor(paged decode_kernel)", id);
+    if (per_sm <= 0) TVM_FFI_THROW(RuntimeError) << "the paged decode kernel cannot be resident on cuda:" << id;
+    return static_cast<int64_t>(per_sm) * device_info(id).sm_count;
+  });
+}
+
+int64_t resident_ctas(int64_t device_id, int64_t head_dim) {
+  check_device_id(device_id);
+  return head_dim == 128 ? resident_ctas_of<128>(device_id) : resident_ctas_of<64>(device_id);
 }
 
 void check_head_dim(int64_t head_dim) {
-  if (head_dim != 64 && head_dim != 128) TVM_FFI_THROW(ValueError) << "head_dim must be 64 or 128, got " << head_dim;
+  if (!is_one_of(kHeadDims, head_dim)) TVM_FFI_THROW(ValueError) << "head_dim must be 64 or 128, got " << head_dim;
 }
 
 template <int D, typename T>
@@ -56,6 +58,13 @@ void dispatch_dtype(Dtype dtype, const DecodeParams& p, int64_t batch, cudaStrea
 }
 
 }  // namespace
+
+Limits limits() {
+  return make_limits({{"head_dims", int_list(kHeadDims)},
+                      {"dtypes", dtype_list(kDtypes)},
+                      {"max_group", static_cast<int64_t>(kMaxGroup)},
+                      {"block_size_multiple", kBlockSizeMultiple}});
+}
 
 int64_t decode_num_splits(int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t max_context,
                           int64_t device_id) {
@@ -89,14 +98,11 @@ void decode(TensorView q, TensorView kv_cache, TensorView block_tables, TensorVi
   if (q.ndim() != 3) TVM_FFI_THROW(ValueError) << "q must be [batch, num_q_heads, head_dim]";
   const int64_t batch = q.size(0), num_q_heads = q.size(1), dim = q.size(2);
   const int device_id = q.device().device_id;
-  check_cuda(q, "q", device_id);
-  check_cuda(kv_cache, "kv_cache", device_id);
-  check_cuda(block_tables, "block_tables", device_id);
-  check_cuda(context_lens, "context_lens", device_id);
-  check_cuda(out, "out", device_id);
-  check_cuda(workspace, "workspace", device_id);
+  check_cuda({{&q, "q"}, {&kv_cache, "kv_cache"}, {&block_tables, "block_tables"}, {&context_lens, "context_lens"},
+              {&out, "out"}, {&workspace, "workspace"}},
+             device_id);
   const Dtype dtype = dtype_of(q);
-  if (dtype != Dtype::kBF16 && dtype != Dtype::kF16)
+  if (!is_one_of(kDtypes, dtype))
     TVM_FFI_THROW(ValueError) << "q must be bfloat16 or float16, got " << dtype_name(dtype);
   check_head_dim(dim);
   check_rows_16b(q, "q");
@@ -105,8 +111,9 @@ void decode(TensorView q, TensorView kv_cache, TensorView block_tables, TensorVi
   if (kv_cache.ndim() != 5 || kv_cache.size(0) != 2 || kv_cache.size(4) != dim)
     TVM_FFI_THROW(ValueError) << "kv_cache must be [2, num_blocks, block_size, num_kv_heads, " << dim << "]";
   const int64_t block_size = kv_cache.size(2), num_kv_heads = kv_cache.size(3);
-  if (block_size < 16 || block_size % 16 != 0 || block_size > (int64_t{1} << 20))
-    TVM_FFI_THROW(ValueError) << "kv_cache block_size must be a positive multiple of 16, got " << block_size;
+  if (block_size < kBlockSizeMultiple || block_size % kBlockSizeMultiple != 0 || block_size > (int64_t{1} << 20))
+    TVM_FFI_THROW(ValueError) << "kv_cache block_size must be a positive multiple of " << kBlockSizeMultiple << ", got "
+                              << block_size;
   if (num_kv_heads < 1 || num_q_heads % num_kv_heads != 0 || num_q_heads / num_kv_heads > kMaxGroup)
     TVM_FFI_THROW(ValueError) << "num_q_heads (" << num_q_heads << ") must be a multiple of num_kv_heads ("
                               << num_kv_heads << ") with at most " << kMaxGroup << " query heads per kv head";
@@ -164,7 +171,7 @@ void decode(TensorView q, TensorView kv_cache, TensorView block_tables, TensorVi
     p.partial_o = reinterpret_cast<float*>(static_cast<char*>(data_of(workspace)) + kCounterBytes);
     p.partial_lse = p.partial_o + rows * dim;
   }
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.scale_log2 = static_cast<float>(scale * kLog2eDouble);
   p.num_kv_heads = static_cast<int>(num_kv_heads);
   p.group = static_cast<int>(num_q_heads / num_kv_heads);
   p.block_size = static_cast<int>(block_size);

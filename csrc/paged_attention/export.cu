@@ -7,3 +7,4 @@
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_decode, minimax_m1::paged_attention::decode);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_decode_workspace_bytes, minimax_m1::paged_attention::decode_workspace_bytes);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_decode_num_splits, minimax_m1::paged_attention::decode_num_splits);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(paged_attention_limits, minimax_m1::paged_attention::limits);

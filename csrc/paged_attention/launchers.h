@@ -9,8 +9,13 @@
 
 #include <cstdint>
 
+#include "../common/limits.h"
+
 namespace minimax_m1 {
 namespace paged_attention {
+
+// head_dims, dtypes (torch names), max_group (query heads per kv head), block_size_multiple, row_align_bytes.
+Limits limits();
 
 // Splits of each (sequence, kv head) that `decode` uses for these sizes.
 int64_t decode_num_splits(int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t max_context,

@@ -199,23 +199,20 @@ def build_engine(args: EngineArgs) -> LLMEngine:
 
 
 def _why_eager(args: EngineArgs, config: ModelConfig) -> str | None:
-    """Why decode steps cannot be captured in CUDA graphs here (None when they can)."""
-    from ..ops import lightning_attn, paged_attention, paged_attention_cuda
+    """Why decode steps cannot be captured in CUDA graphs here (None when they can): each op answers for the
+    layers that use it."""
+    from ..ops import lightning_attn, moe, paged_attention
 
     if args.enforce_eager:
         return "enforce_eager is set"
-    if torch.device(args.device).type != "cuda":
+    device = torch.device(args.device)
+    if device.type != "cuda":
         return "not on a CUDA device"
-    if args.dtype not in (torch.bfloat16, torch.float16):
-        return f"{args.dtype} has no flash-attention path"
-    if config.linear_layers and not lightning_attn.cuda.available():
-        return f"the lightning-attention CUDA kernels are not built ({lightning_attn.cuda.load_error()})"
-    if config.linear_layers and config.head_dim not in lightning_attn.cuda.HEAD_DIMS:
-        return f"the lightning kernels serve head_dim {lightning_attn.cuda.HEAD_DIMS}, not {config.head_dim}"
-    group = config.num_attention_heads // config.num_key_value_heads
-    paged_kernel = (paged_attention_cuda.available() and config.head_dim in paged_attention_cuda.HEAD_DIMS
-                    and group <= paged_attention_cuda.MAX_GROUP and args.block_size % 16 == 0)
-    if config.softmax_layers and not (paged_attention._VARLEN_PAGED or paged_kernel):
-        return (f"torch {torch.__version__} has no paged flash attention and the paged decode kernel does not "
-                f"serve this model ({paged_attention_cuda.load_error()})")
-    return None
+    reasons = [
+        config.linear_layers and lightning_attn.why_not_capturable(config.head_dim, args.dtype),
+        config.softmax_layers and paged_attention.why_not_capturable(
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim, args.block_size, args.dtype),
+        moe.why_not_capturable(config.num_local_experts, config.hidden_size, config.intermediate_size,
+                               config.num_experts_per_tok, args.max_num_seqs, args.dtype, device),
+    ]
+    return next((r for r in reasons if r), None)

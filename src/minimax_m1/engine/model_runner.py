@@ -21,12 +21,10 @@ class ModelRunner:
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         cfg = self.model.config
-        if cfg.softmax_layers:
-            from ..ops import paged_attention_cuda
+        if cfg.softmax_layers:  # the ops' workspaces must exist before capture
+            from .. import ops
 
-            if paged_attention_cuda.available():  # its workspace must exist before capture
-                paged_attention_cuda.reserve(max_batch, cfg.num_attention_heads, cfg.head_dim, max_model_len,
-                                             self.device)
+            ops.reserve_workspaces(self.cache.caches.kv[0], self.model.num_q_heads, max_batch, max_model_len)
         self.graphs = DecodeGraphs(self._forward, lambda n: self.prepare_inputs([], pad_to=n), max_batch,
                                    self.cache.blocks_needed(max_model_len), max_model_len, self.cache.scratch_block,
                                    self.device)

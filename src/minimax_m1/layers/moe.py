@@ -1,8 +1,5 @@
-"""Sparse MoE: fp32 softmax router, top-k renormalised, experts as stacked tensors.
-
-Small batches (tokens * top_k <= FUSED_MAX_ROWS, CUDA, bf16/fp16) run the fused kernels of
-ops/moe_cuda.py, which stream each used expert's weights once; larger batches, and every other case, run
-grouped GEMM over tokens sorted by expert.
+"""Sparse MoE: fp32 softmax router, top-k renormalised, experts as stacked tensors (the experts themselves run
+in ops/moe: fused kernels for small batches, grouped GEMM otherwise).
 
 Over N ranks (distributed.Group) the router stays whole on every rank and the experts split one of two ways,
 each followed by ONE all-reduce of the output:
@@ -12,20 +9,12 @@ each followed by ONE all-reduce of the output:
   ids to local ones, -1 for other ranks' experts, which contribute nothing here.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..distributed import SINGLE, Group
-from ..ops import moe_cuda
-from ..ops.grouped_gemm import grouped_mm
+from ..ops.moe import moe_experts
 from .linear import Plan, ReplicatedLinear, box, set_load_plan
-
-# Largest tokens * top_k for the fused kernels. benchmarks/bench_moe.py on an H200 (MiniMax-M1's layer, random
-# router): fused / grouped-GEMM speedup 1.79x at 1 token, 1.47x at 64, 1.44x at 128, 1.18x at 256, 1.03x at 384,
-# 0.75x at 512; with a skewed router (hot experts take several CTAs, each re-reading the weights) 1.11x at 128.
-# 256 rows (128 tokens at top-2) keeps a margin for skewed routings.
-FUSED_MAX_ROWS = 256
 
 
 class SparseMoE(nn.Module):
@@ -101,11 +90,6 @@ class SparseMoE(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)
         return weights / weights.sum(-1, keepdim=True), experts
 
-    def use_fused(self, x: torch.Tensor) -> bool:
-        """Whether forward runs the fused small-batch kernels for this input."""
-        return (x.shape[0] * self.top_k <= FUSED_MAX_ROWS
-                and moe_cuda.supports(x, self.w13, self.w2, self.top_k))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
         if self.expert_map is not None:
@@ -115,27 +99,4 @@ class SparseMoE(nn.Module):
     def compute_experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """This rank's experts: x [T, hidden], weights [T, k] fp32, experts [T, k] local ids (outside
         [0, num_experts): another rank's expert, no contribution) -> its partial output [T, hidden]."""
-        if self.use_fused(x):
-            return moe_cuda.moe_experts(x, experts, weights, self.w13, self.w2)
-        return self.grouped_experts(x, weights, experts)
-
-    def grouped_experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """The routed experts by grouped GEMM: x [T, hidden], weights [T, k] fp32, experts [T, k] -> [T, hidden]."""
-        flat = experts.flatten()
-        foreign = self.expert_map is not None  # ids may name other ranks' experts: they sort last, bin E
-        if foreign:
-            flat = torch.where((flat < 0) | (flat >= self.num_experts), self.num_experts, flat)
-        order = flat.argsort(stable=True)
-        token_of_row = order // self.top_k
-        # a scatter rather than bincount: bincount reads its max back to the host, which CUDA graphs forbid
-        counts = torch.zeros(self.num_experts + foreign, dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offsets = counts[: self.num_experts].cumsum(0, dtype=torch.int32)
-        h = grouped_mm(x[token_of_row], self.w13, offsets)
-        h = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate:]
-        y = grouped_mm(h, self.w2, offsets)
-        y = y.float() * weights.flatten()[order, None]
-        if foreign:  # rows past the last offset are not computed (undefined): drop them
-            y = torch.where((flat[order] < self.num_experts)[:, None], y, 0.0)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token_of_row, y).to(x.dtype)
+        return moe_experts(x, experts, weights, self.w13, self.w2, foreign_ids=self.expert_map is not None)

@@ -34,5 +34,7 @@ class SoftmaxAttention(nn.Module):
         k = self.rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), *cos_sin)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         write_kv(kv_cache, k, v, batch.slot_mapping)
-        o = paged_attention(q, kv_cache, batch, self.scale)
+        o = paged_attention(q, kv_cache, batch.block_tables, batch.cu_seqlens, batch.context_lens_t, self.scale,
+                            max_seqlen_q=batch.max_seqlen_q, max_seqlen_k=batch.context_len_bound,
+                            is_decode=batch.is_decode, seq_lens=batch.seq_lens, host_context_lens=batch.context_lens)
         return self.o_proj(o.reshape(t, -1))

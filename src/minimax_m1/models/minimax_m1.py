@@ -73,7 +73,7 @@ class MiniMaxM1ForCausalLM(nn.Module):
 
     `parallel` says how the model splits, `group` which rank this is (default: distributed's group for
     `parallel`). The caches are this rank's: `num_lightning_heads` heads per state slot, `num_kv_heads` KV heads
-    per token."""
+    per token (read by `num_q_heads` softmax query heads)."""
 
     def __init__(self, config: ModelConfig, parallel: ParallelConfig | None = None, group: Group | None = None):
         super().__init__()
@@ -97,6 +97,7 @@ class MiniMaxM1ForCausalLM(nn.Module):
             counts[kind] += 1
         attn = [layer.self_attn for layer in self.model.layers]
         self.num_lightning_heads = next((a.num_heads for a in attn if isinstance(a, LightningAttention)), 0)
+        self.num_q_heads = next((a.num_heads for a in attn if isinstance(a, SoftmaxAttention)), 0)
         self.num_kv_heads = next((a.num_kv_heads for a in attn if isinstance(a, SoftmaxAttention)), 0)
         self._rotary = next((a.rotary for a in attn if isinstance(a, SoftmaxAttention)), None)
 

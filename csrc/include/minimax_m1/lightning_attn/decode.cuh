@@ -64,12 +64,12 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeParams p) {
   float kd[kRows], qd[kRows];
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
-    kd[i] = to_float<T>(k[group + kGroups * i]);
-    qd[i] = to_float<T>(q[group + kGroups * i]);
+    kd[i] = to_float(k[group + kGroups * i]);
+    qd[i] = to_float(q[group + kGroups * i]);
   }
-  const float v0 = to_float<T>(v[e0]), v1 = to_float<T>(v[e0 + 1]), v2 = to_float<T>(v[e0 + 2]),
-              v3 = to_float<T>(v[e0 + 3]);
-  const float decay = exp2f(-p.slopes[h] * 1.4426950408889634f);
+  const float v0 = to_float(v[e0]), v1 = to_float(v[e0 + 1]), v2 = to_float(v[e0 + 2]),
+              v3 = to_float(v[e0 + 3]);
+  const float decay = exp2f(-p.slopes[h] * kLog2e);
 
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll

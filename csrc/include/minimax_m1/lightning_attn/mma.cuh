@@ -1,14 +1,15 @@
-// Warp-level tensor-core and shared-memory primitives (sm_80+: mma.sync, ldmatrix, cp.async).
-// Fragment layouts follow the PTX ISA for mma.m16n8k16 with g = lane / 4, t = lane % 4:
-//   A (16x16, row-major): reg0 = A[g][2t..2t+1], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..], reg3 = A[g+8][2t+8..]
-//   B (16x8,  col-major): reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g]
-//   C (16x8):             c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
+// Warp-level shared-memory primitives of the lightning kernels (sm_80+: ldmatrix, cp.async) and the bf16
+// hi + lo splitting of their accuracy scheme; the mma itself and the conversions are in minimax_m1/common/.
+// Fragment layouts: see minimax_m1/common/mma.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+
+#include "minimax_m1/common/convert.cuh"
+#include "minimax_m1/common/mma.cuh"
 
 namespace minimax_m1 {
 namespace lightning_attn {
@@ -32,15 +33,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr)
                : "memory");
-}
-
-// c += a * b, bf16 operands, fp32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // 16-byte global -> shared copy; when `valid` is false nothing is read and the destination is zeroed.
@@ -69,25 +61,6 @@ __device__ __forceinline__ void split_bf16x2(float x0, float x1, uint32_t& hi, u
 __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
   return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
 }
-
-// Conversions for loads and stores of the model's activation types.
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Stores 8 consecutive values (16-byte aligned destination for 16-bit types, 32-byte for fp32).
 template <typename T>

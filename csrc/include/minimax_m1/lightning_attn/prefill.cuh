@@ -30,8 +30,7 @@
 namespace minimax_m1 {
 namespace lightning_attn {
 
-constexpr float kLog2e = 1.4426950408889634f;
-
+// What every prefill kernel reads (prefill.cu fills it; strides in elements).
 struct PrefillParams {
   // bf16 inputs (or the hi parts of fp16/fp32 inputs) and, when split, their lo parts (same strides).
   const __nv_bfloat16* q;
@@ -335,15 +334,15 @@ __device__ __forceinline__ void state_update(WarpState<D>& ws, uint32_t vt_hi, u
       const uint32_t off = (ks * 16 * LDQ + np * 16) * 2;
       uint32_t b[4];
       ldmatrix_x4_trans(b, k_hi + off);
-      mma_bf16(ws.st[2 * np], ah, b[0], b[1]);
-      mma_bf16(ws.st[2 * np + 1], ah, b[2], b[3]);
-      mma_bf16(ws.st[2 * np], al, b[0], b[1]);
-      mma_bf16(ws.st[2 * np + 1], al, b[2], b[3]);
+      mma_16816<__nv_bfloat16>(ws.st[2 * np], ah, b[0], b[1]);
+      mma_16816<__nv_bfloat16>(ws.st[2 * np + 1], ah, b[2], b[3]);
+      mma_16816<__nv_bfloat16>(ws.st[2 * np], al, b[0], b[1]);
+      mma_16816<__nv_bfloat16>(ws.st[2 * np + 1], al, b[2], b[3]);
       if constexpr (kSplit) {
         uint32_t bl[4];
         ldmatrix_x4_trans(bl, k_lo + off);
-        mma_bf16(ws.st[2 * np], ah, bl[0], bl[1]);
-        mma_bf16(ws.st[2 * np + 1], ah, bl[2], bl[3]);
+        mma_16816<__nv_bfloat16>(ws.st[2 * np], ah, bl[0], bl[1]);
+        mma_16816<__nv_bfloat16>(ws.st[2 * np + 1], ah, bl[2], bl[3]);
       }
     }
   }
@@ -599,16 +598,16 @@ __global__ void __launch_bounds__(2 * D, 1) prefill_output_kernel(PrefillParams 
           uint32_t a[4], b[4];
           ldmatrix_x4(a, q_hi + a_off);
           ldmatrix_x4(b, k_hi + b_off);
-          mma_bf16(acc[i][kd & 1][0], a, b[0], b[1]);
-          mma_bf16(acc[i][kd & 1][1], a, b[2], b[3]);
+          mma_16816<__nv_bfloat16>(acc[i][kd & 1][0], a, b[0], b[1]);
+          mma_16816<__nv_bfloat16>(acc[i][kd & 1][1], a, b[2], b[3]);
           if constexpr (kSplit) {
             uint32_t al[4], bl[4];
             ldmatrix_x4(al, q_lo + a_off);
             ldmatrix_x4(bl, k_lo + b_off);
-            mma_bf16(acc[i][kd & 1][0], al, b[0], b[1]);
-            mma_bf16(acc[i][kd & 1][1], al, b[2], b[3]);
-            mma_bf16(acc[i][kd & 1][0], a, bl[0], bl[1]);
-            mma_bf16(acc[i][kd & 1][1], a, bl[2], bl[3]);
+            mma_16816<__nv_bfloat16>(acc[i][kd & 1][0], al, b[0], b[1]);
+            mma_16816<__nv_bfloat16>(acc[i][kd & 1][1], al, b[2], b[3]);
+            mma_16816<__nv_bfloat16>(acc[i][kd & 1][0], a, bl[0], bl[1]);
+            mma_16816<__nv_bfloat16>(acc[i][kd & 1][1], a, bl[2], bl[3]);
           }
         }
       }
@@ -652,15 +651,15 @@ __global__ void __launch_bounds__(2 * D, 1) prefill_output_kernel(PrefillParams 
         const uint32_t off = lo.q_b + (16 * qp * L::kLdQ + d_off + 16 * kd) * 2;
         uint32_t b[4];
         ldmatrix_x4(b, q_hi + off);
-        mma_bf16(o[2 * qp], ah, b[0], b[1]);
-        mma_bf16(o[2 * qp + 1], ah, b[2], b[3]);
-        mma_bf16(o[2 * qp], al, b[0], b[1]);
-        mma_bf16(o[2 * qp + 1], al, b[2], b[3]);
+        mma_16816<__nv_bfloat16>(o[2 * qp], ah, b[0], b[1]);
+        mma_16816<__nv_bfloat16>(o[2 * qp + 1], ah, b[2], b[3]);
+        mma_16816<__nv_bfloat16>(o[2 * qp], al, b[0], b[1]);
+        mma_16816<__nv_bfloat16>(o[2 * qp + 1], al, b[2], b[3]);
         if constexpr (kSplit) {
           uint32_t bl[4];
           ldmatrix_x4(bl, q_lo + off);
-          mma_bf16(o[2 * qp], ah, bl[0], bl[1]);
-          mma_bf16(o[2 * qp + 1], ah, bl[2], bl[3]);
+          mma_16816<__nv_bfloat16>(o[2 * qp], ah, bl[0], bl[1]);
+          mma_16816<__nv_bfloat16>(o[2 * qp + 1], ah, bl[2], bl[3]);
         }
       }
     }
@@ -686,13 +685,13 @@ __global__ void __launch_bounds__(2 * D, 1) prefill_output_kernel(PrefillParams 
         uint32_t bh[4], bl[4];
         ldmatrix_x4(bh, s0 + L::p_hi + off);
         ldmatrix_x4(bl, s0 + L::p_lo + off);
-        mma_bf16(o[2 * qp], av, bh[0], bh[1]);
-        mma_bf16(o[2 * qp + 1], av, bh[2], bh[3]);
-        mma_bf16(o[2 * qp], av, bl[0], bl[1]);
-        mma_bf16(o[2 * qp + 1], av, bl[2], bl[3]);
+        mma_16816<__nv_bfloat16>(o[2 * qp], av, bh[0], bh[1]);
+        mma_16816<__nv_bfloat16>(o[2 * qp + 1], av, bh[2], bh[3]);
+        mma_16816<__nv_bfloat16>(o[2 * qp], av, bl[0], bl[1]);
+        mma_16816<__nv_bfloat16>(o[2 * qp + 1], av, bl[2], bl[3]);
         if constexpr (kSplit) {
-          mma_bf16(o[2 * qp], avl, bh[0], bh[1]);
-          mma_bf16(o[2 * qp + 1], avl, bh[2], bh[3]);
+          mma_16816<__nv_bfloat16>(o[2 * qp], avl, bh[0], bh[1]);
+          mma_16816<__nv_bfloat16>(o[2 * qp + 1], avl, bh[2], bh[3]);
         }
       }
     }
@@ -739,7 +738,7 @@ __global__ void split_to_bf16_kernel(const T* x, int64_t stride_t, int64_t strid
     const int64_t t = idx / (static_cast<int64_t>(heads) * dim);
     const int64_t r = idx - t * heads * dim;
     const int64_t hh = r / dim, d = r - hh * dim;
-    const float val = to_float<T>(x[t * stride_t + hh * stride_h + d * stride_d]);
+    const float val = to_float(x[t * stride_t + hh * stride_h + d * stride_d]);
     const __nv_bfloat16 a = __float2bfloat16_rn(val);
     hi[idx] = a;
     lo[idx] = __float2bfloat16_rn(val - __bfloat162float(a));

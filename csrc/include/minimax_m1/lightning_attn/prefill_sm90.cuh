@@ -64,8 +64,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) { return as_u32(__floats2bfloat162_rn(lo, hi)); }
-
 // Thread roles shared by both passes (one warpgroup). Loads: a [64][128] tile (Q or K) is 1024 chunks of 16
 // bytes, 8 per thread (rows tid/16 + 8i, chunk tid%16); a value half [64][64] is 512 chunks, 4 per thread
 // (rows tid/8 + 16i, chunk tid%8), which is also the mapping of the decayed-value build. The state tile
@@ -417,9 +415,9 @@ __global__ void __launch_bounds__(128, 2) prefill_sm90_output_kernel(PrefillPara
     for (int j = 0; j < 8; j += 2) {
       const int mi = lane >> 3, row = lane & 7;
       const int c = 8 * (j + (mi >> 1)) + row, e = 16 * warp + 8 * (mi & 1);
-      stmatrix_x4_trans(s0 + L::o_stage + c * L::kLdO + e * 2, pack_bf16x2(o[4 * j], o[4 * j + 1]),
-                        pack_bf16x2(o[4 * j + 2], o[4 * j + 3]), pack_bf16x2(o[4 * j + 4], o[4 * j + 5]),
-                        pack_bf16x2(o[4 * j + 6], o[4 * j + 7]));
+      stmatrix_x4_trans(s0 + L::o_stage + c * L::kLdO + e * 2, pack2<__nv_bfloat16>(o[4 * j], o[4 * j + 1]),
+                        pack2<__nv_bfloat16>(o[4 * j + 2], o[4 * j + 3]), pack2<__nv_bfloat16>(o[4 * j + 4], o[4 * j + 5]),
+                        pack2<__nv_bfloat16>(o[4 * j + 6], o[4 * j + 7]));
     }
     __syncthreads();
     __nv_bfloat16* dst = out + static_cast<int64_t>(seg.start + blk * B) * out_stride_t;

@@ -33,15 +33,13 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "minimax_m1/paged_attention/mma.cuh"
+#include "minimax_m1/common/convert.cuh"
+#include "minimax_m1/common/load.cuh"
+#include "minimax_m1/common/mma.cuh"
+#include "minimax_m1/common/pdl.cuh"
 
 namespace minimax_m1 {
 namespace moe {
-
-using paged_attention::load_stream_16;
-using paged_attention::mma_16816;
-using paged_attention::store4;
-using paged_attention::word_of;
 
 constexpr int kMaxRows = 1024;  // tokens * top_k of one launch
 constexpr int kMaxExperts = 256;
@@ -72,40 +70,6 @@ struct Params {
   void* out;        // [T, H] contiguous, x's dtype
   int tokens, top_k, num_experts, hidden, inter;
 };
-
-// Programmatic dependent launch (no-ops below sm_90 or when launched without the attribute).
-__device__ __forceinline__ void wait_previous_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void allow_next_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-// x / act rows are read by many CTAs: keep them in L1. Predicated (zeros when !valid) and volatile like
-// load_stream_16, so that issue order is source order.
-__device__ __forceinline__ uint4 load_cached_16(const void* p, bool valid) {
-  uint4 r = make_uint4(0u, 0u, 0u, 0u);
-  asm volatile("{\n"
-      "  .reg .pred p;\n"
-      "  setp.ne.b32 p, %5, 0;\n"
-      "  @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      "}\n"
-      : "+r"(r.x), "+r"(r.y), "+r"(r.z), "+r"(r.w)
-      : "l"(p), "r"(static_cast<int>(valid)));
-  return r;
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 struct RoutingSmem {
   int16_t ids[kMaxRows];   // expert of each row, -1 when out of range

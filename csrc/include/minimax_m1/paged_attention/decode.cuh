@@ -24,7 +24,9 @@
 #include <cmath>
 #include <cstdint>
 
-#include "mma.cuh"
+#include "minimax_m1/common/convert.cuh"
+#include "minimax_m1/common/load.cuh"
+#include "minimax_m1/common/mma.cuh"
 
 namespace minimax_m1 {
 namespace paged_attention {

@@ -11,8 +11,13 @@ cu_seqlens: [N+1] int32. The output has q's dtype.
 
 `prefill`/`decode` dispatch to the fastest implementation available for the tensors' device;
 `reference_prefill`/`reference_decode` are the blocked torch path; `recurrent_*` the exact
-token-by-token recurrence used as ground truth in tests.
+token-by-token recurrence used as ground truth in tests. `why_not_capturable` says whether decode steps
+can be captured in CUDA graphs.
 """
+from __future__ import annotations
+
+import torch
+
 from . import cuda
 from .chunk import chunk_decode, chunk_prefill
 from .naive import recurrent_decode, recurrent_prefill
@@ -33,9 +38,23 @@ def decode(q, k, v, slopes, state_pool, state_slots):
     return reference_decode(q, k, v, slopes, state_pool, state_slots)
 
 
+def why_not_capturable(head_dim: int, dtype: torch.dtype) -> str | None:
+    """None when decode steps of layers with heads of this size in this dtype can be captured in CUDA graphs
+    (the kernels serve them; the torch reference reads the state slots on the host), else why not."""
+    if not cuda.available():
+        return f"the lightning-attention CUDA kernels are not available ({cuda.load_error()})"
+    limits = cuda.limits()
+    if head_dim not in limits["head_dims"]:
+        return f"the lightning kernels serve head_dim {limits['head_dims']}, not {head_dim}"
+    if dtype not in limits["dtypes"]:
+        return f"the lightning kernels serve {limits['dtypes']}, not {dtype}"
+    return None
+
+
 __all__ = [
     "prefill",
     "decode",
+    "why_not_capturable",
     "reference_prefill",
     "reference_decode",
     "recurrent_prefill",

@@ -3,11 +3,11 @@
 The shared library is `$MINIMAX_M1_LIGHTNING_LIB` when set, else `minimax_m1/_kernels/liblightning_attn.so`
 (built by `pip install`). It is loaded on first use; importing this module never fails: without the
 library, tvm_ffi or a CUDA device, `available()` is False and `lightning_attn.prefill/decode` use the torch
-reference.
+reference. What the kernels serve (head dims, dtypes) is the library's `lightning_attn_limits()`.
 
 The kernel calls are torch custom ops (`minimax_m1::lightning_prefill`, `minimax_m1::lightning_decode`)
 that mutate `state_pool` and have fake implementations, so torch.compile sees through them; eager calls
-skip the dispatcher (`kernel_library.custom_op`). They run on torch's current stream; the prefill workspace
+skip the dispatcher (`_library.custom_op`). They run on torch's current stream; the prefill workspace
 is allocated through torch's caching allocator (graph-safe), and nothing reads device memory on the host.
 """
 from __future__ import annotations
@@ -15,30 +15,30 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import Tensor
 
-from ..kernel_library import KernelLibrary, custom_op
+from .. import _library
+from .._library import KernelLibrary, custom_op
 from .checks import check_args
 
-LIBRARY_ENV = "MINIMAX_M1_LIGHTNING_LIB"
-HEAD_DIMS = (64, 128)
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_LIBRARY = KernelLibrary("liblightning_attn.so", "MINIMAX_M1_LIGHTNING_LIB", "lightning_attn_limits")
+_load, available, load_error, limits = _LIBRARY.load, _LIBRARY.available, _LIBRARY.load_error, _LIBRARY.limits
 
-_LIBRARY = KernelLibrary("liblightning_attn.so", LIBRARY_ENV)
-_load = _LIBRARY.load
-available = _LIBRARY.available
-load_error = _LIBRARY.load_error
+
+def serves(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the built kernels serve heads of this size in this dtype (False without the library)."""
+    lim = _LIBRARY.limits_if_loaded()
+    return lim is not None and head_dim in lim["head_dims"] and dtype in lim["dtypes"]
 
 
 def supports(q: torch.Tensor, state_pool: torch.Tensor) -> bool:
     """Whether the kernels handle these tensors (else the caller uses the reference)."""
     return (
         q.is_cuda
-        and q.dtype in DTYPES
         and q.dim() == 3
-        and q.shape[-1] in HEAD_DIMS
         and state_pool.dtype == torch.float32
         and state_pool.device == q.device
-        and _load() is not None
+        and serves(q.shape[-1], q.dtype)
     )
 
 
@@ -50,7 +50,8 @@ def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous()
     if x.dtype == torch.bfloat16:
         n0, n1, _ = x.shape
-        if (n0 > 1 and s0 % 8) or (n1 > 1 and s1 % 8) or x.storage_offset() % 8:
+        align = limits()["row_align_bytes"] // x.element_size()
+        if (n0 > 1 and s0 % align) or (n1 > 1 and s1 % align) or x.storage_offset() % align:
             return x.contiguous()
     return x
 
@@ -67,9 +68,11 @@ def _kernel_inputs(q, k, v, state_pool):
 
 
 @functools.lru_cache(maxsize=256)
-def _workspace_bytes(tokens: int, seqs: int, heads: int, dim: int, split: bool, device: int, seg_len: int) -> int:
+def _workspace_bytes(tokens: int, seqs: int, heads: int, dim: int, split: bool, device: int, seg_len: int,
+                     allow_sm90: bool) -> int:
     """The prefill workspace size (depends on the sizes and the device's multiprocessor count only)."""
-    return max(int(_load().lightning_prefill_workspace_bytes(tokens, seqs, heads, dim, split, device, seg_len)), 16)
+    nbytes = _load().lightning_prefill_workspace_bytes(tokens, seqs, heads, dim, split, device, seg_len, allow_sm90)
+    return max(int(nbytes), 16)
 
 
 def _common(q, slopes, state_slots):
@@ -78,42 +81,27 @@ def _common(q, slopes, state_slots):
     return slopes, state_slots
 
 
-def _prefill_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slopes: torch.Tensor,
-    state_pool: torch.Tensor,
-    state_slots: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    seg_len: int,
-) -> torch.Tensor:
+def _prefill_impl(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, state_pool: Tensor, state_slots: Tensor,
+                  cu_seqlens: Tensor, seg_len: int, allow_sm90: bool) -> Tensor:
     mod = _load()
     q, k, v = _kernel_inputs(q, k, v, state_pool)
     tokens, heads, dim = q.shape
     out = torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
     split = q.dtype != torch.bfloat16
-    nbytes = _workspace_bytes(tokens, state_slots.numel(), heads, dim, split, q.device.index, seg_len)
+    nbytes = _workspace_bytes(tokens, state_slots.numel(), heads, dim, split, q.device.index, seg_len, allow_sm90)
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
-    mod.lightning_prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, out, workspace, seg_len)
+    mod.lightning_prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, out, workspace, seg_len, allow_sm90)
     return out
 
 
-def _prefill_fake(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len):
+def _prefill_fake(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len, allow_sm90):
     return q.new_empty(q.shape)
 
 
 _prefill_op = custom_op("minimax_m1::lightning_prefill", _prefill_impl, _prefill_fake, mutates_args=("state_pool",))
 
 
-def _decode_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slopes: torch.Tensor,
-    state_pool: torch.Tensor,
-    state_slots: torch.Tensor,
-) -> torch.Tensor:
+def _decode_impl(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, state_pool: Tensor, state_slots: Tensor) -> Tensor:
     q, k, v = _kernel_inputs(q, k, v, state_pool)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _load().lightning_decode(q, k, v, slopes, state_pool, state_slots, out)
@@ -127,18 +115,21 @@ def _decode_fake(q, k, v, slopes, state_pool, state_slots):
 _decode_op = custom_op("minimax_m1::lightning_decode", _decode_impl, _decode_fake, mutates_args=("state_pool",))
 
 
-def prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len: int = 0):
+def prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len: int = 0, allow_sm90: bool | None = None):
     """Varlen prefill on the GPU; same contract as `naive.recurrent_prefill`.
 
     q, k, v [T, H, D] (bf16/fp16/fp32; views such as splits of a [T, H, 3D] tensor are read in place),
     slopes [H], state_pool [S, H, D, D] fp32 contiguous (updated in place), state_slots [N] (-1: padding),
     cu_seqlens [N+1]. `seg_len` > 0 forces the segment length (tests, tuning); 0 picks it from the GPU size.
-    Returns o [T, H, D] in q's dtype. Tokens past cu_seqlens[N] are left unwritten.
+    `allow_sm90` False keeps the mma.sync kernels where the Hopper ones could run (None: the
+    MINIMAX_M1_LIGHTNING_SM90 switch). Returns o [T, H, D] in q's dtype. Tokens past cu_seqlens[N] are left
+    unwritten.
     """
     check_args(q, k, v, slopes, state_pool, state_slots, cu_seqlens)
     slopes, state_slots = _common(q, slopes, state_slots)
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    return _prefill_op(q, k, v, slopes, state_pool, state_slots, cu_seqlens, int(seg_len))
+    allow_sm90 = _library.LIGHTNING_SM90 if allow_sm90 is None else bool(allow_sm90)
+    return _prefill_op(q, k, v, slopes, state_pool, state_slots, cu_seqlens, int(seg_len), allow_sm90)
 
 
 def decode(q, k, v, slopes, state_pool, state_slots):
