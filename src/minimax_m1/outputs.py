@@ -9,9 +9,10 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" (EOS or stop string/token), "length", "abort"
+    finish_reason: str | None = None  # "stop" (EOS or stop string/token), "length", "abort", "error"
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] | None = None  # per generated token: {token id: logprob}
+    error: str | None = None  # with finish_reason "error": what failed
 
 
 @dataclasses.dataclass
