@@ -23,6 +23,7 @@ import uvicorn  # noqa: E402
 
 from minimax_m1.engine.builder import EngineArgs, build_engine  # noqa: E402
 from minimax_m1.server.api import build_app  # noqa: E402
+from minimax_m1.server.async_engine import MAX_FAILED_STEPS  # noqa: E402
 from minimax_m1.server.reasoning import ReasoningParser, split_reasoning  # noqa: E402
 from minimax_m1.tokenizer import TINY_CHAT_TEMPLATE  # noqa: E402
 
@@ -294,7 +295,7 @@ BAD_COMPLETIONS = [
     ({"prompt": [10**9]}, "prompt"),
     ({"prompt": 5}, "prompt"),
     ({"logprobs": 21}, "logprobs"),
-    ({"stop": [""]}, None),
+    ({"stop": [""]}, "stop"),
     ({"top_k": -2}, "top_k"),
     ({"echo": True}, "echo"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
@@ -382,7 +383,8 @@ def test_non_streaming_disconnect_frees_the_request(server):
 
 
 def test_engine_failure_fails_requests_cleanly():
-    """A step that raises (a bug, out of memory): in-flight and new requests get an error, /health says 503."""
+    """A step that raises past the engine's own isolation (a bug): the requests in the engine get a 500 naming
+    the error and the engine goes on; MAX_FAILED_STEPS failures in a row declare it dead: 503s, /health 503."""
     engine = build_engine(EngineArgs(model="tiny", max_model_len=256, progress=False))
 
     def broken_step():
@@ -391,6 +393,11 @@ def test_engine_failure_fails_requests_cleanly():
     engine.step = broken_step
     with running(build_app(engine, ["tiny"])) as url:
         body = {"model": "tiny", "prompt": "x", "max_tokens": 4}
+        for i in range(MAX_FAILED_STEPS - 1):
+            assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 200
+            r = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT)
+            assert r.status_code == 500 and "simulated device failure" in r.json()["error"]["message"], r.text
+            assert r.json()["error"]["code"] == "request_failed"
         r = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT)
         assert r.status_code == 503 and "simulated device failure" in r.json()["error"]["message"]
         assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 503
