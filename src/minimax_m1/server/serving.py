@@ -25,7 +25,14 @@ class BadRequest(Exception):
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    """An OpenAI error object. Text from the request (a field name) may hold what UTF-8 cannot encode (a
+    lone surrogate): that is escaped."""
+    message, param = _encodable(message), _encodable(param)
     return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+def _encodable(text: str | None) -> str | None:
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def sse(obj: BaseModel | dict) -> str:
