@@ -73,7 +73,7 @@ def build_app(engine: LLMEngine, model_names: list[str], args: ServerArgs | None
         app.add_middleware(HostCheck, names=names)
     _add_error_handlers(app)
 
-    @app.get("/health", responses={503: GET_RESPONSES[503]})
+    @app.get("/health", response_class=Response, responses={200: {"description": "Serving"}, 503: GET_RESPONSES[503]})
     async def health() -> Response:
         """200 while the server takes requests; 503 when the engine failed or the server is shutting down."""
         return Response(status_code=200 if async_engine.accepting else 503)

@@ -31,26 +31,26 @@ logger = logging.getLogger(__name__)
 _FD_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
             b"content-length: %d\r\n\r\n%s")
-_REFUSED_BODY = (b'{"error":{"message":"too many open connections (--max-connections): retry later",'
-                 b'"type":"server_error","param":null,"code":"too_many_connections"}}')
+_REFUSED_BODY = (b'{"error":{"message":"too many open connections: retry later","type":"server_error",'
+                 b'"param":null,"code":"too_many_connections"}}')
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
 
 
 class _Overload:
-    """Logs 'refusing connections' once when the cap or the fd limit is hit, and once when it clears."""
+    """Logs refused connections (over the cap, or out of file descriptors) at most once a minute, with how
+    many were refused since: a flood of them must not become a flood of log lines."""
+    INTERVAL_S = 60.0
 
     def __init__(self):
-        self.refusing = False
+        self.last, self.count = -self.INTERVAL_S, 0
 
     def refuse(self, why: str) -> None:
-        if not self.refusing:
-            self.refusing = True
-            logger.warning("refusing new connections: %s (logged once until connections are accepted again)", why)
-
-    def accepted(self) -> None:
-        if self.refusing:
-            self.refusing = False
-            logger.warning("accepting connections again")
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.INTERVAL_S:
+            logger.warning("refusing new connections: %s (%d refused since the last such line; at most one a "
+                           "minute)", why, self.count)
+            self.last, self.count = now, 0
 
 
 class HardenedH11Protocol(H11Protocol):
@@ -69,7 +69,6 @@ class HardenedH11Protocol(H11Protocol):
             transport.write(_REFUSED % (len(_REFUSED_BODY), _REFUSED_BODY))
             transport.close()
             return
-        self.overload.accepted()
         super().connection_made(transport)
         self._arm(self.args.timeout_header)
 
@@ -136,6 +135,7 @@ class Server(uvicorn.Server):
         self.engine, self.shutdown_timeout, self.overload = engine, shutdown_timeout, overload
         self.exit_code = 0
         self._drain_until: float | None = None
+        self._spare_fd: int | None = None  # closed to make room for refusing a connection when fds run out
         engine.on_fatal = self._engine_failed
 
     def _engine_failed(self) -> None:  # on the engine thread
@@ -163,7 +163,14 @@ class Server(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         asyncio.get_running_loop().set_exception_handler(self._loop_exception)
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY)
         await super().startup(sockets)
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_until is not None and not self.should_exit:
@@ -181,14 +188,33 @@ class Server(uvicorn.Server):
         return await super().on_tick(counter)
 
     def _loop_exception(self, loop, context) -> None:
-        """Out of file descriptors, asyncio retries accept() every second and reports each failure with a
-        traceback: say it once instead."""
+        """Out of file descriptors, asyncio's accept loop fails for every waiting connection and reports
+        each failure with a traceback. Instead: log it at most once a minute, and refuse the waiting
+        connection (a 503, then close) in the room the spare descriptor makes, so that clients are told
+        at once rather than left hanging, and the accept loop ends when none are left waiting."""
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _FD_ERRNOS:
-            self.overload.refuse(f"accept() failed: {exc.strerror} (raise the open-file limit or lower "
-                                 f"--max-connections)")
+        if not (isinstance(exc, OSError) and exc.errno in _FD_ERRNOS):
+            loop.default_exception_handler(context)
             return
-        loop.default_exception_handler(context)
+        self.overload.refuse(f"accept() failed: {exc.strerror} (raise the open-file limit or lower --max-connections)")
+        listener = context.get("socket")
+        if listener is None or self._spare_fd is None:
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        sock = socket.socket(fileno=listener.fileno())  # the listening socket itself, not a copy
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            pass
+        else:
+            with conn:
+                with contextlib.suppress(OSError):
+                    conn.send(_REFUSED % (len(_REFUSED_BODY), _REFUSED_BODY))
+        finally:
+            sock.detach()
+            with contextlib.suppress(OSError):
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY)
 
 
 def build_server(app, args: ServerArgs) -> Server:
