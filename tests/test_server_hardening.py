@@ -337,3 +337,46 @@ def test_a_failing_model_step_is_retried_once_then_fails_its_requests(server, mo
     m = wait_until_idle(server.url)
     assert m['minimax_m1_request_finished_total{finished_reason="error"}'] >= 1
     still_serving(server.url)
+
+
+def test_cors_only_for_allowed_origins_and_host_check_only_on_loopback():
+    from minimax_m1.server.args import ServerArgs
+
+    engine = build_engine(EngineArgs(model="tiny", max_model_len=256, progress=False))
+    app = build_app(engine, ["tiny"], allowed_origins=["http://app.example"], allowed_hosts=["m1.internal"])
+    with running(app) as url:
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+        r = httpx.options(url + "/v1/completions", headers={"Origin": "http://app.example", **preflight},
+                          timeout=TIMEOUT)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.options(url + "/v1/completions", headers={"Origin": "http://evil.example", **preflight},
+                          timeout=TIMEOUT)
+        assert "access-control-allow-origin" not in r.headers
+        assert httpx.get(url + "/health", headers={"Host": "m1.internal:8000"}, timeout=TIMEOUT).status_code == 200
+    assert ServerArgs(host="0.0.0.0").host_names() is None  # bound to every address: names are not known
+    assert "m1" in ServerArgs(host="0.0.0.0", allowed_hosts=["m1"]).host_names()
+    assert ServerArgs(allowed_hosts=["*"]).host_names() is None
+    assert ServerArgs(host="127.0.0.5").host_names() >= {"localhost", "127.0.0.1", "::1", "127.0.0.5"}
+    with pytest.raises(ValueError, match="max-request-bytes"):
+        ServerArgs(max_request_bytes=0)
+
+
+def test_api_key_from_file_or_environment(tmp_path, monkeypatch):
+    import argparse
+
+    from minimax_m1.cli import _api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    monkeypatch.setenv("MINIMAX_M1_API_KEY", "from-env")
+    ns = argparse.Namespace
+    assert _api_key(ns(api_key=None, api_key_file=None)) == "from-env"
+    assert _api_key(ns(api_key=None, api_key_file=str(key_file))) == "from-file"
+    assert _api_key(ns(api_key="given", api_key_file=None)) == "given"
+    with pytest.raises(ValueError, match="not both"):
+        _api_key(ns(api_key="given", api_key_file=str(key_file)))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        _api_key(ns(api_key=None, api_key_file=str(tmp_path / "empty")))
+    monkeypatch.delenv("MINIMAX_M1_API_KEY")
+    assert _api_key(ns(api_key=None, api_key_file=None)) is None

@@ -170,3 +170,18 @@ def test_200_slow_connections_do_not_delay_a_normal_request():
             for s in slow:
                 s.close()
         assert timed() - baseline < 1.0
+
+
+def test_a_body_slower_than_the_body_timeout_gets_408():
+    with running(build_app(_engine(max_model_len=256), ["tiny"]), timeout_body=1.0) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as s:
+            s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: 100\r\n\r\n{{\"prompt\": ".encode())
+            start = time.monotonic()
+            reply = s.recv(4096)
+            took = time.monotonic() - start
+            assert reply.startswith(b"HTTP/1.1 408") and 0.8 < took < 3.0, (reply, took)
+            s.settimeout(5)
+            assert s.recv(4096) == b""  # and closed
+        assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 200
