@@ -173,7 +173,8 @@ def test_200_slow_connections_do_not_delay_a_normal_request():
 
 
 def test_a_body_slower_than_the_body_timeout_gets_408():
-    with running(build_app(_engine(max_model_len=256), ["tiny"]), timeout_body=1.0) as url:
+    """The body deadline, and the header deadline for the next request on a keep-alive connection."""
+    with running(build_app(_engine(max_model_len=256), ["tiny"]), timeout_body=1.0, timeout_header=1.5) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=TIMEOUT) as s:
             s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
@@ -184,4 +185,13 @@ def test_a_body_slower_than_the_body_timeout_gets_408():
             assert reply.startswith(b"HTTP/1.1 408") and 0.8 < took < 3.0, (reply, took)
             s.settimeout(5)
             assert s.recv(4096) == b""  # and closed
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as s:
+            s.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            start = time.monotonic()
+            for piece in [b"GET /hea", b"lth HTTP/1.1\r\n", b"Host: x"]:  # trickled, never finished
+                s.sendall(piece)
+                time.sleep(0.4)
+            reply = s.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 3.0, reply
         assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 200

@@ -62,7 +62,7 @@ class HardenedH11Protocol(H11Protocol):
     overload: _Overload
 
     def connection_made(self, transport) -> None:
-        self._timer, self._timed_cycle, self._refused = None, None, False
+        self._timer, self._timed_cycle, self._refused, self._phase = None, None, False, None
         if len(self.server_state.connections) >= self.args.max_connections:
             self._refused = True
             self.overload.refuse(f"{self.args.max_connections} connections are open (--max-connections)")
@@ -70,7 +70,7 @@ class HardenedH11Protocol(H11Protocol):
             transport.close()
             return
         super().connection_made(transport)
-        self._arm(self.args.timeout_header)
+        self._arm("headers", self.args.timeout_header)
 
     def connection_lost(self, exc) -> None:
         if self._refused:
@@ -87,43 +87,41 @@ class HardenedH11Protocol(H11Protocol):
         cycle = self.cycle
         if cycle is not None and cycle is not self._timed_cycle:  # a request's headers arrived
             self._timed_cycle = cycle
-            self._arm(self.args.timeout_body) if cycle.more_body else self._disarm()
-        elif cycle is not None and not cycle.more_body:
+            self._disarm()
+            if cycle.more_body:
+                self._arm("body", self.args.timeout_body)
+        elif self._phase == "body" and not cycle.more_body:
             self._disarm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and self.cycle.response_complete:  # no pipelined request started
-            self._arm(self.args.timeout_header)  # the next request's headers
+            self._arm("headers", self.args.timeout_header)  # the next request's
 
-    def _arm(self, seconds: float) -> None:
+    def _arm(self, phase: str, seconds: float) -> None:
         self._disarm()
-        self._timer = self.loop.call_later(seconds, self._timed_out)
+        self._phase, self._timer = phase, self.loop.call_later(seconds, self._timed_out)
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+        self._phase = self._timer = None
 
     def _timed_out(self) -> None:
-        self._timer = None
+        phase, cycle = self._phase, self.cycle
+        self._phase = self._timer = None
         if self.transport.is_closing():
             return
-        cycle = self.cycle
-        if cycle is not None and cycle is self._timed_cycle and cycle.more_body:  # a body too slow
+        if phase == "body":
             if not cycle.response_started:
                 self.transport.write(self.conn.send(h11.Response(status_code=408, reason=b"Request Timeout",
                                                                  headers=[(b"connection", b"close"),
                                                                           (b"content-length", b"0")])))
             cycle.disconnected = True  # the app's receive() now says the client left
             cycle.message_event.set()
-        elif self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:  # half a request's headers
+        elif self.conn.trailing_data[0]:  # half of a request's headers
             self.transport.write(_TIMED_OUT)
-        elif cycle is not None and not cycle.response_complete:
-            return  # the app is still answering (a long stream): no deadline on that
         self.transport.close()
-
-
 
 
 class Server(uvicorn.Server):
