@@ -135,21 +135,20 @@ class LLMEngine:
                 torch.cuda.synchronize(device)
             except Exception as e:  # a sticky device error: nothing on this device can run any more
                 raise EngineFatalError(f"the device failed: {e}") from error
-        logger.error("a model step over %d requests failed (%s: %s); retrying each once",
-                     len(chunks), type(error).__name__, error)
+        logger.error("a model step over %d requests failed; each is recomputed once", len(chunks), exc_info=error)
         outputs = []
         for c in chunks:
             if c.seq in self._retried:
-                outputs.append(self._fail(c.seq, error))
+                outputs.append(self._fail(c.seq, error, traceback=False))
             else:
                 self._retried.add(c.seq)
                 self.scheduler._preempt(c.seq)
         return outputs
 
-    def _fail(self, seq: Sequence, error: BaseException) -> RequestOutput:
+    def _fail(self, seq: Sequence, error: BaseException, traceback: bool = True) -> RequestOutput:
         """Finish seq with finish_reason "error"; its output says what failed."""
         logger.error("request %s failed: %s: %s", seq.request_id, type(error).__name__, error,
-                     exc_info=(type(error), error, error.__traceback__))
+                     exc_info=error if traceback else None)
         self.requests.pop(seq.request_id, None)
         if not seq.finished:
             self.scheduler.finish(seq, "error")

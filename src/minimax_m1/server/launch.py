@@ -173,8 +173,8 @@ class Server(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self._drain_until is not None and not self.should_exit:
             if not self.engine.draining:
-                logger.info("shutting down: no new requests; %d under way get up to %.0f s to finish",
-                            self.engine.num_in_flight, self.shutdown_timeout)
+                logger.info("shutting down: no new requests; %d under way get up to %.0f s to finish "
+                            "(a second signal exits at once)", self.engine.num_in_flight, self.shutdown_timeout)
                 self.engine.stop_admission()
             if self.engine.num_in_flight == 0:
                 self.should_exit = True
