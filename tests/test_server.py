@@ -2,12 +2,10 @@
 chat (whole and streamed), reasoning_content, 32 concurrent requests, every kind of bad request -> 400 with the
 server still serving, client disconnects freeing their requests, the API key."""
 import asyncio
-import contextlib
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import types
 
@@ -19,38 +17,19 @@ for _name in ("fastapi", "uvicorn", "prometheus_client", "httpx", "openai"):
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
 
 from minimax_m1.engine.builder import EngineArgs, build_engine  # noqa: E402
 from minimax_m1.server.api import build_app  # noqa: E402
+from minimax_m1.server.async_engine import MAX_FAILED_STEPS  # noqa: E402
 from minimax_m1.server.reasoning import ReasoningParser, split_reasoning  # noqa: E402
 from minimax_m1.tokenizer import TINY_CHAT_TEMPLATE  # noqa: E402
+from server_util import metrics, running, wait_until_idle  # noqa: E402
 
 MAX_MODEL_LEN = 4096
 TIMEOUT = 60.0
 # the tiny template, plus: a last user message starting with "think:" opens a <think> block in the prompt
 THINK_TEMPLATE = TINY_CHAT_TEMPLATE + (
     "{% if add_generation_prompt and messages[-1]['content'][0]['text'].startswith('think:') %}<think>\n{% endif %}")
-
-
-@contextlib.contextmanager
-def running(app):
-    """Serve app with uvicorn in a background thread on a free loopback port; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not srv.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(TIMEOUT)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -61,27 +40,6 @@ def server():
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
         yield types.SimpleNamespace(url=url, app=app, engine=engine, client=client)
-
-
-def metrics(url: str) -> dict[str, float]:
-    """/metrics as {sample name with labels: value}."""
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=TIMEOUT).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
-def wait_until_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = metrics(url)
-        if m["minimax_m1_num_requests_running"] == 0 and m["minimax_m1_state_pool_usage"] == 0 \
-                and m["minimax_m1_kv_cache_usage"] == 0:
-            return m
-        assert time.monotonic() < deadline, f"requests were not freed: {m}"
-        time.sleep(0.05)
 
 
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
@@ -294,7 +252,7 @@ BAD_COMPLETIONS = [
     ({"prompt": [10**9]}, "prompt"),
     ({"prompt": 5}, "prompt"),
     ({"logprobs": 21}, "logprobs"),
-    ({"stop": [""]}, None),
+    ({"stop": [""]}, "stop"),
     ({"top_k": -2}, "top_k"),
     ({"echo": True}, "echo"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
@@ -382,20 +340,33 @@ def test_non_streaming_disconnect_frees_the_request(server):
 
 
 def test_engine_failure_fails_requests_cleanly():
-    """A step that raises (a bug, out of memory): in-flight and new requests get an error, /health says 503."""
+    """A step that raises past the engine's own isolation (a bug): the requests in the engine get a 500 naming
+    the error and the engine goes on; MAX_FAILED_STEPS failures in a row declare it dead: 503s, /health 503,
+    and the server stops with exit code 1 (for a supervisor to restart it), never half-dead."""
     engine = build_engine(EngineArgs(model="tiny", max_model_len=256, progress=False))
 
     def broken_step():
         raise RuntimeError("simulated device failure")
 
     engine.step = broken_step
-    with running(build_app(engine, ["tiny"])) as url:
+    app = build_app(engine, ["tiny"])
+    with running(app) as url:
         body = {"model": "tiny", "prompt": "x", "max_tokens": 4}
-        r = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT)
+        for i in range(MAX_FAILED_STEPS - 1):
+            assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 200
+            r = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT)
+            assert r.status_code == 500 and "simulated device failure" in r.json()["error"]["message"], r.text
+            assert r.json()["error"]["code"] == "request_failed"
+        r = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT)  # the failure too many
         assert r.status_code == 503 and "simulated device failure" in r.json()["error"]["message"]
-        assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 503
-        r = httpx.post(url + "/v1/completions", json={**body, "stream": True}, timeout=TIMEOUT)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        assert r.json()["error"]["code"] == "engine_dead"
+        assert not app.state.engine.accepting  # what /health answers (503) until the server is gone
+        srv = app.state.uvicorn_server
+        deadline = time.monotonic() + 10
+        while srv.started and not srv.should_exit:
+            assert time.monotonic() < deadline, "the server did not stop after the engine died"
+            time.sleep(0.05)
+        assert srv.exit_code == 1
 
 
 # ---- the command line: serve with an API key ----------------------------------------------------

@@ -19,6 +19,36 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
 
 
+def _add_limit_args(s: argparse.ArgumentParser) -> None:
+    from .server.args import ServerArgs
+
+    d = ServerArgs(max_connections=1)  # the defaults (max_connections's comes from the open-file limit)
+    s.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="Host header names accepted besides localhost/127.0.0.1/[::1] when bound to loopback "
+                        "(DNS-rebinding protection); '*' turns the check off")
+    s.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="browser origins allowed by CORS (default: none, no CORS headers)")
+    s.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help=f"largest request body; larger gets 413 (default {d.max_request_bytes})")
+    s.add_argument("--max-request-seconds", type=float, default=d.max_request_seconds,
+                   help="longest generation of one request: then it ends with finish_reason 'length' and "
+                        f"stop_reason 'max_request_seconds' (default {d.max_request_seconds:g}; 0: no limit)")
+    s.add_argument("--max-num-seqs-per-request", type=int, default=d.max_num_seqs_per_request,
+                   help=f"most sequences (prompts x n) one request may ask for (default {d.max_num_seqs_per_request})")
+    s.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they are aborted; "
+                        f"a second signal exits at once (default {d.shutdown_timeout:g})")
+    s.add_argument("--max-connections", type=int, default=None,
+                   help="open connections allowed; more are refused with 503 (default: the open-file limit "
+                        "less a reserve, at most 4096)")
+    s.add_argument("--timeout-keep-alive", type=float, default=d.timeout_keep_alive,
+                   help=f"close a keep-alive connection idle this long (default {d.timeout_keep_alive:g} s)")
+    s.add_argument("--timeout-header", type=float, default=d.timeout_header,
+                   help=f"a request's headers must arrive within this (default {d.timeout_header:g} s)")
+    s.add_argument("--timeout-body", type=float, default=d.timeout_body,
+                   help=f"a request's body must arrive within this after its headers (default {d.timeout_body:g} s)")
+
+
 def _engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(device=a.device, dtype=a.dtype, load_format=a.load_format, max_model_len=a.max_model_len,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
@@ -43,18 +73,37 @@ def _generate(a: argparse.Namespace) -> int:
 
 def _serve(a: argparse.Namespace) -> int:
     from .engine.builder import EngineArgs, build_engine
-    from .server.api import build_app, run_server
+    from .server.api import build_app
+    from .server.args import ServerArgs
+    from .server.launch import run_server
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.chat_template is not None:
         a.chat_template = _read_template(a.chat_template)
+    args = ServerArgs(
+        host=a.host, port=a.port, api_key=_api_key(a), reasoning_parser=a.reasoning_parser != "none",
+        model_root=a.model, allowed_hosts=a.allowed_hosts or [], allowed_origins=a.allowed_origins or [],
+        max_request_bytes=a.max_request_bytes, max_request_seconds=a.max_request_seconds or None,
+        max_num_seqs_per_request=a.max_num_seqs_per_request, shutdown_timeout=a.shutdown_timeout,
+        max_connections=a.max_connections, timeout_keep_alive=a.timeout_keep_alive, timeout_header=a.timeout_header,
+        timeout_body=a.timeout_body, log_level=a.uvicorn_log_level)
     engine = build_engine(EngineArgs(model=a.model, progress=True, **_engine_kwargs(a)))
     if a.chat_template is not None and engine.tokenizer is not None:
         engine.tokenizer.chat_template = a.chat_template
-    app = build_app(engine, a.served_model_name or [a.model], api_key=a.api_key,
-                    reasoning_parser=a.reasoning_parser != "none", model_root=a.model)
-    run_server(app, a.host, a.port, log_level=a.uvicorn_log_level)
-    return 0
+    return run_server(build_app(engine, a.served_model_name or [a.model], args), args)
+
+
+def _api_key(a: argparse.Namespace) -> str | None:
+    """--api-key, else the first line of --api-key-file, else $MINIMAX_M1_API_KEY."""
+    if a.api_key and a.api_key_file:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if a.api_key_file:
+        with open(a.api_key_file, encoding="utf-8") as f:
+            key = f.readline().strip()
+        if not key:
+            raise ValueError(f"--api-key-file {a.api_key_file!r} is empty")
+        return key
+    return a.api_key or os.environ.get("MINIMAX_M1_API_KEY") or None
 
 
 def _read_template(value: str) -> str:
@@ -87,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_engine_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=os.environ.get("MINIMAX_M1_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MINIMAX_M1_API_KEY)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes. A key given here shows in `ps`: "
+                        "prefer --api-key-file or $MINIMAX_M1_API_KEY")
+    s.add_argument("--api-key-file", default=None, help="read the API key from the first line of this file")
     s.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model name(s) requests use; the first is reported (default: --model)")
     s.add_argument("--chat-template", default=None, help="a Jinja chat template (file or text) to use instead "
@@ -97,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="split <think>...</think> into reasoning_content (none: return the raw text)")
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    _add_limit_args(s)
     s.set_defaults(func=_serve)
 
     # the benchmark has its own flags (minimax_m1.bench): everything after `bench` goes to it

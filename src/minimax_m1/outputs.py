@@ -24,11 +24,12 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" (EOS or stop string/token), "length", "abort"
+    finish_reason: str | None = None  # "stop" (EOS or stop string/token), "length", "abort", "error"
     stop_reason: int | str | None = None
     # per generated token: {token id: logprob} from the engine; {token id: Logprob} from LLM.generate
     logprobs: list[dict[int, float]] | list[LogprobEntry] | None = None
     cumulative_logprob: float | None = None  # the sum of the sampled tokens' logprobs (when they were computed)
+    error: str | None = None  # with finish_reason "error": what failed
 
 
 @dataclasses.dataclass

@@ -8,6 +8,23 @@ from .structured.params import StructuredOutputsParams
 # Set to anything but their defaults, these fields are refused until the sampler applies them.
 NOT_WIRED = {"min_tokens": 0, "logit_bias": None, "bad_words": None, "structured_outputs": None}
 
+INT32_MAX = 2**31 - 1  # counts (max_tokens, top_k) are host ints that become int32/int64 tensors
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 1024
+
+
+class SamplingParamsError(ValueError):
+    """A bad sampling setting; `param` names it (as the OpenAI API names the field)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
 
 @dataclasses.dataclass
 class SamplingParams:
@@ -48,25 +65,36 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         checks = [
-            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-             f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (isinstance(self.top_k, int) and self.top_k >= -1, f"top_k must be -1, 0 (off) or positive, got {self.top_k!r}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            ("max_tokens", self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens <= INT32_MAX),
+             f"max_tokens must be an integer in [1, {INT32_MAX}], got {self.max_tokens!r}"),
+            ("temperature", self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            ("top_p", 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            ("top_k", _is_int(self.top_k) and -1 <= self.top_k <= INT32_MAX,
+             f"top_k must be -1, 0 (off) or positive, got {self.top_k!r}"),
+            ("min_p", 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            ("seed", self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]),
+             f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}"),
+            ("repetition_penalty", self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}"),
-            (all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}"),
-            (self.output_kind in ("cumulative", "delta", "final_only"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}"),
+            ("stop", len(self.stop) <= MAX_STOP_STRINGS,
+             f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"),
+            ("stop_token_ids", all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
+             f"stop_token_ids must be non-negative integers, got {self.stop_token_ids[:8]!r}"),
+            ("stop_token_ids", len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+             f"stop_token_ids has {len(self.stop_token_ids)} entries; at most {MAX_STOP_TOKEN_IDS} are allowed"),
+            ("output_kind", self.output_kind in ("cumulative", "delta", "final_only"),
              f"output_kind must be 'cumulative', 'delta' or 'final_only', got {self.output_kind!r}"),
         ]
-        for ok, message in checks:
+        for param, ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise SamplingParamsError(param, message)
         self._check_vllm_fields()
 
     def _check_vllm_fields(self) -> None:
@@ -77,27 +105,27 @@ class SamplingParams:
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         checks = [
-            (isinstance(self.n, int) and self.n >= 1, f"n must be a positive integer, got {self.n!r}"),
-            (self.best_of is None or (isinstance(self.best_of, int) and isinstance(self.n, int)
+            ("n", _is_int(self.n) and self.n >= 1, f"n must be a positive integer, got {self.n!r}"),
+            ("best_of", self.best_of is None or (_is_int(self.best_of) and isinstance(self.n, int)
                                       and self.best_of >= self.n),
              f"best_of must be an integer >= n ({self.n}), got {self.best_of!r}"),
-            (isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= INT32_MAX,
              f"min_tokens must be a non-negative integer, got {self.min_tokens!r}"),
-            (self.max_tokens is None or not isinstance(self.min_tokens, int) or self.min_tokens <= self.max_tokens,
+            ("min_tokens", self.max_tokens is None or not _is_int(self.min_tokens) or self.min_tokens <= self.max_tokens,
              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
-            (self.prompt_logprobs is None
+            ("prompt_logprobs", self.prompt_logprobs is None
              or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
              f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}"),
-            (self.bad_words is None or all(isinstance(w, str) and w for w in self.bad_words),
+            ("bad_words", self.bad_words is None or all(isinstance(w, str) and w for w in self.bad_words),
              f"bad_words must be non-empty strings, got {self.bad_words!r}"),
         ]
-        for ok, message in checks:
+        for param, ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise SamplingParamsError(param, message)
         for name, default in NOT_WIRED.items():
             value = getattr(self, name)
             if value != default and not (isinstance(value, (list, dict)) and not value):
-                raise ValueError(f"{name} is not supported by this engine yet (its sampler does not apply it): "
+                raise SamplingParamsError(name, f"{name} is not supported by this engine yet (its sampler does not apply it): "
                                  f"leave it at {default!r}, got {value!r}")
 
     def for_choice(self, i: int) -> SamplingParams:
@@ -110,6 +138,15 @@ class SamplingParams:
     def num_samples(self) -> int:
         """How many answers to sample per prompt (best_of, else n)."""
         return self.best_of or self.n
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The bounds that depend on the model: top_k and stop_token_ids within the vocabulary."""
+        if self.top_k > vocab_size:
+            raise SamplingParamsError("top_k", f"top_k must be at most the vocabulary size {vocab_size} "
+                                               f"(or -1/0 for off), got {self.top_k}")
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise SamplingParamsError("stop_token_ids", f"stop_token_ids must be in [0, {vocab_size}), got {bad[:8]}")
 
     @property
     def greedy(self) -> bool:

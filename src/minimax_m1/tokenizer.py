@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 BOS, EOS, BOD, EOD = "<beginning_of_sentence>", "<end_of_sentence>", "<begin_of_document>", "<end_of_document>"
 TINY_SPECIALS = [BOS, EOS, BOD, EOD]
 THINK_TAGS = ["<think>", "</think>"]  # ordinary added tokens: decoding keeps them
+_GIL_FREE_CHARS = 4096
 
 # The released chat template's format (system/user/assistant turns, the tools turn, tool results), written for
 # the tiny model: system turns stay where they are (the released template gathers them first).
@@ -74,6 +75,8 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        if len(text) > _GIL_FREE_CHARS:  # encode_batch releases the GIL (encode holds it): other threads
+            return self._tok.encode_batch([text], add_special_tokens=False)[0].ids  # (a server's) go on
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

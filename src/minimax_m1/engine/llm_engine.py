@@ -1,7 +1,13 @@
-"""The engine loop: schedule, run the model, sample, detokenize, stop."""
+"""The engine loop: schedule, run the model, sample, detokenize, stop.
+
+Faults stay with the requests they touch: an error in one request's sampling or detokenising finishes that
+request with finish_reason "error" (the others go on); an error in a model step (an out-of-memory, a bug)
+preempts the step's requests to be recomputed once, and fails them if it happens again. Only a failed
+device raises out of step() (EngineFatalError)."""
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -15,6 +21,10 @@ from .sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
+class EngineFatalError(RuntimeError):
+    """The engine cannot go on (the device failed); every request is lost."""
+
+
 class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, eos_token_ids: list[int],
                  vocab_size: int, max_model_len: int):
@@ -25,6 +35,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.num_generated_tokens = 0  # running totals, for metrics
         self.num_prompt_tokens = 0
+        self._retried: weakref.WeakSet[Sequence] = weakref.WeakSet()  # preempted once after a failed step
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -33,6 +44,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
+        params.check_vocab(self.vocab_size)
         # a seed gives the same tokens whatever else runs in the batch: a generator of its own
         generator = None if params.seed is None else torch.Generator(self.runner.device).manual_seed(params.seed)
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
@@ -58,6 +70,15 @@ class LLMEngine:
         if seq is not None and not seq.finished:
             self.scheduler.finish(seq, "abort")
 
+    def finish_request(self, request_id: str, reason: str, stop_reason=None) -> RequestOutput | None:
+        """End a request early (a time limit) with `reason`; its final output, None if it is not running."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None or seq.finished:
+            return None
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq, reason)
+        return self._output(seq)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -70,12 +91,18 @@ class LLMEngine:
         if not chunks:
             return [self._pop_finished(s) for s in finished_early]
         done = [c.seq for c in chunks if c.completes]  # before run() advances num_computed
-        logits = self.runner.run(chunks)
+        try:
+            logits = self.runner.run(chunks)
+        except Exception as e:  # noqa: BLE001 - out of memory or a bug: the step's requests, not the engine
+            return self._step_failed(chunks, e) + [self._pop_finished(s) for s in finished_early]
         outputs = []
         if done:
-            tokens, logprobs = self.runner.sample(logits, done)
-            for seq, tok, lp in zip(done, tokens, logprobs):
-                self._append(seq, tok, lp)
+            for seq, tok, lp in self._sample(logits, done, outputs):
+                try:
+                    self._append(seq, tok, lp)
+                except Exception as e:  # noqa: BLE001 - detokenising or stop checks: this request only
+                    outputs.append(self._fail(seq, e))
+                    continue
                 outputs.append(self._output(seq))
         for seq in finished_early:
             outputs.append(self._pop_finished(seq))
@@ -83,6 +110,57 @@ class LLMEngine:
             if seq.finished:
                 self.requests.pop(seq.request_id, None)
         return [o for o in outputs if o is not None]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], outputs: list):
+        """(seq, token, logprobs) for each seq whose sampling worked. When the batch fails, each row is
+        sampled alone and a row that fails again finishes its request (its failure output goes to outputs)."""
+        try:
+            tokens, logprobs = self.runner.sample(logits, seqs)
+            return list(zip(seqs, tokens, logprobs))
+        except Exception:  # noqa: BLE001 - find the row that fails
+            pass
+        sampled = []
+        for i, seq in enumerate(seqs):
+            try:
+                (tok,), (lp,) = self.runner.sample(logits[i:i + 1], [seq])
+            except Exception as e:  # noqa: BLE001
+                outputs.append(self._fail(seq, e))
+                continue
+            sampled.append((seq, tok, lp))
+        return sampled
+
+    def _step_failed(self, chunks: list[ScheduledChunk], error: Exception) -> list[RequestOutput]:
+        """The model step raised: its caches may hold half-written state, so each of its requests is
+        preempted (recomputed from scratch) once, and finished with an error the second time."""
+        device = self.runner.device
+        if device.type == "cuda":
+            if isinstance(error, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            try:
+                torch.cuda.synchronize(device)
+            except Exception as e:  # a sticky device error: nothing on this device can run any more
+                raise EngineFatalError(f"the device failed: {e}") from error
+        logger.error("a model step over %d requests failed; each is recomputed once", len(chunks), exc_info=error)
+        outputs = []
+        for c in chunks:
+            if c.seq in self._retried:
+                outputs.append(self._fail(c.seq, error, traceback=False))
+            else:
+                self._retried.add(c.seq)
+                self.scheduler.preempt(c.seq)
+        return outputs
+
+    def _fail(self, seq: Sequence, error: BaseException, traceback: bool = True) -> RequestOutput:
+        """Finish seq with finish_reason "error"; its output says what failed."""
+        logger.error("request %s failed: %s: %s", seq.request_id, type(error).__name__, error,
+                     exc_info=error if traceback else None)
+        self.requests.pop(seq.request_id, None)
+        if not seq.finished:
+            self.scheduler.finish(seq, "error")
+        seq.finish_reason = "error"
+        out = self._output(seq)
+        out.outputs[0].error = f"{type(error).__name__}: {error}"
+        return out
 
     def _pop_finished(self, seq: Sequence) -> RequestOutput:
         self.requests.pop(seq.request_id, None)

@@ -32,6 +32,7 @@ def prepare(s: OpenAIServing, req: ChatCompletionRequest) -> list[EngineRequest]
                           "tool_choice": req.tool_choice if req.tool_choice not in (None, "none", "auto") else None})
     if req.top_logprobs is not None and not req.logprobs:
         raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    s.check_num_seqs(1, req.n)
     try:
         prompt = s.tokenizer.apply_chat_template(_messages(req), add_generation_prompt=req.add_generation_prompt,
                                                  tools=req.tools)

@@ -16,16 +16,17 @@ def prepare(s: OpenAIServing, req: CompletionRequest) -> list[EngineRequest]:
     s.check_request(req, {"echo": req.echo or None, "suffix": req.suffix,
                           "best_of": req.best_of if req.best_of not in (None, req.n) else None})
     params = s.sampling_params(req, req.max_tokens, req.logprobs)
-    return s.engine_requests(s.new_id("cmpl"), _prompts(s, req.prompt), params, req.n, param="prompt")
+    return s.engine_requests(s.new_id("cmpl"), _prompts(s, req.prompt, req.n), params, req.n, param="prompt")
 
 
-def _prompts(s: OpenAIServing, prompt) -> list[tuple[str | None, list[int]]]:
+def _prompts(s: OpenAIServing, prompt, n: int) -> list[tuple[str | None, list[int]]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise BadRequest("prompt is empty: give a string, a list of strings, or token ids", param="prompt")
     if isinstance(prompt[0], int):
-        return [(None, list(prompt))]
+        prompt = [prompt]
+    s.check_num_seqs(len(prompt), n)  # before tokenising them all
     return [(p, s.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
 
 

@@ -35,10 +35,11 @@ class EngineMetrics:
         self._totals = _EngineTotals()
         r.register(self._totals)
 
-    def update_gauges(self, engine) -> None:
+    def update_gauges(self, engine, pending: int = 0) -> None:
+        """pending: requests the server holds back for the engine (round-robin admission); they wait too."""
         s, usage = engine.scheduler, engine.cache.usage()
         self.running.set(len(s.running))
-        self.waiting.set(len(s.waiting))
+        self.waiting.set(len(s.waiting) + pending)
         self.state_pool_usage.set(usage.state_slots)
         self.kv_cache_usage.set(usage.kv_blocks)
         self._totals.sample(engine)

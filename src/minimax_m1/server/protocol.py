@@ -1,16 +1,22 @@
 """Request and response bodies of the OpenAI API (the parts this server implements), with vLLM's extra
-sampling fields. Range checks live on the fields, so a bad value is a 400 that names the field."""
+sampling fields. Range checks live on the fields, so a bad value is a 400 that names the field. Types are
+strict (JSON's own: "stream": "yes" is not a boolean, false is not a token id, "2" is not an integer), and
+every integer has a bound; the bounds that depend on the model (context, vocabulary) are checked later."""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from ..sampling_params import INT32_MAX, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
 class OpenAIModel(BaseModel):
     # unknown fields are ignored, as OpenAI and vLLM do; NaN and infinity are not numbers we accept
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(OpenAIModel):
@@ -26,30 +32,30 @@ class SamplingFields(OpenAIModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # not supported: rejected when non-empty
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # and at most the vocabulary size
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    min_tokens: int = Field(0, ge=0)  # not supported: rejected when positive
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)  # not supported: rejected when positive
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)  # and prompt + max_tokens within the context
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False  # not supported: rejected when true
     suffix: str | None = None  # not supported: rejected when given
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=128)
 
 
 class TextPart(OpenAIModel):
@@ -65,8 +71,8 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)  # None: up to the context length
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)  # None: up to the context length
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None

@@ -2,6 +2,8 @@
 (n copies of each prompt), logprob entries, usage, and server-sent events."""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import uuid
@@ -9,7 +11,7 @@ import uuid
 from pydantic import BaseModel
 
 from ..outputs import RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, SamplingParamsError
 from .async_engine import AsyncEngine, EngineRequest
 from .protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
 
@@ -23,7 +25,14 @@ class BadRequest(Exception):
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    """An OpenAI error object. Text from the request (a field name) may hold what UTF-8 cannot encode (a
+    lone surrogate): that is escaped."""
+    message, param = _encodable(message), _encodable(param)
     return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+def _encodable(text: str | None) -> str | None:
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def sse(obj: BaseModel | dict) -> str:
@@ -35,14 +44,26 @@ def sse(obj: BaseModel | dict) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+TOKENIZER_THREADS = 4
+
+
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, model_names: list[str], reasoning_parser: bool = True):
+    def __init__(self, engine: AsyncEngine, model_names: list[str], reasoning_parser: bool = True,
+                 max_num_seqs_per_request: int = 256):
         self.engine = engine
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.model_names = model_names
         self.reasoning_parser = reasoning_parser
+        self.max_num_seqs_per_request = max_num_seqs_per_request
         self.token_str = functools.lru_cache(maxsize=1 << 16)(self._token_str)
+        # parsing, chat templates and tokenisation run here, off the event loop (a 10 MB prompt takes
+        # seconds to tokenise; the tokenizer releases the GIL for long texts)
+        self.executor = concurrent.futures.ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="minimax-m1-prep")
+
+    async def run_blocking(self, fn, *args):
+        """fn(*args) on the preparation threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
 
     @property
     def model_name(self) -> str:
@@ -70,12 +91,20 @@ class OpenAIServing:
             if value is not None:
                 raise BadRequest(f"{name}={value!r} is not supported by this server", param=name)
 
+    def check_num_seqs(self, num_prompts: int, n: int) -> None:
+        """prompts x n is what one request asks the engine to run: bounded by --max-num-seqs-per-request."""
+        if num_prompts * n > self.max_num_seqs_per_request:
+            raise BadRequest(f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} sequences; "
+                             f"this server runs at most {self.max_num_seqs_per_request} per request "
+                             f"(--max-num-seqs-per-request): send fewer prompts or a smaller n",
+                             param="n" if num_prompts == 1 else "prompt")
+
     def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         def pick(value, default):
             return default if value is None else value
 
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 max_tokens=max_tokens, temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0),
                 top_k=pick(req.top_k, 0), min_p=pick(req.min_p, 0.0), seed=req.seed, stop=req.stop,
                 stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
@@ -84,8 +113,10 @@ class OpenAIServing:
                 logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 output_kind="delta" if req.stream else "final_only")
-        except ValueError as e:
-            raise BadRequest(str(e)) from e
+            params.check_vocab(self.engine.engine.vocab_size)
+            return params
+        except SamplingParamsError as e:
+            raise BadRequest(str(e), param=e.param) from e
 
     def engine_requests(self, base_id: str, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
                         n: int, param: str) -> list[EngineRequest]:
