@@ -10,7 +10,7 @@ import pathlib
 import re
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from .models.minimax_m1 import MiniMaxM1ForCausalLM
@@ -133,10 +133,21 @@ def checkpoint_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
         raise FileNotFoundError(f"no *.safetensors files and no model.safetensors.index.json in {path}")
     files = {}
     for f in single:
-        with safe_open(f, "pt") as sf:
+        with _open_shard(f) as sf:
             for name in sf.keys():
                 files[name] = f
     return files
+
+
+def _open_shard(path: pathlib.Path, device: str = "cpu"):
+    """safe_open(path) for reading tensors onto `device`; a file safetensors cannot read (cut short by an
+    interrupted download, or damaged) raises a WeightError naming it instead of a bare SafetensorError."""
+    try:
+        return safe_open(path, "pt", device=device)
+    except SafetensorError as e:
+        raise WeightError(f"{path} looks truncated or corrupt ({e}): download it again") from None
+    except OSError as e:
+        raise WeightError(f"cannot read {path} ({e.strerror or e}): check the file, or download it again") from None
 
 
 def load_checkpoint(model: MiniMaxM1ForCausalLM, path: str | pathlib.Path, progress: bool = True) -> None:
@@ -148,7 +159,7 @@ def load_checkpoint(model: MiniMaxM1ForCausalLM, path: str | pathlib.Path, progr
         by_file.setdefault(files[name], []).append(name)
     params = dict(model.named_parameters())
     for f in tqdm(sorted(by_file), desc="Loading weights", unit="shard", disable=not progress):
-        with safe_open(f, "pt", device="cpu") as sf:
+        with _open_shard(f) as sf:
             for name in by_file[f]:
                 target = plan[name]
                 shape = tuple(sf.get_slice(name).get_shape())
@@ -160,20 +171,32 @@ def load_checkpoint(model: MiniMaxM1ForCausalLM, path: str | pathlib.Path, progr
                     dst[target.index].copy_(sf.get_tensor(name))
 
 
+# Dummy initialisation shows a progress bar from this many bytes on: the real shapes take minutes, tiny is instant.
+_DUMMY_PROGRESS_BYTES = 1 << 30
+
+
 @torch.no_grad()
-def init_dummy(model: MiniMaxM1ForCausalLM, seed: int = 0, generator_device: str | None = None) -> None:
+def init_dummy(model: MiniMaxM1ForCausalLM, seed: int = 0, generator_device: str | None = None,
+               progress: bool = True) -> None:
     """Random weights of the real shapes (load_format="dummy"): norms at 1, the rest N(0, 1/fan_in).
     Drawn on `generator_device` (default: each parameter's own device) from a fixed seed, so the same
-    seed gives the same model whatever the target device when generator_device="cpu"."""
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or "layernorm" in name:
-            p.fill_(1.0)
-            continue
-        dev = generator_device or p.device
-        g = torch.Generator(device=dev).manual_seed(seed + _stable_hash(name))
-        scale = p.shape[-1] ** -0.5
-        for part in (p if p.dim() == 3 else [p]):  # expert by expert: bounds the fp32 scratch
-            part.copy_(torch.randn(part.shape, generator=g, device=dev, dtype=torch.float32) * scale)
+    seed gives the same model whatever the target device when generator_device="cpu". With `progress`, models
+    of more than _DUMMY_PROGRESS_BYTES show a progress bar in bytes."""
+    params = list(model.named_parameters())
+    total = sum(p.numel() * p.element_size() for _, p in params)
+    with tqdm(total=total, desc="Initialising dummy weights", unit="B", unit_scale=True,
+              disable=not progress or total < _DUMMY_PROGRESS_BYTES) as bar:
+        for name, p in params:
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+                bar.update(p.numel() * p.element_size())
+                continue
+            dev = generator_device or p.device
+            g = torch.Generator(device=dev).manual_seed(seed + _stable_hash(name))
+            scale = p.shape[-1] ** -0.5
+            for part in (p if p.dim() == 3 else [p]):  # expert by expert: bounds the fp32 scratch
+                part.copy_(torch.randn(part.shape, generator=g, device=dev, dtype=torch.float32) * scale)
+                bar.update(part.numel() * part.element_size())
 
 
 def _stable_hash(name: str) -> int:
