@@ -107,8 +107,8 @@ class BuildExt(build_ext):
     def run(self):
         if any(isinstance(ext, CUDAExtension) for ext in self.extensions):
             archs = os.environ.get("MINIMAX_M1_CUDA_ARCHS", DEFAULT_ARCHS)
-            announce(f"minimax-m1: compiling the CUDA kernels with nvcc for sm_{archs} (minutes on a few cores; "
-                     "MINIMAX_M1_BUILD_CUDA=0 skips them, pip install -v shows progress)")
+            announce(f"minimax-m1: compiling the CUDA kernels with nvcc for MINIMAX_M1_CUDA_ARCHS={archs} (minutes on "
+                     "a few cores; MINIMAX_M1_BUILD_CUDA=0 skips them, pip install -v shows progress)")
         super().run()
 
     def get_ext_filename(self, fullname):

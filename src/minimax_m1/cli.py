@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("minimax-m1: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `minimax-m1 generate ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
+        return 141
     except Exception as e:
         return _report(e, debug)
 
