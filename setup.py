@@ -1,16 +1,20 @@
 """Build script: the package metadata lives in pyproject.toml; this file only adds the CUDA kernels.
 
 `pip install .` / `pip install -e .` compile each folder of csrc/ (KERNEL_LIBS) into minimax_m1/_kernels/lib*.so
-with nvcc when nvcc is found, and install a CPU-only package otherwise. Each library links against the CUDA runtime
-(statically) and apache-tvm-ffi only, never libtorch. Environment:
+with nvcc where a GPU is visible (or when asked), and install a CPU-only package otherwise. Each library links
+against the CUDA runtime (statically) and apache-tvm-ffi only, never libtorch. The compile takes minutes on a few
+cores, so a machine without a GPU (where the kernels could not run) skips it unless asked. Environment:
 
-    MINIMAX_M1_BUILD_CUDA=0        skip the kernels (CPU-only package even where nvcc exists)
+    MINIMAX_M1_BUILD_CUDA          unset: build where nvcc is found and a GPU is visible (/dev/nvidia0 or
+                                   `nvidia-smi -L`); 1: build (for a GPU-less build machine or CI; fails
+                                   without nvcc); 0: never build
     MINIMAX_M1_CUDA_ARCHS="80;90a" target architectures (';' or ',' separated); "90a" enables Hopper-only code
     NVCC / CUDA_HOME               which nvcc to use (default: CUDA_HOME/bin/nvcc, then PATH)
     MINIMAX_M1_NVCC_JOBS           parallel nvcc processes (default: CPU count)
 
-When nvcc is present and a kernel fails to compile, the install fails: a broken kernel is an error, not a
-silent CPU fallback.
+When the kernels are built and one fails to compile, the install fails: a broken kernel is an error, not a
+silent CPU fallback. pip hides a build's output unless `pip install -v`; the line announcing the compile is also
+written to the terminal (/dev/tty) so that a plain `pip install` shows why it takes minutes.
 """
 import importlib.util
 import os
@@ -77,7 +81,37 @@ class CUDAExtension(Extension):
         self.folder = folder
 
 
+def announce(line: str) -> None:
+    """A line the user sees: stderr (pip shows it with -v, or when the build fails) and, since pip captures a
+    build's output, the controlling terminal when there is one."""
+    print(line, file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(f"\n{line}\n")
+    except OSError:  # no terminal: CI, a build service
+        pass
+
+
+def gpu_visible() -> bool:
+    if os.path.exists("/dev/nvidia0"):
+        return True
+    try:
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0 and "GPU" in r.stdout
+
+
 class BuildExt(build_ext):
+    def run(self):
+        if any(isinstance(ext, CUDAExtension) for ext in self.extensions):
+            archs = os.environ.get("MINIMAX_M1_CUDA_ARCHS", DEFAULT_ARCHS)
+            announce(f"minimax-m1: compiling the CUDA kernels with nvcc for MINIMAX_M1_CUDA_ARCHS={archs} (minutes on "
+                     "a few cores; MINIMAX_M1_BUILD_CUDA=0 skips them, pip install -v shows progress)")
+        super().run()
+
     def get_ext_filename(self, fullname):
         if fullname.split(".")[-1] in KERNEL_LIBS.values():
             return os.path.join(*fullname.split(".")) + ".so"
@@ -122,14 +156,26 @@ class BuildExt(build_ext):
 
 
 def ext_modules():
-    if os.environ.get("MINIMAX_M1_BUILD_CUDA", "1").lower() in ("0", "false", "no", "off"):
+    request = os.environ.get("MINIMAX_M1_BUILD_CUDA", "").strip().lower()
+    if request in ("0", "false", "no", "off"):
         print("minimax-m1: MINIMAX_M1_BUILD_CUDA=0, installing without CUDA kernels", file=sys.stderr)
         return []
+    asked = request in ("1", "true", "yes", "on")
+    if request and not asked:
+        raise SystemExit(f"minimax-m1: MINIMAX_M1_BUILD_CUDA={request!r}: use 1 (build the kernels), 0 (skip them) "
+                         "or leave it unset (build where a GPU is visible)")
+    missing = None
     if find_nvcc() is None:
-        print("minimax-m1: nvcc not found, installing without CUDA kernels", file=sys.stderr)
+        missing = "nvcc not found (set CUDA_HOME or NVCC)"
+    elif tvm_ffi_paths() is None:
+        missing = "apache-tvm-ffi not importable in the build environment"
+    if missing and asked:
+        raise SystemExit(f"minimax-m1: MINIMAX_M1_BUILD_CUDA=1 asks for the CUDA kernels, but {missing}")
+    if missing:
+        print(f"minimax-m1: {missing}, installing without CUDA kernels", file=sys.stderr)
         return []
-    if tvm_ffi_paths() is None:
-        print("minimax-m1: apache-tvm-ffi not importable in the build environment, installing without CUDA kernels",
+    if not asked and not gpu_visible():
+        print("minimax-m1: no GPU visible, installing without CUDA kernels (MINIMAX_M1_BUILD_CUDA=1 builds them)",
               file=sys.stderr)
         return []
     return [CUDAExtension(folder, library) for folder, library in KERNEL_LIBS.items()]

@@ -80,3 +80,52 @@ def test_slopes():
     # a head count that is not a power of two: ALiBi's interleaving
     assert lightning_slopes(6, 0, 1) == pytest.approx([x * (1 + 1e-5) for x in
                                                        [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]])
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"num_attention_heads": None}, r"required key num_attention_heads is missing"),
+    ({"hidden_size": "32"}, r"hidden_size must be an integer, got '32' \(a JSON string\); write it without quotes"),
+    ({"hidden_size": 32.5}, r"hidden_size must be an integer, got 32.5"),
+    ({"num_hidden_layers": True}, r"num_hidden_layers must be an integer, got True \(a JSON boolean\)"),
+    ({"vocab_size": 0}, r"vocab_size must be >= 1, got 0"),
+    ({"rms_norm_eps": "1e-5"}, r"rms_norm_eps must be a number"),
+    ({"layer_types": "linear_attention"}, r"layer_types must be a list of strings"),
+    ({"rope_parameters": {"rope_theta": "1e4"}}, r"rope_parameters.rope_theta must be a number"),
+    ({"rope_parameters": [1e4]}, r"rope_parameters must be an object"),
+    ({"eos_token_id": "2"}, r"eos_token_id must be a list of integers"),
+    ({"architectures": "MiniMaxForCausalLM"}, r"architectures must be a list of strings"),
+    ({"head_dim": None, "hidden_size": 30}, r"head_dim is absent and hidden_size \(30\) is not a multiple"),
+])
+def test_bad_values_name_the_key(over, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict(_hf_dict(**over))
+
+
+def test_absent_key_and_null_mean_the_default():
+    for d in (_hf_dict(num_key_value_heads=None, head_dim=None, bos_token_id=None, eos_token_id=None),
+              {k: v for k, v in _hf_dict().items() if k not in ("num_key_value_heads", "head_dim", "eos_token_id")}):
+        cfg = ModelConfig.from_dict(d)
+        assert cfg.num_key_value_heads == 4 and cfg.head_dim == 8 and cfg.eos_token_id == [] and cfg.bos_token_id is None
+    assert ModelConfig.from_dict(_hf_dict(hidden_size=32.0, eos_token_id=[1, 2])).eos_token_id == [1, 2]
+
+
+def test_not_an_object():
+    for raw in ([_hf_dict()], "config", None):
+        with pytest.raises(ConfigError, match="must be a JSON object"):
+            ModelConfig.from_dict(raw)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "vocab_size": 100,\n  "hidden_size": 32\n  "num_hidden_layers": 2\n}\n')
+    with pytest.raises(ConfigError, match=rf"{path} is not valid JSON: .* line 4 column 3"):
+        ModelConfig.from_file(tmp_path)
+    path.write_bytes(b'{"vocab_size": "\xff"}')
+    with pytest.raises(ConfigError, match=rf"{path} is not UTF-8"):
+        ModelConfig.from_file(path)
+    path.write_text(json.dumps(_hf_dict(hidden_size="32")))
+    with pytest.raises(ConfigError, match=rf"^{path}: hidden_size must be an integer"):
+        ModelConfig.from_file(tmp_path)
+    path.write_text(json.dumps([_hf_dict()]))
+    with pytest.raises(ConfigError, match=rf"^{path}: the config must be a JSON object .* got a JSON list"):
+        ModelConfig.from_file(tmp_path)

@@ -6,6 +6,10 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+import unicodedata
+
+from .config import UserError
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -64,11 +68,28 @@ def _generate(a: argparse.Namespace) -> int:
     prompt = a.prompt
     if a.chat:
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
+    escape = not a.raw and sys.stdout.isatty()
     for piece in llm.stream(prompt, params):
-        sys.stdout.write(piece)
+        sys.stdout.write(escape_nonprintable(piece) if escape else piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+# Bidirectional embedding, override and isolate controls: they reorder how a terminal shows what follows.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def escape_nonprintable(text: str) -> str:
+    """Control characters (Unicode Cc: ESC, CR, BEL, ...; not newline or tab), lone surrogates and the bidi
+    controls as Python escapes (ESC -> \\x1b, U+202E -> \\u202e), so that a model's raw output cannot drive the
+    terminal. Everything else, spaces and joiners of any script included, stays as it is."""
+    def escape(c: str) -> str:
+        if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cs") and c not in _BIDI_CONTROLS:
+            return c
+        return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+
+    return "".join(map(escape, text))
 
 
 def _serve(a: argparse.Namespace) -> int:
@@ -116,11 +137,39 @@ def _read_template(value: str) -> str:
     return value
 
 
+def _debug_requested() -> bool:
+    return os.environ.get("MINIMAX_M1_DEBUG", "").lower() not in ("", "0", "false", "no", "off")
+
+
+def _report(e: BaseException, debug: bool) -> int:
+    """One line on stderr for an error (the traceback too with --debug); the exit code: 2 for a mistake the
+    user can fix (a bad file, flag or setting, too little memory), 1 for anything else."""
+    user = isinstance(e, (UserError, ValueError, OSError, MemoryError))
+    if debug:
+        traceback.print_exc()
+    text = " ".join(str(e).split()) or type(e).__name__
+    if user:
+        print(f"minimax-m1: error: {text}", file=sys.stderr)
+    else:
+        if len(text) > 300:
+            text = text[:300] + "..."
+        print(f"minimax-m1: internal error: {type(e).__name__}: {text}"
+              + ("" if debug else " (re-run with --debug for the traceback)"), file=sys.stderr)
+    return 2 if user else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `minimax-m1` command. A user's mistake prints one line on stderr and exits with code 2; `--debug`
+    (or MINIMAX_M1_DEBUG=1) adds the traceback."""
     parser = argparse.ArgumentParser(prog="minimax-m1", description="Run the MiniMax-M1 language model.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also MINIMAX_M1_DEBUG=1)")
+    # --debug also after the subcommand (SUPPRESS: absent there, it does not hide the global flag)
+    debug_flag = argparse.ArgumentParser(add_help=False)
+    debug_flag.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
+    g = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout", parents=[debug_flag])
     _add_engine_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -130,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--raw", action="store_true", help="write the text as generated; by default a terminal gets "
+                   "non-printable characters escaped (\\x1b), a pipe or file the raw text")
     g.set_defaults(func=_generate)
 
-    s = sub.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) over HTTP")
+    s = sub.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) over HTTP",
+                       parents=[debug_flag])
     _add_engine_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8000)
@@ -154,17 +206,25 @@ def main(argv: list[str] | None = None) -> int:
     # the benchmark has its own flags (minimax_m1.bench): everything after `bench` goes to it
     sub.add_parser("bench", help="decode/prefill speed of a real-shape MiniMax-M1 slice on one GPU "
                                  "(see `minimax-m1 bench --help`)", add_help=False)
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
-        return bench_main(argv[1:])
-
-    a = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = _debug_requested()
+    if argv[:2] == ["--debug", "bench"]:
+        debug, argv = True, argv[1:]
     try:
+        if argv[:1] == ["bench"]:
+            from .bench import main as bench_main
+            return bench_main(argv[1:])
+        a = parser.parse_args(argv)
+        debug = debug or a.debug
         return a.func(a)
-    except (ValueError, FileNotFoundError, MemoryError) as e:
-        print(f"minimax-m1: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("minimax-m1: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `minimax-m1 generate ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
+        return 141
+    except Exception as e:
+        return _report(e, debug)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,13 @@ LINEAR, SOFTMAX = 0, 1  # attn_type_list values: lightning (linear) attention, s
 _LAYER_TYPES = {"linear_attention": LINEAR, "full_attention": SOFTMAX}
 
 
-class ConfigError(ValueError):
-    """A config.json this engine cannot honour."""
+class UserError(Exception):
+    """A mistake the user can fix: a bad file, flag or setting. The message is one line that names the thing and
+    says what to do; the command line prints it (no traceback) and exits with code 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config.json, or an engine setting, this engine cannot honour."""
 
 
 @dataclasses.dataclass
@@ -90,7 +95,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
-        archs = raw.get("architectures") or []
+        """A config.json's object in either spelling; raises ConfigError naming a missing key, a value of the
+        wrong type or one this engine cannot honour."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"the config must be a JSON object ({{...}}), got a JSON {_json_kind(raw)}")
+        r = _Reader(raw)
+        archs = r.list("architectures", str, [])
         unknown = [a for a in archs if a not in ARCHITECTURES]
         if unknown or not archs and raw.get("model_type") not in ("minimax", "minimax_m1", "minimax_text_01"):
             raise ConfigError(
@@ -99,65 +109,174 @@ class ModelConfig:
             )
         _reject_unsupported(raw)
         hf = "attn_type_list" not in raw  # transformers' `minimax` spelling
-        heads = raw["num_attention_heads"]
-        head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-        layers = raw["num_hidden_layers"]
+        heads = r.int("num_attention_heads")
+        hidden = r.int("hidden_size")
+        head_dim = r.int("head_dim", None)
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(f"head_dim is absent and hidden_size ({hidden}) is not a multiple of "
+                                  f"num_attention_heads ({heads}): add head_dim")
+            head_dim = hidden // heads
+        layers = r.int("num_hidden_layers")
         if hf:
-            attn_types = _layer_types(raw.get("layer_types"), layers)
-            rope = raw.get("rope_parameters") or {}
-            if rope.get("rope_type", "default") != "default":
-                raise ConfigError(f"rope_type {rope['rope_type']!r} is not supported (only the default rotary)")
-            theta = rope.get("rope_theta", raw.get("rope_theta", 1e6))
-            factor = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+            attn_types = _layer_types(r.list("layer_types", str, None), layers)
+            rope = r.dict("rope_parameters")
+            rope_type = rope.get("rope_type", "default")
+            if rope_type != "default":
+                raise ConfigError(f"rope_type {rope_type!r} is not supported (only the default rotary)")
+            theta = _Reader(rope, "rope_parameters.").float("rope_theta", r.float("rope_theta", 1e6))
+            factor = _Reader(rope, "rope_parameters.").float("partial_rotary_factor",
+                                                             r.float("partial_rotary_factor", 1.0))
             rotary_dim = int(head_dim * factor)
-            norms = {k: raw.get(f"{k}_factor", 1.0) for k in (
+            norms = {k: r.float(f"{k}_factor", 1.0) for k in (
                 "full_attn_alpha", "full_attn_beta", "linear_attn_alpha", "linear_attn_beta", "mlp_alpha", "mlp_beta")}
             postnorm = True
         else:
-            attn_types = [int(t) for t in raw["attn_type_list"]]
-            theta = raw.get("rope_theta", 10_000.0)
-            rotary_dim = raw.get("rotary_dim") or head_dim
+            attn_types = r.list("attn_type_list", int)
+            theta = r.float("rope_theta", 10_000.0)
+            rotary_dim = r.int("rotary_dim", None) or head_dim
             norms = {
-                "full_attn_alpha": raw.get("layernorm_full_attention_alpha", 1.0),
-                "full_attn_beta": raw.get("layernorm_full_attention_beta", 1.0),
-                "linear_attn_alpha": raw.get("layernorm_linear_attention_alpha", 1.0),
-                "linear_attn_beta": raw.get("layernorm_linear_attention_beta", 1.0),
-                "mlp_alpha": raw.get("layernorm_mlp_alpha", 1.0),
-                "mlp_beta": raw.get("layernorm_mlp_beta", 1.0),
+                "full_attn_alpha": r.float("layernorm_full_attention_alpha", 1.0),
+                "full_attn_beta": r.float("layernorm_full_attention_beta", 1.0),
+                "linear_attn_alpha": r.float("layernorm_linear_attention_alpha", 1.0),
+                "linear_attn_beta": r.float("layernorm_linear_attention_beta", 1.0),
+                "mlp_alpha": r.float("layernorm_mlp_alpha", 1.0),
+                "mlp_beta": r.float("layernorm_mlp_beta", 1.0),
             }
-            postnorm = bool(raw.get("postnorm", False))
-        eos = raw.get("eos_token_id")
+            postnorm = r.bool("postnorm", False)
+        eos = raw.get("eos_token_id")  # one id or a list of them
+        eos = [r.int("eos_token_id", minimum=0)] if isinstance(eos, int) else r.list("eos_token_id", int, [])
         return cls(
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
+            vocab_size=r.int("vocab_size"),
+            hidden_size=hidden,
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            num_key_value_heads=r.int("num_key_value_heads", None) or heads,
             head_dim=head_dim,
-            intermediate_size=raw["intermediate_size"],
-            num_local_experts=raw["num_local_experts"],
-            num_experts_per_tok=raw.get("num_experts_per_tok", 2),
+            intermediate_size=r.int("intermediate_size"),
+            num_local_experts=r.int("num_local_experts"),
+            num_experts_per_tok=r.int("num_experts_per_tok", 2),
             attn_type_list=attn_types,
             rotary_dim=rotary_dim,
-            rope_theta=float(theta),
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+            rope_theta=theta,
+            rms_norm_eps=r.float("rms_norm_eps", 1e-5),
             postnorm=postnorm,
-            max_position_embeddings=raw.get("max_position_embeddings", 10_240_000),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
-            **{k: float(v) for k, v in norms.items()},
+            max_position_embeddings=r.int("max_position_embeddings", 10_240_000),
+            tie_word_embeddings=r.bool("tie_word_embeddings", False),
+            bos_token_id=r.int("bos_token_id", None, minimum=0),
+            eos_token_id=eos,
+            **norms,
         )
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path) -> "ModelConfig":
+        """A checkpoint directory's config.json (or the file itself). Every problem is a ConfigError whose message
+        starts with the file's path (FileNotFoundError when there is no file)."""
         path = pathlib.Path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+            raise FileNotFoundError(f"no config.json at {path}: a checkpoint directory needs the model's "
+                                    "config.json (download it with the weights)")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}; fix it or "
+                              "download the file again") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text: download the file again") from None
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+_REQUIRED = object()
+
+
+def _json_kind(value) -> str:
+    """JSON's name for a Python value read from JSON."""
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "boolean"), (str, "string"), (int, "number"), (float, "number"), (list, "list"),
+                       (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+class _Reader:
+    """Typed reads from a config dict: a missing required key or a value of the wrong type becomes a ConfigError
+    naming the key (with `prefix` for nested objects). A key present with null reads as its default."""
+
+    def __init__(self, raw: dict, prefix: str = ""):
+        self.raw, self.prefix = raw, prefix
+
+    def _get(self, key, default):
+        value = self.raw.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise ConfigError(f"the required key {self.prefix}{key} is missing: add it, or download the "
+                                  "model's config.json again")
+            return None
+        return value
+
+    def _bad(self, key, value, want: str) -> ConfigError:
+        hint = "; write it without quotes" if isinstance(value, str) and _is_number(value) else ""
+        return ConfigError(f"{self.prefix}{key} must be {want}, got {value!r} (a JSON {_json_kind(value)}){hint}")
+
+    def int(self, key, default=_REQUIRED, minimum: int = 1):
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(key, value, "an integer")
+        if value < minimum:
+            raise ConfigError(f"{self.prefix}{key} must be >= {minimum}, got {value}")
+        return value
+
+    def float(self, key, default=_REQUIRED) -> float:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._bad(key, value, "a number")
+        return float(value)
+
+    def bool(self, key, default=_REQUIRED) -> bool:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool) and value not in (0, 1):
+            raise self._bad(key, value, "true or false")
+        return bool(value)
+
+    def list(self, key, item: type, default=_REQUIRED):
+        value = self._get(key, default)
+        if value is None:
+            return default
+        want = f"a list of {'integers' if item is int else 'strings'}"
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, item) for v in value):
+            raise self._bad(key, value, want)
+        return list(value)
+
+    def dict(self, key) -> dict:
+        value = self._get(key, {})
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self._bad(key, value, "an object")
+        return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _layer_types(types, layers: int) -> list[int]:
@@ -178,7 +297,7 @@ def _reject_unsupported(raw: dict[str, Any]) -> None:
     ]
     for key, ok, why in checks:
         if not ok:
-            raise ConfigError(f"config.json has {key}={raw.get(key)!r}, which this engine cannot honour: {why}")
+            raise ConfigError(f"{key}={raw.get(key)!r} cannot be honoured: {why}")
 
 
 # ---- presets ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import json
 import pathlib
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from .layers.linear import Box
@@ -22,10 +22,6 @@ from .models.minimax_m1 import DERIVED, MiniMaxM1ForCausalLM
 
 class WeightError(ValueError):
     """The checkpoint does not match the model: missing, unexpected or mis-shaped tensors."""
-
-
-def _open_shard(path: pathlib.Path):
-    return safe_open(path, "pt", device="cpu")
 
 
 def resolve(model: MiniMaxM1ForCausalLM, names) -> dict[str, tuple[str, object]]:
@@ -88,6 +84,17 @@ def checkpoint_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
     return files
 
 
+def _open_shard(path: pathlib.Path, device: str = "cpu"):
+    """safe_open(path) for reading tensors onto `device`; a file safetensors cannot read (cut short by an
+    interrupted download, or damaged) raises a WeightError naming it instead of a bare SafetensorError."""
+    try:
+        return safe_open(path, "pt", device=device)
+    except SafetensorError as e:
+        raise WeightError(f"{path} looks truncated or corrupt ({e}): download it again") from None
+    except OSError as e:
+        raise WeightError(f"cannot read {path} ({e.strerror or e}): check the file, or download it again") from None
+
+
 class _Lazy:
     """A tensor in a safetensors file, read box by box."""
 
@@ -121,21 +128,37 @@ def load_checkpoint(model: MiniMaxM1ForCausalLM, path: str | pathlib.Path, progr
                     param.weight_loader(param, tensor, shard)
 
 
+# Dummy initialisation shows a progress bar from this many bytes on: the real shapes take minutes, tiny is instant.
+_DUMMY_PROGRESS_BYTES = 1 << 30
+
+
 @torch.no_grad()
-def init_dummy(model: MiniMaxM1ForCausalLM, seed: int = 0) -> None:
+def init_dummy(model: MiniMaxM1ForCausalLM, seed: int = 0, progress: bool = True) -> None:
     """Random weights of the real shapes (load_format="dummy"): norms at 1; every other released-checkpoint
     tensor uniform with the variance of N(0, 1/fan_in), each element a hash of (seed, tensor name, its index
     in the whole tensor). Any box is computed on its own, on the parameter's device: a rank generates only
     its own slices (fast on a GPU, bounded memory), the model is the same on every device, and the TP=N model
-    of a seed is exactly the TP=1 model sliced."""
+    of a seed is exactly the TP=1 model sliced. With `progress`, rank 0 of a model of more than
+    _DUMMY_PROGRESS_BYTES (this rank's share) shows a progress bar in bytes."""
     params = dict(model.named_parameters())
-    for name, (pname, shard) in model.checkpoint_tensors().items():
-        p = params[pname]
-        shape, pieces = p.load_plan(shard)
-        if name.endswith("norm.weight") or "layernorm" in name:
-            p.fill_(1.0)
-        elif pieces:
-            p.weight_loader(p, _DummyTensor(name, shape, seed, p.device), shard)
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    show = progress and model.group.rank == 0 and total >= _DUMMY_PROGRESS_BYTES
+    with tqdm(total=total, desc="Initialising dummy weights", unit="B", unit_scale=True, disable=not show) as bar:
+        for name, (pname, shard) in model.checkpoint_tensors().items():
+            p = params[pname]
+            shape, pieces = p.load_plan(shard)
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif pieces:
+                p.weight_loader(p, _DummyTensor(name, shape, seed, p.device), shard)
+            bar.update(sum(_box_numel(dst) for _, dst in pieces) * p.element_size())
+
+
+def _box_numel(b: Box) -> int:
+    n = 1
+    for s in b:
+        n *= s.stop - s.start
+    return n
 
 
 class _DummyTensor:

@@ -9,13 +9,14 @@ import pathlib
 
 import torch
 
-from ..config import ModelConfig, ParallelConfig, minimax_m1_config, minimax_m1_slice, tiny_config
+from ..config import ConfigError, ModelConfig, ParallelConfig, minimax_m1_config, minimax_m1_slice, tiny_config
 from ..models.minimax_m1 import MiniMaxM1ForCausalLM
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, tiny_tokenizer
 from ..weights import init_dummy, load_checkpoint
 from .cache import CacheManager
 from .llm_engine import LLMEngine
+from .memory import check_fits
 from .model_runner import ModelRunner
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
@@ -49,6 +50,17 @@ class EngineArgs:
     def __post_init__(self):
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"--device {self.device!r} is not a device: use cuda, cuda:N or cpu") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: " + (
+                f"this torch ({torch.__version__}) has no CUDA support; install a CUDA build or use --device cpu"
+                if torch.version.cuda is None else "no CUDA GPU is visible (see nvidia-smi and CUDA_VISIBLE_DEVICES); "
+                "use --device cpu"))
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {self.device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
         if self.dtype in (None, "auto"):
             self.dtype = torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
         elif isinstance(self.dtype, str):
@@ -92,9 +104,13 @@ def load_model(args: EngineArgs, parallel: ParallelConfig | None = None
     tokenizer = Tokenizer.from_dir(args.tokenizer) if args.tokenizer is not None else tokenizer
     eos = sorted(set(eos + config.eos_token_id + (tokenizer.eos_token_ids if tokenizer else [])))
 
+    par = parallel or ParallelConfig()
+    check_fits(config, args.model, args.dtype, args.device, tp=par.tensor_parallel_size,
+               ep=par.enable_expert_parallel, head_fp32=args.lm_head_fp32, block_size=args.block_size,
+               gpu_memory_utilization=args.gpu_memory_utilization, options=vars(args))
     model = build_model(config, args, parallel)
     if args.model == "tiny" or args.load_format == "dummy":
-        init_dummy(model, seed=args.seed)  # the same model on every device (and sliced on every rank)
+        init_dummy(model, seed=args.seed, progress=args.progress)  # the same model on every device and rank
     else:
         load_checkpoint(model, path, progress=args.progress)
     model.eval()
