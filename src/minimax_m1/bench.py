@@ -138,6 +138,7 @@ def bench_prefill(engine, n: int) -> dict:
         cache.release(seq)  # each pass starts from a fresh (zeroed) state slot
         if not cache.allocate(seq, n):
             raise RuntimeError(f"the cache cannot hold a {n}-token prompt")
+        seq.num_computed = 0
         while seq.num_computed < n:
             runner.run([ScheduledChunk(seq, min(n - seq.num_computed, engine.scheduler.token_budget))])
 
