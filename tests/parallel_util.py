@@ -254,7 +254,7 @@ def _tail(path: pathlib.Path, n: int = 4000) -> str:
 def main() -> None:
     workdir, specs = pathlib.Path(sys.argv[1]), json.loads(sys.argv[2])
     torch.set_num_threads(1)
-    group = init_distributed(init_method=f"file://{workdir / 'rendezvous'}", timeout_s=60)
+    group = init_distributed(backend="gloo", init_method=f"file://{workdir / 'rendezvous'}", timeout_s=60)
     try:
         results = {name: run_spec(spec, group.world_size, group) for name, spec in specs.items()}
         results["_env"] = {k: os.environ.get(k) for k in MULTI_GPU_ENV}  # what init_distributed set
