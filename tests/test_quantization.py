@@ -371,3 +371,23 @@ def test_fp8_uses_tensor_cores_on_sm90():
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("torch._scaled_grouped_mm's rowwise fp8 path is for sm_90")
     assert q8.scaled_grouped_mm_serves(torch.bfloat16, torch.device("cuda"), 6144, 9216)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("ep", [False, True])
+def test_layer_partials_sum_to_one_device(method, ep):
+    """Given the same input, the 2 ranks' partial MoE outputs (before the all-reduce) sum to the one-device
+    layer's: to fp32 rounding for int8 (TP, EP) and fp8 under EP. fp8 under TP quantises each rank's slice of
+    the activation on its own (per token, per rank): a finer scale than one device's, so the sum stays within
+    the format's error of the float layer (at most its one-device error, plus 10% for the estimate)."""
+    cfg = split_config()
+    x = torch.randn(19, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    one = _model(cfg, method).model.layers[2].block_sparse_moe
+    parts = sum(_model(cfg, method, r, 2, ep).model.layers[2].block_sparse_moe(x) for r in range(2))
+    if method == "experts_int8" or ep:
+        assert rel_err(parts, one(x)) <= 1e-6
+        return
+    exact = _model(cfg, None).model.layers[2].block_sparse_moe(x).double()
+    own = (one(x).double() - exact).pow(2).mean().sqrt()
+    assert 0 < (parts.double() - exact).pow(2).mean().sqrt() <= 1.1 * own
+    assert rel_err(parts, one(x)) > 1e-6  # the per-rank activation scales did change the rounding

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, ModelConfig, QuantConfig
 from ..ops.moe.quantized import WEIGHT_DTYPES, quantize_weight
-from ..weights import _open_shard, checkpoint_dtypes, checkpoint_files
+from ..weights import _Lazy, _open_shard, checkpoint_dtypes, checkpoint_files
 from .checkpoint import CHANNEL, checkpoint_quantization, DequantizedTensor, is_expert_tensor, quantization_config, scale_name, weight_of_scale
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -86,7 +86,7 @@ def quantize_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, method
 
 
 def _read_dequantized(sf, name: str, scale, kind: str) -> torch.Tensor:
-    t = DequantizedTensor(sf.get_slice(name), scale, kind, name)
+    t = DequantizedTensor(_Lazy(sf.get_slice(name)), _Lazy(scale), kind, name)
     return t[tuple(slice(0, n) for n in t.shape)]
 
 
