@@ -70,8 +70,14 @@ def quantize_weight(w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.T
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q [..., N, K] with scale [..., N] -> q * scale[row] in `dtype` (computed in fp32, rounded once)."""
-    return (q.float() * scale[..., None]).to(dtype)
+    """q [..., N, K] with scale [..., N] -> q * scale[row] in `dtype` (computed in fp32, rounded once). One
+    elementwise kernel for int8 (reads 1 byte, writes dtype's): torch computes int8 * fp32 in fp32 and casts to
+    `out`'s dtype as it stores. e4m3 takes a cast to `dtype` first (exact: e4m3 values are bf16/fp16 values),
+    as torch does not promote float8."""
+    if q.dtype != torch.int8:
+        q = q.to(dtype)
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    return torch.mul(q, scale[..., None], out=out)
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
