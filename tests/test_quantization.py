@@ -316,8 +316,9 @@ REAL = dict(experts=32, hidden=6144, inter=9216)
 
 def _cuda_layer(shape, tokens, method, seed=0):
     x, experts, weights, w13, w2 = _layer(shape, seed, tokens)
-    q13, s13 = q8.quantize_weight(w13.cuda(), method)
-    q2, s2 = q8.quantize_weight(w2.cuda(), method)
+    w13, w2 = w13.cuda().bfloat16(), w2.cuda().bfloat16()  # the bf16 model's weights, quantised
+    q13, s13 = q8.quantize_weight(w13, method)
+    q2, s2 = q8.quantize_weight(w2, method)
     return x.cuda().bfloat16(), experts.cuda(), weights.cuda(), q13, s13, q2, s2, w13, w2
 
 
@@ -334,7 +335,7 @@ def test_cuda_paths_match_the_oracle(method, tokens):
     x, experts, weights, q13, s13, q2, s2, w13, w2 = _cuda_layer(SMALL, tokens, method)
     got = moe_experts_quantized(x, experts, weights, q13, s13, q2, s2, method)
     ref = reference_quantized_experts(x, experts, weights, q13, s13, q2, s2, method)
-    exact = reference_experts(x, experts, weights, w13.cuda().bfloat16(), w2.cuda().bfloat16())
+    exact = reference_experts(x, experts, weights, w13, w2)
     own = ((ref.double() - exact.double()) ** 2).mean().sqrt()
     assert got.dtype == torch.bfloat16
     assert ((got.double() - ref.double()) ** 2).mean().sqrt() <= 0.5 * own
