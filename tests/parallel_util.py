@@ -16,7 +16,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import minimax_m1
-from minimax_m1.config import LINEAR, SOFTMAX, ModelConfig, ParallelConfig
+from minimax_m1.config import LINEAR, SOFTMAX, ModelConfig, ParallelConfig, QuantConfig
 from minimax_m1.distributed import MULTI_GPU_ENV, Group, destroy_distributed, init_distributed
 from minimax_m1.forward_batch import Caches, ForwardBatch
 from minimax_m1.models.minimax_m1 import MiniMaxM1ForCausalLM
@@ -46,13 +46,14 @@ def gpu_config() -> ModelConfig:
 
 
 def build(config: ModelConfig, parallel: ParallelConfig, group: Group, checkpoint=None, seed: int = 0,
-          device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """This rank's model: dummy weights of `seed`, or loaded from `checkpoint`."""
+          device: str = "cpu", dtype: torch.dtype = torch.float32, quantization: str | None = None):
+    """This rank's model: dummy weights of `seed`, or loaded from `checkpoint`; 8-bit experts with
+    `quantization` ("fp8", "experts_int8")."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = MiniMaxM1ForCausalLM(config, parallel, group)
+            model = MiniMaxM1ForCausalLM(config, parallel, group, quant=QuantConfig.parse(quantization))
     finally:
         torch.set_default_dtype(previous)
     if checkpoint is None:
@@ -125,11 +126,11 @@ def greedy(logits: torch.Tensor | None, group: Group, rows: int) -> list[int]:
 
 
 def scenario(config: ModelConfig, parallel: ParallelConfig, group: Group, checkpoint=None, device: str = "cpu",
-             dtype: torch.dtype = torch.float32, forced: bool = False) -> dict:
+             dtype: torch.dtype = torch.float32, forced: bool = False, quantization: str | None = None) -> dict:
     """prompt logits (one prefill step over both prompts), chunked prefill then greedy decode of both together
     (forced: decode fixed tokens instead, so that runs which round differently still see the same context).
     Logits come back on the CPU in fp32."""
-    model = build(config, parallel, group, checkpoint, device=device, dtype=dtype)
+    model = build(config, parallel, group, checkpoint, device=device, dtype=dtype, quantization=quantization)
     out = {"lightning_heads": model.num_lightning_heads, "kv_heads": model.num_kv_heads,
            "kv_first_head": next(l.self_attn.k_proj.first_head for l in model.model.layers if not l.is_linear)}
     block = BLOCK if device == "cpu" else 256  # flash attention's paged kernel reads blocks of 256
@@ -200,13 +201,16 @@ def released_config_json(c: ModelConfig) -> dict:
 
 
 def run_spec(spec: dict, world_size: int, group: Group) -> dict:
-    """spec: {"ep": bool, and "kv_heads": int, or "checkpoint": dir, or "gpu": True (bf16 on CUDA, gpu_config)}."""
+    """spec: {"ep": bool, and "kv_heads": int, or "checkpoint": dir, or "gpu": True (bf16 on CUDA, gpu_config);
+    optionally "quantization": "fp8" | "experts_int8" and "forced": True (decode fixed tokens)}."""
     parallel = ParallelConfig(world_size, spec["ep"])
+    quant, forced = spec.get("quantization"), spec.get("forced", False)
     if spec.get("gpu"):
-        return scenario(gpu_config(), parallel, group, device="cuda", dtype=torch.bfloat16, forced=True)
+        return scenario(gpu_config(), parallel, group, device="cuda", dtype=torch.bfloat16, forced=True,
+                        quantization=quant)
     ckpt = spec.get("checkpoint")
     config = ModelConfig.from_file(ckpt) if ckpt else split_config(spec["kv_heads"])
-    return scenario(config, parallel, group, ckpt)
+    return scenario(config, parallel, group, ckpt, forced=forced, quantization=quant)
 
 
 def run_ranks(world_size: int, specs: dict[str, dict], workdir: pathlib.Path, timeout_s: float = 300) -> list[dict]:

@@ -31,7 +31,10 @@ def test_model_card_numbers():
     assert round(counts.total / 1e9, 1) == 456.1
     assert round(counts.experts / 1e9) == 435
     assert round(memory.weight_bytes(cfg, torch.bfloat16) / GB) == 912
-    assert round(memory.weight_bytes(cfg, torch.bfloat16, expert_bits=8) / GB) == 477
+    # 8-bit experts: 477 GB, and their fp32 per-channel scales (80 layers x 32 experts x (2 * 9216 + 6144)) on top
+    scales = memory.expert_scale_count(cfg)
+    assert scales == 80 * 32 * (2 * 9216 + 6144)
+    assert round((memory.weight_bytes(cfg, torch.bfloat16, expert_bits=8) - 4 * scales) / GB) == 477
     assert memory.cache_bytes_per_slot(cfg) == 280 * MiB
     assert memory.kv_bytes_per_token(cfg, torch.bfloat16) == 40 * KiB
     assert memory.kv_bytes_per_token(cfg, torch.float32) == 80 * KiB

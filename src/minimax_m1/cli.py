@@ -1,5 +1,5 @@
 """Command line: `minimax-m1 generate ...` streams one prompt; `minimax-m1 serve ...` runs the OpenAI-compatible
-HTTP server."""
+HTTP server; `minimax-m1 quantize SRC DST --quantization METHOD` writes a checkpoint with 8-bit experts."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import sys
 import traceback
 import unicodedata
 
-from .config import UserError
+from .config import QUANT_METHODS, UserError
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +21,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--quantization", default=None, choices=QUANT_METHODS,
+                   help="8-bit routed experts: fp8 (W8A8 e4m3) or experts_int8 (W8A16); bf16 checkpoints are "
+                        "quantised while loading (default: as the checkpoint is, see `minimax-m1 quantize`)")
 
 
 def _add_limit_args(s: argparse.ArgumentParser) -> None:
@@ -56,7 +59,7 @@ def _add_limit_args(s: argparse.ArgumentParser) -> None:
 def _engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(device=a.device, dtype=a.dtype, load_format=a.load_format, max_model_len=a.max_model_len,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                gpu_memory_utilization=a.gpu_memory_utilization)
+                gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization)
 
 
 def _generate(a: argparse.Namespace) -> int:
@@ -90,6 +93,14 @@ def escape_nonprintable(text: str) -> str:
         return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
 
     return "".join(map(escape, text))
+
+
+def _quantize(a: argparse.Namespace) -> int:
+    from .quantization.convert import quantize_checkpoint
+
+    dst = quantize_checkpoint(a.src, a.dst, a.quantization, progress=True)
+    print(f"wrote {dst} with {a.quantization} experts: load it with --model {dst} --quantization {a.quantization}")
+    return 0
 
 
 def _serve(a: argparse.Namespace) -> int:
@@ -202,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     _add_limit_args(s)
     s.set_defaults(func=_serve)
+
+    q = sub.add_parser("quantize", help="write a copy of a checkpoint with 8-bit routed experts (loads skip the "
+                                        "conversion)", parents=[debug_flag])
+    q.add_argument("src", help="checkpoint directory (bf16, or fp8 with block scales)")
+    q.add_argument("dst", help="new or empty directory for the quantised checkpoint")
+    q.add_argument("--quantization", required=True, choices=QUANT_METHODS)
+    q.set_defaults(func=_quantize)
 
     # the benchmark has its own flags (minimax_m1.bench): everything after `bench` goes to it
     sub.add_parser("bench", help="decode/prefill speed of a real-shape MiniMax-M1 slice on one GPU "

@@ -399,3 +399,35 @@ class ParallelConfig:
         if not self.enable_expert_parallel and model.intermediate_size % n:
             problems.append(f"intermediate_size ({model.intermediate_size}) is not divisible by it")
         return problems
+
+
+# ---- quantisation -----------------------------------------------------------------------------
+
+QUANT_METHODS = ("fp8", "experts_int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """8-bit routed experts (everything else stays in the model dtype, the router in fp32):
+    - "fp8": W8A8 e4m3, per-output-channel fp32 weight scales, per-token dynamic activation scales;
+    - "experts_int8": W8A16, symmetric per-output-channel int8 weights, activations in the model dtype.
+    See quantization/ for the formats and their error bounds."""
+
+    method: str
+
+    def __post_init__(self):
+        if self.method not in QUANT_METHODS:
+            raise ConfigError(f"quantization {self.method!r} is not supported: use one of {', '.join(QUANT_METHODS)}")
+
+    @property
+    def expert_bits(self) -> int:
+        return 8
+
+    @classmethod
+    def parse(cls, value: "str | QuantConfig | None") -> "QuantConfig | None":
+        """None, a method name, or a QuantConfig."""
+        if value is None or isinstance(value, QuantConfig):
+            return value
+        if not isinstance(value, str):
+            raise ConfigError(f"quantization must be one of {', '.join(QUANT_METHODS)} or None, got {value!r}")
+        return cls(value)

@@ -8,6 +8,7 @@ time. Dummy weights (load_format="dummy") go through the same loaders.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pathlib
@@ -18,39 +19,79 @@ from tqdm.auto import tqdm
 
 from .layers.linear import Box
 from .models.minimax_m1 import DERIVED, MiniMaxM1ForCausalLM
+from .quantization.checkpoint import CHANNEL, EIGHT_BIT, SAFETENSORS_DTYPES, DequantizedTensor, weight_of_scale
 
 
 class WeightError(ValueError):
     """The checkpoint does not match the model: missing, unexpected or mis-shaped tensors."""
 
 
-def resolve(model: MiniMaxM1ForCausalLM, names) -> dict[str, tuple[str, object]]:
+def resolve(model: MiniMaxM1ForCausalLM, names, dtypes: dict[str, torch.dtype] | None = None
+            ) -> dict[str, tuple[str, object]]:
     """Map checkpoint tensor names onto (parameter name, shard id); raise WeightError naming every missing or
-    unexpected tensor (missing ones in the released spelling)."""
-    released = model.checkpoint_tensors()
-    params = {p for p, _ in released.values()}
-    plan, unexpected = {}, []
+    unexpected tensor (missing ones in the released spelling). `dtypes` (name -> stored dtype, when known) tells
+    8-bit tensors from the others; see resolve_checkpoint for them."""
+    return resolve_checkpoint(model, names, dtypes)[0]
+
+
+def resolve_checkpoint(model: MiniMaxM1ForCausalLM, names, dtypes: dict[str, torch.dtype] | None = None
+                       ) -> tuple[dict[str, tuple[str, object]], dict[str, tuple[str, str]]]:
+    """(plan, dequantize): plan as `resolve`; dequantize maps each 8-bit weight that must be read as fp32 values
+    to (its scale tensor, CHANNEL | BLOCK) (quantization/checkpoint.py): every 8-bit tensor except those stored
+    in the form of the parameter they fill (an 8-bit expert parameter of the same type with per-channel scales,
+    whose scales then load into their own parameter)."""
+    dtypes = dtypes or {}
+    names = list(names)
+    scales = {}  # weight name -> (scale name, kind)
     for name in names:
-        if DERIVED.match(name):
-            continue
+        of = weight_of_scale(name)
+        if of is not None:
+            scales[of[0]] = (name, of[1])
+    released = model.checkpoint_tensors()
+    param_list = dict(model.named_parameters())
+    params = set(param_list)
+    plan, dequantize, unexpected, used_scales, unscaled = {}, {}, [], set(), []
+    for name in names:
+        if DERIVED.match(name) or weight_of_scale(name) is not None:
+            continue  # scales: placed with their weights below
         target = released.get(name)
         if target is None and model.packed_tensor(name) in params:
             target = (model.packed_tensor(name), None)
         if target is None:
             unexpected.append(name)
+            continue
+        plan[name] = target
+        if name not in scales:
+            if dtypes.get(name) in EIGHT_BIT:
+                unscaled.append(name)
+            continue
+        scale, kind = scales[name]
+        used_scales.add(scale)
+        scale_target = released.get(scale)
+        packed = model.packed_tensor(name)
+        if scale_target is None and packed is not None and packed + "_scale" in params:
+            scale_target = (packed + "_scale", None)
+        stored = dtypes.get(name, param_list[target[0]].dtype)
+        if kind == CHANNEL and scale_target is not None and stored == param_list[target[0]].dtype:
+            plan[scale] = scale_target  # already in this format: q and the scales load as they are
         else:
-            plan[name] = target
+            dequantize[name] = (scale, kind)
+    unexpected += sorted(set(n for n in names if weight_of_scale(n) is not None) - used_scales)
     whole = {p for p, shard in plan.values() if shard is None}
     loaded = set(plan.values())
-    missing = sorted(n for n, (p, shard) in released.items() if p not in whole and (p, shard) not in loaded)
+    missing = sorted(n for n, (p, shard) in released.items()
+                     if p not in whole and (p, shard) not in loaded and weight_of_scale(n) is None)
     problems = []
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing from the checkpoint: {_short(missing)}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s) the model has no place for: {_short(sorted(unexpected))}")
+    if unscaled:
+        problems.append(f"{len(unscaled)} 8-bit tensor(s) without their scales (X.weight_scale, X_scale or "
+                        f"X.weight_scale_inv): {_short(sorted(unscaled))}")
     if problems:
         raise WeightError("; ".join(problems))
-    return plan
+    return plan, dequantize
 
 
 def checkpoint_shapes(model: MiniMaxM1ForCausalLM) -> dict[str, tuple[int, ...]]:
@@ -100,15 +141,31 @@ class _Lazy:
 
     def __init__(self, sliced):
         self.sliced, self.shape = sliced, tuple(sliced.get_shape())
+        self.dtype = SAFETENSORS_DTYPES.get(sliced.get_dtype())
 
     def __getitem__(self, index: Box) -> torch.Tensor:
         return self.sliced[index]
 
 
+def checkpoint_dtypes(files: dict[str, pathlib.Path]) -> dict[str, torch.dtype | None]:
+    """tensor name -> its stored dtype, from the shards' headers (None for a dtype torch has no name for)."""
+    by_file: dict[pathlib.Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    dtypes = {}
+    for f, names in by_file.items():
+        with _open_shard(f) as sf:
+            for name in names:
+                dtypes[name] = SAFETENSORS_DTYPES.get(sf.get_slice(name).get_dtype())
+    return dtypes
+
+
 def load_checkpoint(model: MiniMaxM1ForCausalLM, path: str | pathlib.Path, progress: bool = True) -> None:
-    """Fill this rank's parameters (already on their device/dtype) from a safetensors checkpoint."""
+    """Fill this rank's parameters (already on their device/dtype) from a safetensors checkpoint: float tensors,
+    8-bit experts in the model's own format, or 8-bit tensors read as their dequantised values (see
+    quantization/checkpoint.py). Host memory holds one box (at most one expert tensor) at a time."""
     files = checkpoint_files(pathlib.Path(path))
-    plan = resolve(model, files)
+    plan, dequantize = resolve_checkpoint(model, files, checkpoint_dtypes(files))
     by_file: dict[pathlib.Path, list[str]] = {}
     for name in plan:
         by_file.setdefault(files[name], []).append(name)
@@ -117,15 +174,30 @@ def load_checkpoint(model: MiniMaxM1ForCausalLM, path: str | pathlib.Path, progr
     for f in tqdm(sorted(by_file), desc="Loading weights", unit="shard", disable=not show):
         with _open_shard(f) as sf:
             for name in by_file[f]:
-                pname, shard = plan[name]
+                pname, shard_id = plan[name]
                 param = params[pname]
-                shape, pieces = param.load_plan(shard)
+                shape, pieces = param.load_plan(shard_id)
                 tensor = _Lazy(sf.get_slice(name))
                 if tensor.shape != shape:
                     raise WeightError(
                         f"tensor {name} in {f.name} has shape {list(tensor.shape)}, the model expects {list(shape)}")
                 if pieces:  # nothing to read where another rank holds all of it (expert parallelism)
-                    param.weight_loader(param, tensor, shard)
+                    with _dequantized(tensor, name, dequantize, files, sf, f) as tensor:
+                        param.weight_loader(param, tensor, shard_id)
+    model.process_weights_after_loading()
+
+
+@contextlib.contextmanager
+def _dequantized(tensor, name, dequantize, files, sf, f):
+    """`tensor`, or for an 8-bit weight to be read as values, a DequantizedTensor with its scales (opened from
+    their own shard when they sit in another one)."""
+    if name not in dequantize:
+        yield tensor
+        return
+    scale, kind = dequantize[name]
+    with contextlib.ExitStack() as stack:
+        other = sf if files[scale] == f else stack.enter_context(_open_shard(files[scale]))
+        yield DequantizedTensor(tensor, _Lazy(other.get_slice(scale)), kind, name)
 
 
 # Dummy initialisation shows a progress bar from this many bytes on: the real shapes take minutes, tiny is instant.
@@ -145,6 +217,8 @@ def init_dummy(model: MiniMaxM1ForCausalLM, seed: int = 0, progress: bool = True
     show = progress and model.group.rank == 0 and total >= _DUMMY_PROGRESS_BYTES
     with tqdm(total=total, desc="Initialising dummy weights", unit="B", unit_scale=True, disable=not show) as bar:
         for name, (pname, shard) in model.checkpoint_tensors().items():
+            if weight_of_scale(name) is not None:
+                continue  # an 8-bit weight's loader writes its scales
             p = params[pname]
             shape, pieces = p.load_plan(shard)
             if name.endswith("norm.weight") or "layernorm" in name:
@@ -152,6 +226,7 @@ def init_dummy(model: MiniMaxM1ForCausalLM, seed: int = 0, progress: bool = True
             elif pieces:
                 p.weight_loader(p, _DummyTensor(name, shape, seed, p.device), shard)
             bar.update(sum(_box_numel(dst) for _, dst in pieces) * p.element_size())
+    model.process_weights_after_loading()
 
 
 def _box_numel(b: Box) -> int:
@@ -168,7 +243,7 @@ class _DummyTensor:
 
     def __init__(self, name: str, shape: tuple[int, ...], seed: int, device):
         assert torch.Size(shape).numel() < 1 << 32, (name, shape)  # the hash takes 32-bit element indices
-        self.shape, self.device = shape, device
+        self.shape, self.device, self.dtype = shape, device, torch.float32
         self.key = int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=4).digest(), "little")
         self.scale = (3.0 / shape[-1]) ** 0.5  # uniform(-a, a) has variance a^2 / 3
 

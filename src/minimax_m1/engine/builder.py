@@ -9,8 +9,10 @@ import pathlib
 
 import torch
 
-from ..config import ConfigError, ModelConfig, ParallelConfig, minimax_m1_config, minimax_m1_slice, tiny_config
+from ..config import (ConfigError, ModelConfig, ParallelConfig, QuantConfig, minimax_m1_config, minimax_m1_slice,
+                      tiny_config)
 from ..models.minimax_m1 import MiniMaxM1ForCausalLM
+from ..quantization.checkpoint import checkpoint_quantization
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, tiny_tokenizer
 from ..weights import init_dummy, load_checkpoint
@@ -46,6 +48,7 @@ class EngineArgs:
     enforce_eager: bool = False  # never capture decode steps in CUDA graphs
     progress: bool = True
     tokenizer: str | None = None  # a folder with tokenizer.json to use instead of the model's own
+    quantization: str | None = None  # 8-bit routed experts: "fp8" or "experts_int8" (default: the checkpoint's)
 
     def __post_init__(self):
         if self.device is None:
@@ -74,6 +77,7 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        QuantConfig.parse(self.quantization)  # a bad method name fails here, naming the choices
 
 
 def load_model(args: EngineArgs, parallel: ParallelConfig | None = None
@@ -105,10 +109,11 @@ def load_model(args: EngineArgs, parallel: ParallelConfig | None = None
     eos = sorted(set(eos + config.eos_token_id + (tokenizer.eos_token_ids if tokenizer else [])))
 
     par = parallel or ParallelConfig()
+    quant = quant_config(args)
     check_fits(config, args.model, args.dtype, args.device, tp=par.tensor_parallel_size,
-               ep=par.enable_expert_parallel, head_fp32=args.lm_head_fp32, block_size=args.block_size,
-               gpu_memory_utilization=args.gpu_memory_utilization, options=vars(args))
-    model = build_model(config, args, parallel)
+               ep=par.enable_expert_parallel, expert_bits=quant and quant.expert_bits, head_fp32=args.lm_head_fp32,
+               block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization, options=vars(args))
+    model = build_model(config, args, parallel, quant)
     if args.model == "tiny" or args.load_format == "dummy":
         init_dummy(model, seed=args.seed, progress=args.progress)  # the same model on every device and rank
     else:
@@ -117,14 +122,31 @@ def load_model(args: EngineArgs, parallel: ParallelConfig | None = None
     return config, model, tokenizer, eos
 
 
-def build_model(config: ModelConfig, args: EngineArgs, parallel: ParallelConfig | None = None) -> MiniMaxM1ForCausalLM:
-    """This rank's model, parameters allocated (uninitialised) straight on the device in args.dtype. Not on the
-    meta device: each parameter carries its weight loader, which moving off meta would drop."""
+def quant_config(args: EngineArgs) -> QuantConfig | None:
+    """args.quantization, else the method a checkpoint directory's config.json names (an 8-bit checkpoint loads
+    as what it is). A checkpoint in one method asked for in the other is read as values and quantised again."""
+    saved = None
+    if args.model not in ("tiny", "minimax-m1") and not args.model.startswith("minimax-m1:"):
+        saved = checkpoint_quantization(args.model)
+    method = args.quantization or saved
+    if saved is not None and args.quantization is None:
+        logger.info("%s holds %s experts: loading them as such", args.model, saved)
+    elif saved is not None and saved != method:
+        logger.warning("%s holds %s experts; --quantization %s quantises their dequantised values again (two "
+                       "roundings)", args.model, saved, method)
+    return QuantConfig.parse(method)
+
+
+def build_model(config: ModelConfig, args: EngineArgs, parallel: ParallelConfig | None = None,
+                quant: QuantConfig | None = None) -> MiniMaxM1ForCausalLM:
+    """This rank's model, parameters allocated (uninitialised) straight on the device in args.dtype (8-bit
+    experts in their own types). Not on the meta device: each parameter carries its weight loader, which moving
+    off meta would drop."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(args.dtype)
     try:
         with torch.device(args.device):
-            model = MiniMaxM1ForCausalLM(config, parallel)
+            model = MiniMaxM1ForCausalLM(config, parallel, quant=quant)
     finally:
         torch.set_default_dtype(previous)
     if args.lm_head_fp32 and not config.tie_word_embeddings:
@@ -205,7 +227,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
                 "max_model_len %d", slots, CacheManager.bytes_per_slot(config) / 2**20, blocks, args.block_size,
                 blocks * args.block_size, max_model_len)
     runner = ModelRunner(model, cache, device)
-    why_eager = _why_eager(args, config)
+    why_eager = _why_eager(args, config, model.quant)
     if why_eager:
         logger.info("decode runs eagerly: %s", why_eager)
     else:
@@ -214,7 +236,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     return LLMEngine(runner, scheduler, tokenizer, eos, config.vocab_size, max_model_len)
 
 
-def _why_eager(args: EngineArgs, config: ModelConfig) -> str | None:
+def _why_eager(args: EngineArgs, config: ModelConfig, quant: QuantConfig | None = None) -> str | None:
     """Why decode steps cannot be captured in CUDA graphs here (None when they can): each op answers for the
     layers that use it."""
     from ..ops import lightning_attn, moe, paged_attention
@@ -229,6 +251,7 @@ def _why_eager(args: EngineArgs, config: ModelConfig) -> str | None:
         config.softmax_layers and paged_attention.why_not_capturable(
             config.num_attention_heads, config.num_key_value_heads, config.head_dim, args.block_size, args.dtype),
         moe.why_not_capturable(config.num_local_experts, config.hidden_size, config.intermediate_size,
-                               config.num_experts_per_tok, args.max_num_seqs, args.dtype, device),
+                               config.num_experts_per_tok, args.max_num_seqs, args.dtype, device,
+                               quant and quant.method),
     ]
     return next((r for r in reasons if r), None)

@@ -76,14 +76,24 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def expert_scale_count(config: ModelConfig, tp: int = 1, ep: bool = False) -> int:
+    """Per-output-channel scales of 8-bit experts on one rank (all layers): w1/w3's rows split with them under
+    tensor parallelism, w2's one per hidden channel on every rank; whole experts under expert parallelism."""
+    e, i, h = config.num_local_experts, config.intermediate_size, config.hidden_size
+    per_layer = _per_rank(e, tp) * (2 * i + h) if ep else e * (2 * _per_rank(i, tp) + h)
+    return config.num_hidden_layers * per_layer
+
+
 def weight_bytes(config: ModelConfig, dtype: torch.dtype, tp: int = 1, ep: bool = False,
                  expert_bits: int | None = None, head_fp32: bool = False) -> int:
     """Weight bytes on one rank: everything in `dtype`, the experts at `expert_bits` per parameter (None: the
-    dtype's; 8 for fp8/int8 experts, whose per-channel scales add under 0.1% and are not counted), the head in
-    fp32 when `head_fp32` (EngineArgs.lm_head_fp32)."""
+    dtype's; 8 for fp8/int8 experts, plus their fp32 per-channel scales, under 0.1%), the head in fp32 when
+    `head_fp32` (EngineArgs.lm_head_fp32)."""
     c = parameter_counts(config, tp, ep)
     b = dtype_bytes(dtype)
-    experts = -(-c.experts * expert_bits // 8) if expert_bits else c.experts * b
+    experts = c.experts * b
+    if expert_bits:
+        experts = -(-c.experts * expert_bits // 8) + 4 * expert_scale_count(config, tp, ep)
     return (c.total - c.experts - c.head) * b + experts + c.head * (4 if head_fp32 else b)
 
 

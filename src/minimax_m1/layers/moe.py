@@ -7,18 +7,22 @@ each followed by ONE all-reduce of the output:
   rows [r*I/N, (r+1)*I/N) of w1 and of w3 (packed into its w13) and those columns of w2;
 - expert parallel: rank r holds E/N whole experts [r*E/N, (r+1)*E/N); `expert_map` sends the router's global
   ids to local ones, -1 for other ranks' experts, which contribute nothing here.
+
+The experts' parameters (w13, w2, and with 8-bit experts their scales w13_scale, w2_scale) are created, loaded
+and run by the layer's quantisation method (quantization/base.py), from the load plans below.
 """
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, QuantConfig
 from ..distributed import SINGLE, Group
-from ..ops.moe import moe_experts
-from .linear import Plan, ReplicatedLinear, box, set_load_plan
+from ..quantization.base import experts_method
+from .linear import Plan, ReplicatedLinear, box
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, config: ModelConfig, group: Group = SINGLE, expert_parallel: bool = False):
+    def __init__(self, config: ModelConfig, group: Group = SINGLE, expert_parallel: bool = False,
+                 quant: QuantConfig | None = None):
         super().__init__()
         e, h, i, n, r = (config.num_local_experts, config.hidden_size, config.intermediate_size, group.world_size,
                          group.rank)
@@ -34,8 +38,8 @@ class SparseMoE(nn.Module):
             self.first_expert, self.first_row = 0, r * (i // n)
         self.gate = ReplicatedLinear(h, e)
         # per local expert: [w1 (gate); w3 (up)] rows of this rank, and its w2 (down) columns
-        self.w13 = set_load_plan(nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate, h)), self._w13_plan)
-        self.w2 = set_load_plan(nn.Parameter(torch.empty(self.num_experts, h, self.intermediate)), self._w2_plan)
+        self.quant_method = experts_method(quant)
+        self.quant_method.create_weights(self)
         sharded_experts = self.num_experts < e
         self.register_buffer("expert_map", torch.empty(e, dtype=torch.int64) if sharded_experts else None,
                              persistent=False)
@@ -99,4 +103,4 @@ class SparseMoE(nn.Module):
     def compute_experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """This rank's experts: x [T, hidden], weights [T, k] fp32, experts [T, k] local ids (outside
         [0, num_experts): another rank's expert, no contribution) -> its partial output [T, hidden]."""
-        return moe_experts(x, experts, weights, self.w13, self.w2, foreign_ids=self.expert_map is not None)
+        return self.quant_method.apply(self, x, weights, experts)

@@ -10,7 +10,7 @@ import re
 import torch
 from torch import nn
 
-from ..config import LINEAR, SOFTMAX, ModelConfig, ParallelConfig
+from ..config import LINEAR, SOFTMAX, ModelConfig, ParallelConfig, QuantConfig
 from ..distributed import SINGLE, Group, tensor_parallel_group
 from ..forward_batch import Caches, ForwardBatch
 from ..layers.lightning_attention import LightningAttention
@@ -32,7 +32,8 @@ class DecoderLayer(nn.Module):
     """h = alpha * r + beta * Attn(norm(h)), then the same with the MoE; r is the normed input when
     `postnorm` (DeepNorm as MiniMax ships it), the un-normed input otherwise."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, group: Group = SINGLE, expert_parallel: bool = False):
+    def __init__(self, config: ModelConfig, layer_idx: int, group: Group = SINGLE, expert_parallel: bool = False,
+                 quant: QuantConfig | None = None):
         super().__init__()
         self.is_linear = config.attn_type_list[layer_idx] == LINEAR
         self.postnorm = config.postnorm
@@ -44,7 +45,7 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = SoftmaxAttention(config, group)
             self.attn_alpha, self.attn_beta = config.full_attn_alpha, config.full_attn_beta
-        self.block_sparse_moe = SparseMoE(config, group, expert_parallel)
+        self.block_sparse_moe = SparseMoE(config, group, expert_parallel, quant)
         self.mlp_alpha, self.mlp_beta = config.mlp_alpha, config.mlp_beta
 
     def forward(self, h, batch: ForwardBatch, cache: torch.Tensor, cos_sin) -> torch.Tensor:
@@ -59,10 +60,11 @@ class DecoderLayer(nn.Module):
 
 
 class MiniMaxModel(nn.Module):
-    def __init__(self, config: ModelConfig, group: Group = SINGLE, expert_parallel: bool = False):
+    def __init__(self, config: ModelConfig, group: Group = SINGLE, expert_parallel: bool = False,
+                 quant: QuantConfig | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, group, expert_parallel)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, group, expert_parallel, quant)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -72,10 +74,11 @@ class MiniMaxM1ForCausalLM(nn.Module):
     logits [R, vocab] (on rank 0 of a group; None on the other ranks).
 
     `parallel` says how the model splits, `group` which rank this is (default: distributed's group for
-    `parallel`). The caches are this rank's: `num_lightning_heads` heads per state slot, `num_kv_heads` KV heads
+    `parallel`), `quant` whether the routed experts are 8-bit (quantization/). The caches are this rank's: `num_lightning_heads` heads per state slot, `num_kv_heads` KV heads
     per token (read by `num_q_heads` softmax query heads)."""
 
-    def __init__(self, config: ModelConfig, parallel: ParallelConfig | None = None, group: Group | None = None):
+    def __init__(self, config: ModelConfig, parallel: ParallelConfig | None = None, group: Group | None = None,
+                 quant: QuantConfig | None = None):
         super().__init__()
         parallel = parallel or ParallelConfig()
         parallel.check(config)
@@ -83,8 +86,8 @@ class MiniMaxM1ForCausalLM(nn.Module):
         if group.world_size != parallel.tensor_parallel_size:
             raise ValueError(f"a group of {group.world_size} ranks cannot build a model for "
                              f"tensor_parallel_size={parallel.tensor_parallel_size}")
-        self.config, self.parallel, self.group = config, parallel, group
-        self.model = MiniMaxModel(config, group, parallel.enable_expert_parallel)
+        self.config, self.parallel, self.group, self.quant = config, parallel, group, quant
+        self.model = MiniMaxModel(config, group, parallel.enable_expert_parallel, quant)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -107,6 +110,13 @@ class MiniMaxM1ForCausalLM(nn.Module):
             layer.self_attn.init_buffers()
             layer.block_sparse_moe.init_buffers()
 
+    def process_weights_after_loading(self) -> None:
+        """Once every weight is in place (weights.py calls it): each MoE layer's quantisation method checks and
+        finishes its experts."""
+        for layer in self.model.layers:
+            moe = layer.block_sparse_moe
+            moe.quant_method.process_weights_after_loading(moe)
+
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, caches: Caches) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
         cos_sin = self._rotary.cos_sin(batch.positions) if self._rotary is not None else None
@@ -121,17 +131,18 @@ class MiniMaxM1ForCausalLM(nn.Module):
     # ---- checkpoint names -----------------------------------------------------------------------
 
     def checkpoint_tensors(self) -> dict[str, tuple[str, object]]:
-        """Every tensor of a released checkpoint -> (parameter name, shard id for its weight_loader)."""
+        """Every tensor of a released checkpoint -> (parameter name, shard id for its weight_loader). With 8-bit
+        experts also their per-channel scales, X.weight_scale beside each X.weight (quantization/checkpoint.py)."""
         names = {}
         for pname, _ in self.named_parameters():
-            m = re.match(r"(model\.layers\.\d+\.block_sparse_moe)\.(w13|w2)$", pname)
+            m = re.match(r"(model\.layers\.\d+\.block_sparse_moe)\.(w13|w2)(_scale)?$", pname)
             if not m:
                 names[pname] = (pname, None)
                 continue
-            prefix, which = m.groups()
+            prefix, which, scale = m.groups()
             for e in range(self.config.num_local_experts):
                 for part in (("w1", "w3") if which == "w13" else ("w2",)):
-                    names[f"{prefix}.experts.{e}.{part}.weight"] = (pname, (part, e))
+                    names[f"{prefix}.experts.{e}.{part}.weight{scale or ''}"] = (pname, (part, e))
         return names
 
     @staticmethod

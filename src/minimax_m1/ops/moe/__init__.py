@@ -9,6 +9,18 @@ I..2I-1 up w3) and w2 [E, H, I] in x's dtype. y[t] = sum_j weights[t, j] * w2[e]
 `moe_experts` dispatches: small batches (tokens * top_k <= FUSED_MAX_ROWS, CUDA, a dtype and sizes the kernels
 serve) run the fused kernels of cuda.py, which stream each used expert's weights once; every other case runs the
 grouped-GEMM torch path (grouped.py). `reference_experts` is the fp32 oracle both are tested against.
+
+8-bit experts (quantized.py has the formats):
+
+    moe_experts_quantized(x, experts, weights, w13, w13_scale, w2, w2_scale, method) -> y
+
+w13/w2 int8 ("experts_int8") or float8_e4m3fn ("fp8") with per-output-channel fp32 scales w13_scale [E, 2I] and
+w2_scale [E, H]. Small batches run the fused kernel where the binding has one and it serves the call, asked as
+`cuda.supports_quantized(x, w13, w13_scale, w2, w2_scale, method, top_k)` and run as
+`cuda.moe_experts_quantized(x, experts, weights, w13, w13_scale, w2, w2_scale, method)`; for CUDA graphs,
+`cuda.serves_quantized(num_experts, hidden, inter, rows, dtype, method)`. Every other case runs
+quantized.quantized_experts (e4m3 tensor cores for fp8 on sm_90, else dequantise-then-grouped-GEMM);
+`reference_quantized_experts` is their fp32 oracle.
 """
 from __future__ import annotations
 
@@ -16,6 +28,7 @@ import torch
 
 from . import cuda
 from .grouped import grouped_experts, grouped_mm, grouped_mm_capturable
+from .quantized import quantized_capturable, quantized_experts, reference_quantized_experts
 from .reference import reference_experts
 
 # Largest tokens * top_k for the fused kernels (a policy: the kernels take up to cuda.limits()["max_rows"]).
@@ -41,11 +54,31 @@ def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w
     return grouped_experts(x, experts, weights, w13, w2, foreign_ids)
 
 
+def use_fused_quantized(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                        w2_scale: torch.Tensor, method: str, top_k: int) -> bool:
+    """Whether `moe_experts_quantized` runs the fused small-batch kernel for these tensors (False while the
+    binding has none)."""
+    supports = getattr(cuda, "supports_quantized", None)
+    return (x.shape[0] * top_k <= FUSED_MAX_ROWS and supports is not None
+            and supports(x, w13, w13_scale, w2, w2_scale, method, top_k))
+
+
+def moe_experts_quantized(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                          w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, method: str,
+                          foreign_ids: bool = False) -> torch.Tensor:
+    """8-bit experts (see the module docstring) -> [T, H] in x's dtype; foreign_ids as for moe_experts."""
+    if use_fused_quantized(x, w13, w13_scale, w2, w2_scale, method, experts.shape[1]):
+        return cuda.moe_experts_quantized(x, experts, weights, w13, w13_scale, w2, w2_scale, method)
+    return quantized_experts(x, experts, weights, w13, w13_scale, w2, w2_scale, method, foreign_ids)
+
+
 def why_not_capturable(num_experts: int, hidden: int, inter: int, top_k: int, max_tokens: int, dtype: torch.dtype,
-                       device: torch.device) -> str | None:
-    """None when `moe_experts` of up to max_tokens tokens on this CUDA device can be captured in CUDA graphs,
-    else why not: each batch must run the fused kernels or torch._grouped_mm (the loop over experts reads the
-    routing on the host)."""
+                       device: torch.device, method: str | None = None) -> str | None:
+    """None when `moe_experts` (method None) or `moe_experts_quantized` (method "fp8" / "experts_int8") of up
+    to max_tokens tokens on this CUDA device can be captured in CUDA graphs, else why not: each batch must run
+    the fused kernels or a grouped GEMM of torch (the loop over experts reads the routing on the host)."""
+    if method is not None:
+        return _why_not_capturable_quantized(num_experts, hidden, inter, top_k, max_tokens, dtype, device, method)
     if grouped_mm_capturable(hidden, inter, dtype, device):
         return None
     rows = max_tokens * top_k
@@ -56,5 +89,19 @@ def why_not_capturable(num_experts: int, hidden: int, inter: int, top_k: int, ma
             f"torch._grouped_mm (bf16 on sm_90+), and neither serves them here")
 
 
+def _why_not_capturable_quantized(num_experts, hidden, inter, top_k, max_tokens, dtype, device, method):
+    if quantized_capturable(method, hidden, inter, dtype, device):
+        return None
+    rows = max_tokens * top_k
+    serves = getattr(cuda, "serves_quantized", None)
+    if (rows <= FUSED_MAX_ROWS and serves is not None and cuda.available()
+            and serves(num_experts, hidden, inter, rows, dtype, method)):
+        return None
+    large = "torch._scaled_grouped_mm (bf16 on sm_90) or " if method == "fp8" else ""
+    return (f"{method} MoE batches of up to {rows} rows (tokens * top_k) in {dtype} need the fused 8-bit kernel "
+            f"or {large}torch._grouped_mm (bf16 on sm_90+), and none serves them here")
+
+
 __all__ = ["moe_experts", "use_fused", "why_not_capturable", "reference_experts", "grouped_experts", "grouped_mm",
-           "FUSED_MAX_ROWS"]
+           "FUSED_MAX_ROWS", "moe_experts_quantized", "use_fused_quantized", "quantized_experts",
+           "reference_quantized_experts"]

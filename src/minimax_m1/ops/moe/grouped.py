@@ -4,6 +4,8 @@ Rows (token, choice) are sorted by expert, each expert's rows go through w1/w3, 
 grouped GEMM each (torch._grouped_mm where it serves the dtype and device, else a loop over experts), and the
 top-k products are weighted in fp32 and summed back per token.
 """
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +52,17 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     """x [T, H]; experts [T, k] expert ids in [0, E) (foreign_ids: ids outside it contribute nothing); weights
     [T, k] fp32; w13 [E, 2I, H] (rows 0..I-1 gate w1, I..2I-1 up w3), w2 [E, H, I] -> [T, H] in x's dtype (fp32
     weighting and sum, cast once)."""
-    num_experts, top_k, inter = w13.shape[0], experts.shape[1], w2.shape[2]
+    return grouped_moe(x, experts, weights, w13.shape[0], w2.shape[2], lambda rows, offs: grouped_mm(rows, w13, offs),
+                       lambda act, offs: grouped_mm(act, w2, offs), foreign_ids)
+
+
+def grouped_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, num_experts: int, inter: int,
+                up: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                down: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], foreign_ids: bool = False) -> torch.Tensor:
+    """The grouped-GEMM MoE with its two products given: up(rows [M, H], offsets [E] int32) -> [M, 2I] (gate |
+    up) and down(act [M, I], offsets) -> [M, H] in x's dtype, rows sorted by expert (offsets: cumulative row
+    ends). grouped_experts passes bf16/fp32 weights; ops/moe/quantized.py 8-bit ones."""
+    top_k = experts.shape[1]
     flat = experts.flatten()
     if foreign_ids:  # other ranks' experts sort last, into an extra bin E that no GEMM reads
         flat = torch.where((flat < 0) | (flat >= num_experts), num_experts, flat)
@@ -60,9 +72,9 @@ def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     counts = torch.zeros(num_experts + foreign_ids, dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offsets = counts[:num_experts].cumsum(0, dtype=torch.int32)
-    h = grouped_mm(x[token_of_row], w13, offsets)
+    h = up(x[token_of_row], offsets)
     h = F.silu(h[:, :inter]) * h[:, inter:]
-    y = grouped_mm(h, w2, offsets)
+    y = down(h, offsets)
     y = y.float() * weights.flatten()[order, None]
     if foreign_ids:  # rows past the last offset were not computed (undefined): drop them
         y = torch.where((flat[order] < num_experts)[:, None], y, 0.0)
