@@ -86,7 +86,8 @@ def scaled_grouped_experts(x, experts, weights, w13, s13, w2, s2):
     e, inter = w13.shape[0], w2.shape[2]
     flat = experts.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    counts = torch.zeros(e, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offs = counts.cumsum(0, dtype=torch.int32)
     token_of_row = order // K
     xq, a = _quantize_rows(x[token_of_row])

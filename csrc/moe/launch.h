@@ -64,7 +64,8 @@ int up_wave(int device_id) {
 template <class F, typename T, int NT>
 int down_wave(int device_id) {
   static PerDevice<int> cache;
-  return cache.get(device_id, [](int id) { return resident_ctas(down_kernel<F, T, NT, kDownWarps>, kDownWarps * 32, id); });
+  return cache.get(device_id,
+                   [](int id) { return resident_ctas(down_kernel<F, T, NT, kDownWarps>, kDownWarps * 32, id); });
 }
 
 template <class F, typename T, int NT>
