@@ -6,25 +6,30 @@ E = 4 at 9216 (an EP8 rank); tokens 1, 2, 7, 8, 64, 128; routings from the route
 falling by 4 over the experts: hot experts span several CTAs), all tokens on two experts, and ids outside
 [0, E) (other ranks' experts under EP: -1 and E + 5) including tokens with no valid choice, whose output
 must be exact zeros. Before each call a NaN-filled block is freed into the caching allocator, so that
-workspaces and outputs start as NaN and an element nobody wrote fails rel_err (which requires finite values).
+workspaces and outputs start as NaN and an element nobody wrote fails the check (which requires finite values).
 
 8-bit reference (`_reference_quantized`): the contract in fp64 (weights q * scale[row]; for fp8 the x rows
 and act rows quantised with fp32 semantics, a = max|row| / 448 and e4m3(row / a) via torch's cast after a
 clamp to +-448, then dequantised exactly); act = silu(g) * u rounded to bf16 as the kernel does. What the
 kernel adds beyond that: its fp32 accumulation (about 1e-6 relative at K <= 9216) and the final bf16 cast,
-<= 2^-9 of |y| <= 2^-9 max|y|; where fp32 and fp64 sums straddle a bf16 (or then e4m3) rounding boundary of
-an act element, that element differs by one ulp (2^-8, e4m3 2^-3 relative), a few per row, each weighed
-against a sum of I terms (<= 1e-3 of max|y| at I = 1152). TOL_QUANT = 2^-9 + 2e-3 ~ 4e-3.
+at most half an ulp, 2^-8 |y| <= 2^-8 max|y| (bf16 keeps 8 significant bits); where fp32 and fp64 sums
+straddle a bf16 (or then e4m3) rounding boundary of an act element, that element differs by one ulp (<= 2^-7,
+e4m3 2^-3 relative), a few per row, each weighed against a sum of I terms (<= 1e-3 of max|y| at I = 1152, 2e-3
+allowed). TOL_QUANT = 2^-8 + 2e-3 ~ 5.9e-3. Two kernel outputs that sum in different orders (4 or 8 gate/up
+warps) may round apart by one bf16 ulp of the output, 2^-7 max|y|: TOL_PAIR = 2^-7 + 2e-3 ~ 9.8e-3. For fp8,
+tokens with a row whose e4m3 grid the contract leaves to fp32 rounding (see _ambiguous_grid; rare) are held
+to TOL_AMBIGUOUS = 3e-2 instead, in both comparisons.
 16-bit weights keep TOL (1e-2, as tests/test_moe_cuda.py) against the fp32 reference.
 """
 import pytest
 import torch
 
 from minimax_m1.ops.moe import cuda as moe_cuda, reference_experts
-from util import rel_err
 
 TOL = 1e-2
-TOL_QUANT = 4e-3
+TOL_QUANT = 2 ** -8 + 2e-3
+TOL_PAIR = 2 ** -7 + 2e-3
+TOL_AMBIGUOUS = 3e-2
 H_FULL = 6144
 RANK_SHAPES = [(32, 9216), (32, 4608), (32, 2304), (32, 1152), (4, 9216)]  # (experts, intermediate)
 RANK_TOKENS = [1, 2, 7, 8, 64, 128]
@@ -104,21 +109,63 @@ def _fake_quant_rows(v: torch.Tensor) -> torch.Tensor:
     return q.double() * a.double()[:, None]
 
 
+def _ambiguous_grid(act: torch.Tensor) -> torch.Tensor:
+    """act [n, I] fp64 before its bf16 rounding -> [n] bool: rows whose per-row e4m3 grid the contract leaves
+    open to fp32 rounding. An element within 1e-4 relative (far above fp32 accumulation error) of a bf16
+    rounding midpoint may round either way in a correct kernel; if it is one of the row's largest (within 2^-6
+    of max|act|), it may set amax, so a = amax / 448 moves by one bf16 ulp and about 1/16 of the row's
+    elements land one e4m3 step apart: up to ~1e-2 of max|y| for that row, which no rounding argument bounds
+    tighter."""
+    mag = act.abs()
+    e = torch.floor(torch.log2(mag.clamp_min(1e-300)))
+    half_ulp = torch.exp2(e - 8)
+    off = (act - act.to(torch.bfloat16).double()).abs()
+    near_midpoint = (half_ulp - off).abs() < 1e-4 * mag
+    near_max = mag >= mag.amax(-1, keepdim=True) * (1 - 2 ** -6)
+    return (near_midpoint & near_max).any(-1)
+
+
 def _reference_quantized(x, experts, weights, w13, s13, w2, s2, method):
-    """8-bit experts by the contract in fp64 (act rounded to bf16 as the kernel does) -> [T, H] fp64."""
+    """8-bit experts by the contract in fp64 (act rounded to bf16 as the kernel does) -> ([T, H] fp64, [T]
+    bool: tokens with a row whose e4m3 grid is ambiguous, see _ambiguous_grid; all False for int8)."""
     inter = w2.shape[2]
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    ambiguous = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for e in experts.unique().tolist():
         if not 0 <= e < w13.shape[0]:
             continue
         tok, j = (experts == e).nonzero(as_tuple=True)
         xin = _fake_quant_rows(x[tok]) if method == "fp8" else x[tok].double()
         h = xin @ (w13[e].double() * s13[e].double()[:, None]).t()
-        act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(torch.bfloat16)
+        act64 = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        act = act64.to(torch.bfloat16)
+        if method == "fp8":
+            ambiguous[tok[_ambiguous_grid(act64)]] = True
         ain = _fake_quant_rows(act) if method == "fp8" else act.double()
         y = ain @ (w2[e].double() * s2[e].double()[:, None]).t()
         out.index_add_(0, tok, y * weights[tok, j, None].double())
-    return out
+    return out, ambiguous
+
+
+def _reference(ex, fmt, x, experts, weights):
+    """-> (reference [T, H], [T] bool tokens checked at TOL_AMBIGUOUS)."""
+    if fmt == "bf16":
+        return reference_experts(x, experts, weights, *ex.bf16), torch.zeros(x.shape[0], dtype=torch.bool)
+    return _reference_quantized(x, experts, weights, *ex.quant[fmt], fmt)
+
+
+def _assert_close(out, ref, ambiguous, tol, what):
+    """rel_err within tol over the tokens, the ambiguous ones (fp8 only) within TOL_AMBIGUOUS, both against
+    max|ref| of the whole output."""
+    scale = ref.double().abs().max().clamp_min(1e-30)
+    err = (out.double() - ref.double()).abs().amax(-1) / scale
+    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+    amb = ambiguous.to(err.device)
+    clear = err[~amb].max().item() if (~amb).any() else 0.0
+    assert clear <= tol, f"{what}: {clear:.2e} > {tol:.1e}"
+    if amb.any():
+        assert err[amb].max().item() <= TOL_AMBIGUOUS, f"{what}: ambiguous-grid tokens {err[amb].max().item():.2e}"
+    return clear
 
 
 def _run(ex, fmt, x, experts, weights, **knobs):
@@ -129,12 +176,6 @@ def _run(ex, fmt, x, experts, weights, **knobs):
     return moe_cuda.moe_experts_quantized(x, experts, weights, w13, s13, w2, s2, fmt, **knobs)
 
 
-def _reference(ex, fmt, x, experts, weights):
-    if fmt == "bf16":
-        return reference_experts(x, experts, weights, *ex.bf16)
-    return _reference_quantized(x, experts, weights, *ex.quant[fmt], fmt)
-
-
 def _check_rank(ex, fmt, tokens, kind, seed, **knobs):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(tokens, ex.h, generator=gen, device="cuda").to(torch.bfloat16)
@@ -143,11 +184,10 @@ def _check_rank(ex, fmt, tokens, kind, seed, **knobs):
     assert out.shape == x.shape and out.dtype == torch.bfloat16
     if kind == "foreign":
         assert torch.equal(out[0], torch.zeros_like(out[0])), "a token without a valid choice must be zeros"
-    ref = _reference(ex, fmt, x, experts, weights)
-    err = rel_err(out, ref)
-    tol = TOL if fmt == "bf16" else TOL_QUANT
-    assert err <= tol, f"{fmt} E={ex.e} I={ex.i} T={tokens} {kind}: {err:.2e} > {tol:.0e}"
-    return x, experts, weights, out
+    ref, ambiguous = _reference(ex, fmt, x, experts, weights)
+    _assert_close(out, ref, ambiguous, TOL if fmt == "bf16" else TOL_QUANT,
+                  f"{fmt} E={ex.e} I={ex.i} T={tokens} {kind}")
+    return x, experts, weights, out, ambiguous
 
 
 def _rank_cases():
@@ -176,16 +216,18 @@ def test_tilings_are_bit_identical(e, i, tokens, fmt):
     """Tiles per CTA, L2 prefetch and PDL change where and when the sums are made, never their order: the
     outputs are bit-identical (and right). 8 gate/up warps split K differently: equal within rounding."""
     ex = _experts(e, i)
-    x, experts, weights, base = _check_rank(ex, fmt, tokens, "router", seed=5)
+    x, experts, weights, base, ambiguous = _check_rank(ex, fmt, tokens, "router", seed=5)
+    warps = moe_cuda.plan(tokens, 2, e, ex.h, i, method=None if fmt == "bf16" else fmt)["up_warps"]
     for knobs in ({"up_tiles": 1, "down_tiles": 1, "prefetch": 0}, {"up_tiles": 3, "down_tiles": 5, "prefetch": 4},
                   {"up_tiles": 1000, "down_tiles": 1000}, {"pdl": False}, {"row_tiles": 4}):
         if "row_tiles" in knobs and tokens < 8:
             continue
-        out = _run(ex, fmt, x, experts, weights, **knobs)  # row_tiles: other work items, the same sums per row
+        # row_tiles: other work items, the same sums per row (the warps pinned: they set the K split)
+        out = _run(ex, fmt, x, experts, weights, up_warps=warps, **knobs)
         assert torch.equal(out, base), knobs
-    for warps in (4, 8):
-        out = _run(ex, fmt, x, experts, weights, up_warps=warps)
-        assert rel_err(out, base.float()) <= (TOL if fmt == "bf16" else TOL_QUANT)
+    for n in (4, 8):
+        out = _run(ex, fmt, x, experts, weights, up_warps=n)
+        _assert_close(out, base, ambiguous, TOL_PAIR, f"up_warps {n}")
     again = _run(ex, fmt, x, experts, weights)
     assert torch.equal(again, base), "not deterministic"
 
@@ -215,9 +257,9 @@ def test_quantized_zero_and_extreme_rows(fmt):
     weights, experts = _rank_routing(6, ex.e, 2, "router", gen)
     out = _run(ex, fmt, x, experts, weights)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
-    ref = _reference(ex, fmt, x, experts, weights)
+    ref, ambiguous = _reference(ex, fmt, x, experts, weights)
     for r in range(1, 6):  # each row against its own magnitude
-        assert rel_err(out[r:r + 1], ref[r:r + 1]) <= TOL_QUANT, r
+        _assert_close(out[r:r + 1], ref[r:r + 1], ambiguous[r:r + 1], TOL_QUANT, f"row {r}")
 
 
 @pytest.mark.gpu
