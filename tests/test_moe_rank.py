@@ -38,7 +38,11 @@ FORMATS = ["bf16", "experts_int8", "fp8"]
 
 
 def _poison_allocator(nbytes: int = 64 << 20) -> None:
-    torch.full((nbytes // 4,), float("nan"), device="cuda")  # freed at once: the next allocations reuse it
+    """NaN-filled blocks freed into the caching allocator's large and small (<= 1 MB) pools, which the next
+    allocations reuse."""
+    blocks = [torch.full((nbytes // 4,), float("nan"), device="cuda")]
+    blocks += [torch.full(((512 << 10) // 4,), float("nan"), device="cuda") for _ in range(16)]
+    del blocks
 
 
 def _random_q(shape, method, gen):
