@@ -55,7 +55,9 @@ EXPECTED = {  # the kernels' own constants, as each library must report them
     "lightning_attn": {"head_dims": (64, 128), "dtypes": (torch.bfloat16, torch.float16, torch.float32)},
     "paged_attention": {"head_dims": (64, 128), "dtypes": (torch.bfloat16, torch.float16), "max_group": 16,
                         "block_size_multiple": 16},
-    "moe": {"dtypes": (torch.bfloat16, torch.float16), "max_rows": 1024, "max_experts": 256, "size_multiple": 64},
+    "moe": {"dtypes": (torch.bfloat16, torch.float16), "max_rows": 1024, "max_experts": 256, "size_multiple": 64,
+            "tile_rows": 16, "quantized_dtypes": (torch.bfloat16,), "experts_int8_weight_dtypes": (torch.int8,),
+            "fp8_weight_dtypes": (torch.float8_e4m3fn,), "quantized_size_multiple": 128, "fp8_min_arch": 89},
 }
 
 

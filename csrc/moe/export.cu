@@ -5,4 +5,6 @@
 #include "launchers.h"
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_experts, minimax_m1::moe::experts);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_experts_quantized, minimax_m1::moe::experts_quantized);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_plan, minimax_m1::moe::plan);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_limits, minimax_m1::moe::limits);

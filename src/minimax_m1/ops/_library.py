@@ -88,7 +88,8 @@ def _to_python(limits) -> dict:
         if isinstance(value, (int, str)):
             out[str(key)] = value
         else:
-            out[str(key)] = tuple(getattr(torch, v) if key == "dtypes" else int(v) for v in value)
+            names = str(key) == "dtypes" or str(key).endswith("_dtypes")  # lists of torch dtype names
+            out[str(key)] = tuple(getattr(torch, v) if names else int(v) for v in value)
     return out
 
 

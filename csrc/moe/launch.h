@@ -1,0 +1,173 @@
+// The launch plan and the kernel sequence of one weight format (included by the files that instantiate
+// the formats: plain.cu for 16-bit weights, int8.cu, fp8.cu).
+//
+// Plan: routed rows per CTA (row_tiles: NT), warps per gate_up CTA, and 16-row tiles per CTA of each kernel.
+// A CTA that owns several tiles streams them back to back (stream.cuh), so the tiles per CTA are chosen
+// persistent: the fewest with which every CTA of the grid is resident at once (occupancy of the kernel on
+// this device, read once), and one tile where the grid fits anyway. Narrow experts (I = 1152 under TP8)
+// get 8-warp gate_up CTAs when their grid is under two CTAs per SM (and fits at 8 warps): twice the loads in
+// flight per CTA. Each warp also prefetches into L2 the blocks `prefetch` past its loads (no registers).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../common/check.h"
+#include "../common/device.h"
+#include "minimax_m1/moe/experts.cuh"
+
+namespace minimax_m1 {
+namespace moe {
+
+constexpr int kDownWarps = 4;  // measured: benchmarks/bench_moe.py --sweep
+
+constexpr int kAutoPrefetch = 2;  // L2 prefetch distance (row blocks past the loads in flight)
+
+// Tuning overrides (0: automatic; prefetch -1: automatic, 0: none) and programmatic dependent launch.
+struct Knobs {
+  int64_t row_tiles, up_warps, up_tiles, down_tiles, prefetch;
+  bool pdl;
+};
+
+struct Plan {
+  int row_tiles, up_warps, up_tiles, down_tiles, prefetch;
+  int64_t items;  // bound on the work items (CTAs past the real ones exit at once)
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Fewest tiles per CTA with which items * ceil(total / tiles) CTAs fit in one wave of `wave` CTAs.
+inline int persistent_tiles(int64_t total, int64_t items, int64_t wave) {
+  if (total * items <= wave) return 1;
+  int64_t t = std::max<int64_t>(1, ceil_div(total * items, wave));
+  while (t < total && ceil_div(total, t) * items > wave) ++t;
+  return static_cast<int>(std::min(t, total));
+}
+
+template <typename Kernel>
+int resident_ctas(Kernel kernel, int threads, int device_id) {
+  int n = 0;
+  check_cuda_call(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0),
+                  "cudaOccupancyMaxActiveBlocksPerMultiprocessor", device_id);
+  return std::max(n, 1) * device_info(device_id).sm_count;
+}
+
+// CTAs of each kernel resident at once on the device (one static cache per instantiation).
+template <class F, typename T, int NT, int kWarps>
+int up_wave(int device_id) {
+  static PerDevice<int> cache;
+  return cache.get(device_id, [](int id) { return resident_ctas(gate_up_kernel<F, T, NT, kWarps>, kWarps * 32, id); });
+}
+
+template <class F, typename T, int NT>
+int down_wave(int device_id) {
+  static PerDevice<int> cache;
+  return cache.get(device_id,
+                   [](int id) { return resident_ctas(down_kernel<F, T, NT, kDownWarps>, kDownWarps * 32, id); });
+}
+
+template <class F, typename T, int NT>
+Plan plan_rows(const Params& p, const Knobs& k, int device_id) {
+  const int64_t rows = static_cast<int64_t>(p.route.tokens) * p.route.top_k;
+  const int64_t up_total = p.inter / kTileRows, down_total = p.hidden / kTileRows;
+  const int sms = device_info(device_id).sm_count;
+  Plan plan{};
+  plan.row_tiles = NT;
+  plan.items = max_items(rows, p.route.num_experts, 8 * NT);
+  // 8 warps where the one-tile grid is under two CTAs per SM and still fits the device at once
+  const int64_t up_ctas = up_total * plan.items;
+  const bool wide = up_ctas < 2 * sms && up_ctas <= up_wave<F, T, NT, 8>(device_id);
+  plan.up_warps = k.up_warps > 0 ? static_cast<int>(k.up_warps) : wide ? 8 : 4;
+  const int up = plan.up_warps == 8 ? up_wave<F, T, NT, 8>(device_id) : up_wave<F, T, NT, 4>(device_id);
+  plan.up_tiles = k.up_tiles > 0 ? static_cast<int>(std::min(k.up_tiles, up_total))
+                                 : persistent_tiles(up_total, plan.items, up);
+  plan.down_tiles = k.down_tiles > 0 ? static_cast<int>(std::min(k.down_tiles, down_total))
+                                     : persistent_tiles(down_total, plan.items, down_wave<F, T, NT>(device_id));
+  plan.prefetch = k.prefetch >= 0 ? static_cast<int>(k.prefetch) : kAutoPrefetch;
+  return plan;
+}
+
+template <class F, typename T>
+Plan make_plan(const Params& p, const Knobs& k, int device_id) {
+  const int64_t rows = static_cast<int64_t>(p.route.tokens) * p.route.top_k;
+  const int nt = k.row_tiles > 0 ? static_cast<int>(k.row_tiles) : plan_row_tiles(rows, p.route.num_experts);
+  switch (nt) {
+    case 1: return plan_rows<F, T, 1>(p, k, device_id);
+    case 2: return plan_rows<F, T, 2>(p, k, device_id);
+    default: return plan_rows<F, T, 4>(p, k, device_id);
+  }
+}
+
+template <typename Kernel, typename P>
+void launch(Kernel kernel, dim3 grid, unsigned threads, cudaStream_t stream, bool pdl, const P& params) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, params);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    TVM_FFI_THROW(RuntimeError) << "CUDA launch failed: " << cudaGetErrorString(err);
+  }
+}
+
+// e4m3 (kQuantAct): quantize x -> gate_up -> quantize act -> down; else gate_up -> down. The first kernel
+// waits for the stream as usual; the others may start early (pdl). qx / qa: the quantize steps' rows.
+template <class F, typename T, int NT>
+void run_rows(Params p, const Plan& plan, cudaStream_t stream, bool pdl, const QuantRows& qx, const QuantRows& qa) {
+  const unsigned items = static_cast<unsigned>(plan.items);
+  const int64_t rows = static_cast<int64_t>(p.route.tokens) * p.route.top_k;
+  p.up_tiles = plan.up_tiles;
+  p.down_tiles = plan.down_tiles;
+  p.n_chunks = static_cast<int>(ceil_div(p.hidden / kTileRows, plan.down_tiles));
+  p.prefetch = plan.prefetch;
+  const dim3 up_grid(static_cast<unsigned>(ceil_div(p.inter / kTileRows, plan.up_tiles)), items);
+  if constexpr (F::kQuantAct)
+    launch(quantize_rows_kernel<T>, dim3(static_cast<unsigned>(p.route.tokens)), kQuantThreads, stream, false, qx);
+  const bool up_pdl = F::kQuantAct && pdl;
+  if (plan.up_warps == 8) launch(gate_up_kernel<F, T, NT, 8>, up_grid, 8 * 32, stream, up_pdl, p);
+  else launch(gate_up_kernel<F, T, NT, 4>, up_grid, 4 * 32, stream, up_pdl, p);
+  if constexpr (F::kQuantAct)
+    launch(quantize_rows_kernel<T>, dim3(static_cast<unsigned>(rows)), kQuantThreads, stream, pdl, qa);
+  launch(down_kernel<F, T, NT, kDownWarps>, dim3(static_cast<unsigned>(p.n_chunks), items), kDownWarps * 32, stream,
+         pdl, p);
+}
+
+template <class F, typename T>
+void run(const Params& p, const Plan& plan, cudaStream_t stream, bool pdl, const QuantRows& qx, const QuantRows& qa) {
+  switch (plan.row_tiles) {
+    case 1: return run_rows<F, T, 1>(p, plan, stream, pdl, qx, qa);
+    case 2: return run_rows<F, T, 2>(p, plan, stream, pdl, qx, qa);
+    default: return run_rows<F, T, 4>(p, plan, stream, pdl, qx, qa);
+  }
+}
+
+// Each format's instantiations live in their own file (compiled in parallel): plain.cu, int8.cu, fp8.cu.
+enum class Format { kBF16, kF16, kInt8, kE4m3 };
+Plan plan_plain(bool bf16, const Params& p, const Knobs& k, int device_id);
+void run_plain(bool bf16, const Params& p, const Plan& plan, cudaStream_t stream, bool pdl);
+Plan plan_int8(const Params& p, const Knobs& k, int device_id);
+void run_int8(const Params& p, const Plan& plan, cudaStream_t stream, bool pdl);
+Plan plan_fp8(const Params& p, const Knobs& k, int device_id);
+void run_fp8(const Params& p, const Plan& plan, cudaStream_t stream, bool pdl, const QuantRows& qx,
+             const QuantRows& qa);
+
+inline Plan plan_format(Format f, const Params& p, const Knobs& k, int device_id) {
+  switch (f) {
+    case Format::kBF16: return plan_plain(true, p, k, device_id);
+    case Format::kF16: return plan_plain(false, p, k, device_id);
+    case Format::kInt8: return plan_int8(p, k, device_id);
+    default: return plan_fp8(p, k, device_id);
+  }
+}
+
+}  // namespace moe
+}  // namespace minimax_m1
