@@ -16,7 +16,7 @@ grouped-GEMM torch path (grouped.py). `reference_experts` is the fp32 oracle bot
 
 w13/w2 int8 ("experts_int8") or float8_e4m3fn ("fp8") with per-output-channel fp32 scales w13_scale [E, 2I] and
 w2_scale [E, H]. Small batches run the fused kernel where the binding has one and it serves the call, asked as
-`cuda.supports_quantized(x, w13, w13_scale, w2, w2_scale, method, top_k)` and run as
+`cuda.supports_quantized(x, w13, w2, top_k, method)` and run as
 `cuda.moe_experts_quantized(x, experts, weights, w13, w13_scale, w2, w2_scale, method)`; for CUDA graphs,
 `cuda.serves_quantized(num_experts, hidden, inter, rows, dtype, method)`. Every other case runs
 quantized.quantized_experts (e4m3 tensor cores for fp8 on sm_90, else dequantise-then-grouped-GEMM);
@@ -56,11 +56,9 @@ def moe_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w
 
 def use_fused_quantized(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                         w2_scale: torch.Tensor, method: str, top_k: int) -> bool:
-    """Whether `moe_experts_quantized` runs the fused small-batch kernel for these tensors (False while the
-    binding has none)."""
-    supports = getattr(cuda, "supports_quantized", None)
-    return (x.shape[0] * top_k <= FUSED_MAX_ROWS and supports is not None
-            and supports(x, w13, w13_scale, w2, w2_scale, method, top_k))
+    """Whether `moe_experts_quantized` runs the fused small-batch kernel for these tensors (the scales' shapes
+    are checked by the kernel's launcher)."""
+    return x.shape[0] * top_k <= FUSED_MAX_ROWS and cuda.supports_quantized(x, w13, w2, top_k, method)
 
 
 def moe_experts_quantized(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
@@ -93,9 +91,8 @@ def _why_not_capturable_quantized(num_experts, hidden, inter, top_k, max_tokens,
     if quantized_capturable(method, hidden, inter, dtype, device):
         return None
     rows = max_tokens * top_k
-    serves = getattr(cuda, "serves_quantized", None)
-    if (rows <= FUSED_MAX_ROWS and serves is not None and cuda.available()
-            and serves(num_experts, hidden, inter, rows, dtype, method)):
+    if (rows <= FUSED_MAX_ROWS and cuda.available()
+            and cuda.serves_quantized(num_experts, hidden, inter, rows, dtype, method, device)):
         return None
     large = "torch._scaled_grouped_mm (bf16 on sm_90) or " if method == "fp8" else ""
     return (f"{method} MoE batches of up to {rows} rows (tokens * top_k) in {dtype} need the fused 8-bit kernel "
