@@ -77,8 +77,7 @@ def layer_section(bw: float, gemm: float, methods: list[str]) -> None:
             if m == "experts_int8" and tokens * K > FUSED_MAX_ROWS:
                 runs.append((m + " dequant+grouped", lambda w=w, m=m: q8.dequantized_experts(
                     x, experts, weights, *w, m), 1))
-                serves = getattr(moe_cuda, "supports_quantized", None)
-                if serves is not None and serves(x, w[0], w[1], w[2], w[3], m, K):
+                if moe_cuda.supports_quantized(x, w[0], w[2], K, m):
                     runs.append((m + " fused", lambda w=w, m=m: moe_cuda.moe_experts_quantized(
                         x, experts, weights, *w, m), 1))
         base = None

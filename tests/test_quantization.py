@@ -327,10 +327,13 @@ def _cuda_layer(shape, tokens, method, seed=0):
 @pytest.mark.parametrize("tokens", [1, 64, 129, 512])
 def test_cuda_paths_match_the_oracle(method, tokens):
     """The dispatch (fused kernel where it serves, else _scaled_grouped_mm for fp8 on sm_90 / dequantise-then-
-    grouped_mm) in bf16 against the fp32 oracle of the format. Tolerance: the path's distance from the oracle
-    stays under half the format's own error (oracle vs the float weights): bf16 rounding of g, u, act and y
-    moves an fp8 activation to a neighbouring e4m3 value now and then (at most one step), and the int8 path's
-    bf16 weights (q * s rounded) add 2^-9 relative, both far below the quantisation itself."""
+    grouped_mm) in bf16 against the fp32 oracle of the format. Tolerance, relative rms: experts_int8 (W8A16)
+    differs from its oracle only by bf16 roundings, of act (then summed over I terms of random sign) and of y,
+    each at most 2^-9 relative (about 2^-9 / sqrt(3) in rms), and the dequantise path's bf16 weights (q * s
+    rounded, 2^-9): within bf16's unit roundoff 2^-8 of rms(ref) (measured on an H200: the fused kernel's max
+    error per token is 2^-9 of max|y|, the output rounding itself). fp8 (W8A8): bf16 rounding of act moves an
+    e4m3 activation to a neighbouring value now and then (one step, 2^-3 relative), which the rounding bound
+    does not cover; it stays under half the format's own error (oracle vs the float weights)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     x, experts, weights, q13, s13, q2, s2, w13, w2 = _cuda_layer(SMALL, tokens, method)
     got = moe_experts_quantized(x, experts, weights, q13, s13, q2, s2, method)
@@ -338,7 +341,11 @@ def test_cuda_paths_match_the_oracle(method, tokens):
     exact = reference_experts(x, experts, weights, w13, w2)
     own = ((ref.double() - exact.double()) ** 2).mean().sqrt()
     assert got.dtype == torch.bfloat16
-    assert ((got.double() - ref.double()) ** 2).mean().sqrt() <= 0.5 * own
+    dist = ((got.double() - ref.double()) ** 2).mean().sqrt()
+    if method == "experts_int8":
+        assert dist <= 2 ** -8 * (ref.double() ** 2).mean().sqrt()
+    else:
+        assert dist <= 0.5 * own
 
 
 @pytest.mark.gpu
