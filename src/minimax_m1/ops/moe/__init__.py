@@ -15,7 +15,7 @@ grouped-GEMM torch path (grouped.py). `reference_experts` is the fp32 oracle bot
     moe_experts_quantized(x, experts, weights, w13, w13_scale, w2, w2_scale, method) -> y
 
 w13/w2 int8 ("experts_int8") or float8_e4m3fn ("fp8") with per-output-channel fp32 scales w13_scale [E, 2I] and
-w2_scale [E, H]. Small batches run the fused kernel where the binding has one and it serves the call, asked as
+w2_scale [E, H]. Small batches (FUSED_MAX_ROWS_QUANTIZED) run the fused kernel where it serves the call, asked as
 `cuda.supports_quantized(x, w13, w2, top_k, method)` and run as
 `cuda.moe_experts_quantized(x, experts, weights, w13, w13_scale, w2, w2_scale, method)`; for CUDA graphs,
 `cuda.serves_quantized(num_experts, hidden, inter, rows, dtype, method)`. Every other case runs
@@ -37,6 +37,19 @@ from .reference import reference_experts
 # take several CTAs, each re-reading the weights) 1.11x at 128. 256 rows (128 tokens at top-2) keeps a margin for
 # skewed routings.
 FUSED_MAX_ROWS = 256
+# 8-bit experts, per method. experts_int8's other CUDA path dequantises the whole layer each call, so the fused
+# kernel wins wherever it runs (benchmarks/bench_quant.py, H200, MiniMax-M1's layer: 2.31 ms against 25.7 ms at
+# 256 tokens, 3.91 against 25.8 at 512, where bf16 takes 3.84): up to the kernel's own limit. fp8's is
+# _scaled_grouped_mm on e4m3 tensor cores, which the fused kernel beats only on small batches (0.56x of bf16's
+# time at 256 tokens either way): the bf16 policy.
+FUSED_MAX_ROWS_QUANTIZED = {"fp8": FUSED_MAX_ROWS, "experts_int8": None}  # None: cuda.limits()["max_rows"]
+
+
+def _fused_max_rows_quantized(method: str) -> int:
+    rows = FUSED_MAX_ROWS_QUANTIZED.get(method, FUSED_MAX_ROWS)
+    if rows is not None:
+        return rows
+    return cuda.limits()["max_rows"] if cuda.available() else FUSED_MAX_ROWS
 
 
 def use_fused(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> bool:
@@ -58,7 +71,8 @@ def use_fused_quantized(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Ten
                         w2_scale: torch.Tensor, method: str, top_k: int) -> bool:
     """Whether `moe_experts_quantized` runs the fused small-batch kernel for these tensors (the scales' shapes
     are checked by the kernel's launcher)."""
-    return x.shape[0] * top_k <= FUSED_MAX_ROWS and cuda.supports_quantized(x, w13, w2, top_k, method)
+    return (cuda.supports_quantized(x, w13, w2, top_k, method)
+            and x.shape[0] * top_k <= _fused_max_rows_quantized(method))
 
 
 def moe_experts_quantized(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
@@ -91,7 +105,7 @@ def _why_not_capturable_quantized(num_experts, hidden, inter, top_k, max_tokens,
     if quantized_capturable(method, hidden, inter, dtype, device):
         return None
     rows = max_tokens * top_k
-    if (rows <= FUSED_MAX_ROWS and cuda.available()
+    if (rows <= _fused_max_rows_quantized(method) and cuda.available()
             and cuda.serves_quantized(num_experts, hidden, inter, rows, dtype, method, device)):
         return None
     large = "torch._scaled_grouped_mm (bf16 on sm_90) or " if method == "fp8" else ""
@@ -100,5 +114,5 @@ def _why_not_capturable_quantized(num_experts, hidden, inter, top_k, max_tokens,
 
 
 __all__ = ["moe_experts", "use_fused", "why_not_capturable", "reference_experts", "grouped_experts", "grouped_mm",
-           "FUSED_MAX_ROWS", "moe_experts_quantized", "use_fused_quantized", "quantized_experts",
+           "FUSED_MAX_ROWS", "FUSED_MAX_ROWS_QUANTIZED", "moe_experts_quantized", "use_fused_quantized", "quantized_experts",
            "reference_quantized_experts"]

@@ -23,13 +23,15 @@ Paths for batches above the fused kernel's rows (and wherever it does not serve)
 - fp8, bf16 activations, CUDA sm_90: torch._scaled_grouped_mm on e4m3 tensor cores (rowwise scales: a_t per row
   of the sorted rows, scale_c per output column of each expert), fp32 accumulation (no fast accumulation);
 - int8 where torch._grouped_mm serves (bf16 on sm_90+): the layer's experts dequantised to bf16 for the call
-  (per layer per step), then the bf16 grouped GEMM. The dequantised copy is transient: w13's is freed before
+  (per layer per step, one compiled kernel on CUDA), then the bf16 grouped GEMM. The dequantised copy is transient: w13's is freed before
   w2's is made, so the scratch is at most 2/3 of the layer's experts in bf16 (0.9 GB per rank at TP8);
 - everything else (the CPU, other GPUs): `dequantized_experts`, the weights dequantised to x's dtype and the
   usual grouped math, with the activations quantised and dequantised for fp8.
 `reference_quantized_experts` is the fp32 oracle of the format that every path is tested against.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +78,23 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
     as torch does not promote float8."""
     if q.dtype != torch.int8:
         q = q.to(dtype)
+    elif q.is_cuda and dtype != torch.float32:
+        return _compiled_dequantize()(q, scale, dtype)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     return torch.mul(q, scale[..., None], out=out)
+
+
+def _dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)
+
+
+@functools.cache
+def _compiled_dequantize():
+    """_dequantize_int8 through torch.compile: one generated kernel that reads the int8 and writes `dtype` at
+    copy bandwidth, the same values as the eager mul (fp32 product, rounded once). Eager torch takes its
+    mixed-dtype broadcast path there: an H200 dequantised MiniMax-M1's w13 ([32, 18432, 6144]) in 14.8 ms
+    eagerly, 2.98 ms compiled (3.65 TB/s; a plain int8 -> bf16 cast alone takes 9.5 ms)."""
+    return torch.compile(_dequantize_int8, dynamic=False)
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
