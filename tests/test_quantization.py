@@ -30,7 +30,7 @@ from minimax_m1.distributed import emulated
 from minimax_m1.engine.builder import EngineArgs
 from minimax_m1.layers.moe import SparseMoE
 from minimax_m1.models.minimax_m1 import MiniMaxM1ForCausalLM
-from minimax_m1.ops.moe import moe_experts_quantized, reference_experts, reference_quantized_experts
+from minimax_m1.ops.moe import moe_experts, moe_experts_quantized, reference_experts, reference_quantized_experts
 from minimax_m1.ops.moe import quantized as q8
 from minimax_m1.weights import init_dummy
 from parallel_util import split_config
@@ -327,13 +327,13 @@ def _cuda_layer(shape, tokens, method, seed=0):
 @pytest.mark.parametrize("tokens", [1, 64, 129, 512, 600])  # 600: above the fused kernel's 1024 rows
 def test_cuda_paths_match_the_oracle(method, tokens):
     """The dispatch (fused kernel where it serves, else _scaled_grouped_mm for fp8 on sm_90 / dequantise-then-
-    grouped_mm) in bf16 against the fp32 oracle of the format. Tolerance, relative rms: experts_int8 (W8A16)
-    differs from its oracle only by bf16 roundings, of act (then summed over I terms of random sign) and of y,
-    each at most 2^-9 relative (about 2^-9 / sqrt(3) in rms), and the dequantise path's bf16 weights (q * s
-    rounded, 2^-9): within bf16's unit roundoff 2^-8 of rms(ref) (measured on an H200: the fused kernel's max
-    error per token is 2^-9 of max|y|, the output rounding itself). fp8 (W8A8): bf16 rounding of act moves an
-    e4m3 activation to a neighbouring value now and then (one step, 2^-3 relative), which the rounding bound
-    does not cover; it stays under half the format's own error (oracle vs the float weights)."""
+    grouped_mm) in bf16 against the fp32 oracle of the format, in rms. experts_int8 (W8A16) is bf16 arithmetic on
+    the weights q * s: its distance from the oracle is the bf16 path's own rounding on those weights (measured
+    here: moe_experts on q * s rounded to bf16, against fp32 arithmetic; about 4e-3 relative at real shapes,
+    above bf16's unit roundoff, from the roundings of g, u, act and y), plus that weight rounding, 2^-9
+    relative. fp8 (W8A8): bf16 rounding of act moves an e4m3 activation to a neighbouring value now and then
+    (one step, 2^-3 relative), far above rounding; it stays under half the format's own error (oracle vs the
+    float weights)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     x, experts, weights, q13, s13, q2, s2, w13, w2 = _cuda_layer(SMALL, tokens, method)
     got = moe_experts_quantized(x, experts, weights, q13, s13, q2, s2, method)
@@ -343,7 +343,10 @@ def test_cuda_paths_match_the_oracle(method, tokens):
     assert got.dtype == torch.bfloat16
     dist = ((got.double() - ref.double()) ** 2).mean().sqrt()
     if method == "experts_int8":
-        assert dist <= 2 ** -8 * (ref.double() ** 2).mean().sqrt()
+        wq13, wq2 = q8.dequantize_weight(q13, s13, torch.bfloat16), q8.dequantize_weight(q2, s2, torch.bfloat16)
+        bf16_own = ((moe_experts(x, experts, weights, wq13, wq2).double()
+                     - reference_experts(x, experts, weights, wq13, wq2).double()) ** 2).mean().sqrt()
+        assert dist <= bf16_own + 2 ** -9 * (ref.double() ** 2).mean().sqrt()
     else:
         assert dist <= 0.5 * own
 
