@@ -13,6 +13,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import minimax_m1
@@ -131,28 +132,32 @@ def scenario(config: ModelConfig, parallel: ParallelConfig, group: Group, checkp
     (forced: decode fixed tokens instead, so that runs which round differently still see the same context).
     Logits come back on the CPU in fp32."""
     model = build(config, parallel, group, checkpoint, device=device, dtype=dtype, quantization=quantization)
+    margins = RouterMargins(model)
     out = {"lightning_heads": model.num_lightning_heads, "kv_heads": model.num_kv_heads,
            "kv_first_head": next(l.self_attn.k_proj.first_head for l in model.model.layers if not l.is_linear)}
     block = BLOCK if device == "cpu" else 256  # flash attention's paged kernel reads blocks of 256
     r = Runner(model, 2, 64, block)
     a, b = r.seq(PROMPTS[0], 0), r.seq(PROMPTS[1], 1)
     out["prompt"] = r.step([(a, len(PROMPTS[0])), (b, len(PROMPTS[1]))], all_logits=True)
+    out["prompt_margin"] = margins.take()
 
     r = Runner(model, 2, 64, block)
     seqs = [r.seq(PROMPTS[0], 0), r.seq(PROMPTS[1], 1)]
-    parts, last = [], [None, None]  # last: each prompt's final-row logits, where its last chunk ran
+    parts, last, chunk_margins = [], [None, None], []  # last: each prompt's final-row logits, where its last chunk ran
     for step in range(max(map(len, CHUNKS))):
         chunks = [(s, c[step]) for s, c in zip(seqs, CHUNKS) if step < len(c)]
         logits = r.step(chunks, all_logits=True)
         parts.append(logits)
+        chunk_margins.append(margins.take())
         end = 0
         for (s, n) in chunks:
             end += n
             if logits is not None and s.num_computed == len(s.token_ids):
                 last[seqs.index(s)] = logits[end - 1]
     out["chunked"] = None if parts[0] is None else torch.cat(parts)  # rows in step order
+    out["chunked_margin"] = torch.cat(chunk_margins)
     logits = None if last[0] is None else torch.stack(last)
-    decode, tokens = [], []
+    decode, tokens, decode_margins = [], [], []
     for _ in range(DECODE_STEPS):
         nxt = greedy(logits, group, len(seqs))
         if forced:
@@ -162,9 +167,45 @@ def scenario(config: ModelConfig, parallel: ParallelConfig, group: Group, checkp
             s.token_ids.append(t)
         logits = r.step([(s, 1) for s in seqs])
         decode.append(logits)
+        decode_margins.append(margins.take())
     out["decode"] = None if decode[0] is None else torch.stack(decode)
+    out["decode_margin"] = torch.stack(decode_margins)
+    margins.close()
     out["tokens"] = tokens
     return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
+class RouterMargins:
+    """Per token of each step, the smallest router margin over the MoE layers: the k-th largest routing
+    probability minus the (k+1)-th, from the router's input (fp32 logits of the gate's weight). Where it is
+    about bf16's rounding of the hidden state, the expert choice may flip between runs that round differently
+    (TP=1 against N ranks), and that token's logits with it."""
+
+    def __init__(self, model):
+        self.steps: list[torch.Tensor] = []
+        self.moes = [layer.block_sparse_moe for layer in model.model.layers]
+        for moe in self.moes:
+            moe.route = self._wrap(moe, moe.route)  # an instance attribute: shadows the method
+
+    def _wrap(self, moe, route):
+        def recorded(x):
+            p = torch.softmax(F.linear(x.float(), moe.gate.weight.float()), dim=-1)
+            p = p.topk(moe.top_k + 1, dim=-1).values
+            self.steps.append((p[:, -2] - p[:, -1]).cpu())
+            return route(x)
+        return recorded
+
+    def take(self) -> torch.Tensor:
+        """[T] for the step just run (min over its layers), and forget it."""
+        if not self.steps:
+            raise RuntimeError("no router call was recorded: SparseMoE.route is no longer how the layer routes")
+        out = torch.stack(self.steps).amin(0)
+        self.steps = []
+        return out
+
+    def close(self) -> None:
+        for moe in self.moes:
+            del moe.route
 
 
 # ---- checkpoints and scenarios --------------------------------------------------------------------

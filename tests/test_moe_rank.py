@@ -108,7 +108,7 @@ def _fake_quant_rows(v: torch.Tensor) -> torch.Tensor:
     """The contract's per-row e4m3 activations, dequantised (fp64): a = max|row| / 448 in fp32 (1 for a zero
     row), e4m3(row / a) with fp32 division, round to nearest even, saturated."""
     amax = v.abs().amax(-1).float()
-    a = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    a = torch.where(amax > 0, amax / torch.full_like(amax, 448.0), torch.ones_like(amax))  # IEEE, see _row_scale
     q = (v.float() / a[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
     return q.double() * a.double()[:, None]
 

@@ -97,5 +97,11 @@ def test_two_ranks_on_one_gpu_run_the_kernels(tmp_path):
     for name in specs:
         for key in ("prompt", "chunked", "decode"):
             ref, got = refs[name][key], results[0][name][key]
-            err = (got - ref).abs().max().item() / ref.abs().max().item()
-            assert err < GPU_TOL, (name, key, err)
+            margin = refs[name][f"{key}_margin"].reshape(ref.shape[:-1])
+            # rows whose routing is a near-tie in some layer (the expert choice may flip with the rounding) are
+            # held to finiteness only; at most 1 in 16 rows may be such ties
+            tie = margin < GPU_TOL
+            assert tie.sum().item() <= max(1, tie.numel() // 16), (name, key, "near-tie rows", tie.sum().item())
+            assert torch.isfinite(got).all()
+            err = (got - ref).abs().amax(-1) / ref.abs().max()
+            assert err[~tie].max().item() < GPU_TOL, (name, key, err.max().item(), "margins", margin.flatten().tolist())

@@ -52,7 +52,10 @@ def _method(method: str) -> str:
 def _row_scale(v: torch.Tensor, qmax: float) -> torch.Tensor:
     """max|v| / qmax over the last dim in fp32; 1 for an all-zero row (its q is 0 whatever the scale)."""
     amax = v.abs().amax(-1).float()
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    # a tensor divisor: torch multiplies by the reciprocal of a scalar one on CUDA, which is not the IEEE
+    # quotient the fused kernel computes (one ulp apart in some rows; where max|row| is a round number,
+    # many of the row's elements land exactly on e4m3 midpoints and that ulp decides their rounding)
+    return torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))
 
 
 def _round(v: torch.Tensor, scale: torch.Tensor, method: str) -> torch.Tensor:
