@@ -17,6 +17,7 @@ ParallelFailure is an EngineFatalError, so the server exits (non-zero) rather th
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -132,6 +133,9 @@ class Workers:
         self.link = RankLink(0, conns, self.procs)
         self._finalizer = weakref.finalize(self, _stop_all, self.procs, conns, [], self._dir)
         self._stopping = False
+        # before multiprocessing's own exit hook (atexit runs hooks last-in first-out), which would terminate the
+        # workers unasked; a weak reference, so that the hook keeps nothing alive
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
         self._monitor = threading.Thread(target=self._watch, name="minimax-m1-rank-monitor", daemon=True)
         self._monitor.start()
         try:
@@ -181,7 +185,7 @@ class Workers:
         while alive and not self._stopping:
             for s in mp.connection.wait(list(alive), timeout=0.5):
                 rank, proc = alive.pop(s)
-                proc.join(0)
+                proc.join(2.0)  # the sentinel fires at exit; reaping it (the exit code) can lag a moment
                 if self._stopping or proc.exitcode == 0:
                     continue
                 detail = _last_error(self.link.conns[rank - 1])
@@ -214,6 +218,12 @@ class Workers:
             except Exception:  # noqa: BLE001
                 pass
             distributed.destroy_distributed()
+
+
+def _shutdown_at_exit(ref) -> None:
+    workers = ref()
+    if workers is not None:
+        workers.shutdown()
 
 
 def _stop_all(procs, conns, channels, tmpdir) -> None:
