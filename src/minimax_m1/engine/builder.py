@@ -342,7 +342,7 @@ def _report_plan(model, config: ModelConfig, args: EngineArgs, parallel: Paralle
             f"({gb(slots * slot)}); {blocks} KV blocks of {args.block_size} tokens ({gb(blocks * block)}); longest "
             f"context that fits: {longest}; max_model_len {max_model_len}")
     logger.info("%s", text)
-    if args.progress:
+    if args.progress and (args.num_processes > 1 or weights >= 2**30):  # not for the README's tiny model
         print(f"minimax-m1: {text}", file=sys.stderr, flush=True)
 
 

@@ -311,7 +311,7 @@ def worker_main(args, rank: int, world_size: int, backend: str, init_method: str
                 if msg.kind == STOP:
                     break
                 if msg.fresh_slots:  # rank 0 zeroed these when it handed them out
-                    states[:, msg.fresh_slots].zero_()
+                    states[:, msg.fresh_slots] = 0  # (indexing with a list copies: assign, not zero_)
                 runner.execute(msg.inputs, msg.graph)
         channel.close()
     except BaseException as e:  # noqa: BLE001 - tell rank 0 what happened, then exit non-zero
