@@ -27,8 +27,19 @@ def generate(llm: LLM) -> dict:
 def main() -> None:
     path, spec = sys.argv[1], json.loads(sys.argv[2])
     torch.set_num_threads(1)
-    llm = LLM("tiny", tensor_parallel_size=spec["tp"], enable_expert_parallel=spec.get("ep", False), **ENGINE)
-    result = {"pids": [p.pid for p in llm.engine.runner.peers.procs] if spec["tp"] > 1 else []}
+    engine = dict(ENGINE, **spec.get("engine", {}))  # e.g. device cuda, distributed_backend gloo, all_reduce
+    model = spec.get("model", "tiny")
+    if model == "gpu":  # parallel_util's model at widths the CUDA kernels serve, split at 2 ranks
+        import pathlib
+
+        from parallel_util import gpu_config, write_checkpoint
+
+        model = str(write_checkpoint(gpu_config(), pathlib.Path(path).with_suffix(".ckpt"), packed=False))
+    llm = LLM(model, tensor_parallel_size=spec["tp"], enable_expert_parallel=spec.get("ep", False),
+              **engine)
+    peers = llm.engine.runner.peers
+    result = {"pids": [p.pid for p in peers.procs] if peers is not None else [],
+              "graphs": llm.engine.runner.graphs is not None}
     if spec.get("kill"):
         llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=PARAMS)  # the ranks work
         victim = result["pids"][0]
@@ -42,6 +53,10 @@ def main() -> None:
         result["seconds"] = time.monotonic() - start
     else:
         result.update(generate(llm))
+    from minimax_m1 import distributed
+
+    reducer = distributed._small_all_reduce  # noqa: SLF001
+    result["small_all_reduce"] = None if reducer is None else dict(reducer.calls)
     llm.shutdown()
     with open(path, "w") as f:
         json.dump(result, f)

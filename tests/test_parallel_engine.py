@@ -174,3 +174,64 @@ def test_step_channel_bounds_and_waits():
     finally:
         reader.close()
         writer.close()
+
+
+# ---- GPU: the CUDA kernels at per-rank shapes, and the NCCL / symmetric-memory paths -----------------
+
+GPU_TOL = 3e-2  # bf16 (step 3.9e-3): the ranks' partial sums round once more than one device's (test_parallel.py)
+GPU_MODEL = dict(model="gpu", engine=dict(device="cuda", dtype="bfloat16", max_num_batched_tokens=256,
+                                           max_num_seqs=8, gpu_memory_utilization=0.3))
+
+
+def _gpu_spec(tp: int, **engine) -> dict:
+    spec = {"tp": tp, "model": GPU_MODEL["model"], "engine": dict(GPU_MODEL["engine"], **engine)}
+    return spec
+
+
+def _rel(got, ref) -> float:
+    got, ref = torch.tensor(got), torch.tensor(ref)
+    return ((got - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def gpu_reference(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("gpu_tp1"), _gpu_spec(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ep", [False, True], ids=["tp2", "tp2_ep"])
+def test_two_gloo_ranks_on_one_gpu_match_one(tmp_path, gpu_reference, ep):
+    """2 gloo ranks share the GPU (eager: gloo cannot be captured) and run the lightning, paged-attention and
+    fused MoE kernels at per-rank shapes; their prompt logits match TP=1's on the same GPU."""
+    spec = _gpu_spec(2, distributed_backend="gloo")
+    spec["ep"] = ep
+    got = _run(tmp_path, spec)
+    assert not got["graphs"]
+    assert _rel(got["logits"], gpu_reference["logits"]) < GPU_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("all_reduce", ["nccl", "symm_mem"])
+def test_nccl_ranks_with_graphs_match_one(tmp_path, gpu_reference, all_reduce):
+    """2 GPUs, NCCL, decode graphs captured with the collectives inside; the small all-reduces through NCCL or
+    symmetric memory (which must then carry them)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    got = _run(tmp_path, _gpu_spec(2, all_reduce=all_reduce))
+    assert got["graphs"]
+    assert _rel(got["logits"], gpu_reference["logits"]) < GPU_TOL
+    if all_reduce == "symm_mem":
+        calls = got["small_all_reduce"]
+        assert calls is not None and calls["one_shot"] > 0, calls
+    else:
+        assert got["small_all_reduce"] is None
+
+
+@pytest.mark.gpu
+def test_symm_mem_all_reduce_sums_exactly():
+    """Integer-valued messages of every size class (one-shot, two-shot, too big: NCCL) sum exactly."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    p = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "bench_all_reduce.py"), "--check",
+                        "--world-size", "2"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "all sums exact" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]

@@ -285,6 +285,10 @@ def build_runner(config: ModelConfig, model, args: EngineArgs, parallel: Paralle
     link.barrier()  # every rank has its weights: collectives from here on
     tp = parallel.tensor_parallel_size
     device = torch.device(args.device)
+    if model.group.communicates:
+        from .. import small_all_reduce
+
+        small_all_reduce.install(model.group, args.all_reduce, device, [args.dtype, torch.float32])
     if device.type == "cuda":
         activations = _profile_activation_bytes(model, config, args)
         free, total = torch.cuda.mem_get_info(device)
