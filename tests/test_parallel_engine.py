@@ -235,3 +235,24 @@ def test_symm_mem_all_reduce_sums_exactly():
     p = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "bench_all_reduce.py"), "--check",
                         "--world-size", "2"], env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "all sums exact" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+# ---- the rank-emulation bench ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
+def test_emulated_rank_bench_runs_on_cpu(ep):
+    """`minimax-m1 bench --emulate-tp 2` on the tiny model: one rank's share, every number labelled; a batch the
+    cache cannot hold says why and where decode stops, then runs there."""
+    cmd = [sys.executable, "-m", "minimax_m1.cli", "bench", "--device", "cpu", "--model", "tiny", "--emulate-tp", "2",
+           "--decode-batches", "1,4", "--context", "64", "--prefill", "128,1024", "--max-num-batched-tokens", "64",
+           "--num-kv-blocks", "3"] + (["--enable-expert-parallel"] if ep else [])
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    assert "emulating rank 0 of 2" in out and out.count("[one rank, no communication]") == 2
+    assert ("2 whole experts (each layer at its busiest rank)" if ep else "experts 64 wide") in out
+    assert "2 lightning heads, 2 softmax heads, 1 KV head(s)" in out
+    assert "4 does not fit: one rank's cache holds 3 KV blocks (1 a request); decode stops at batch 3" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["3"])]
+    assert [r[0] for r in rows] == ["1", "3"] and all(float(r[1]) > 0 for r in rows)
+    assert "1024 does not fit: one rank's cache holds 768 tokens of KV" in out

@@ -217,6 +217,14 @@ def plan_caches(config: ModelConfig, args: EngineArgs, budget_bytes: int, tp: in
     rest (tp: the rank's share of the heads)."""
     slot_bytes = CacheManager.bytes_per_slot(config, tp)
     block_bytes = CacheManager.bytes_per_block(config, args.block_size, args.dtype, tp)
+    if args.num_kv_blocks is not None:  # KV blocks fixed (tests, benchmarks): the rest of the budget holds slots
+        left = budget_bytes - args.num_kv_blocks * block_bytes
+        slots = args.max_num_seqs if slot_bytes == 0 else min(args.max_num_seqs, max(left, 0) // slot_bytes)
+        if slots < 1:
+            raise MemoryError(f"the cache budget ({budget_bytes / 2**30:.2f} GiB) holds {args.num_kv_blocks} KV blocks "
+                              f"({args.num_kv_blocks * block_bytes / 2**30:.2f} GiB) but then not one request's "
+                              f"lightning state ({slot_bytes / 2**20:.1f} MiB)")
+        return slots, args.num_kv_blocks
     slots = args.max_num_seqs if slot_bytes == 0 else min(args.max_num_seqs, budget_bytes // 2 // slot_bytes)
     if slots < 1:
         raise MemoryError(f"the cache budget ({budget_bytes / 2**30:.2f} GiB) cannot hold one request's lightning "
@@ -298,8 +306,6 @@ def build_runner(config: ModelConfig, model, args: EngineArgs, parallel: Paralle
         budget = int(args.cpu_cache_memory_gb * 2**30)
     budget = link.agree_min(max(budget, 0))
     slots, blocks = plan_caches(config, args, budget, tp)
-    if args.num_kv_blocks is not None:
-        blocks = args.num_kv_blocks
     cache = CacheManager.for_model(config, slots, blocks, args.block_size, args.dtype, device, tp=tp)
     assert not config.linear_layers or cache.state_pool.states.shape[2] == model.num_lightning_heads
     assert not config.softmax_layers or cache.kv_cache.kv.shape[4] == model.num_kv_heads
