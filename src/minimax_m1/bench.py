@@ -32,7 +32,7 @@ def engine_args(a: argparse.Namespace, **overrides) -> EngineArgs:
               max_num_batched_tokens=a.max_num_batched_tokens, enforce_eager=a.enforce_eager,
               num_kv_blocks=a.num_kv_blocks, tensor_parallel_size=a.emulate_tp or 1,
               enable_expert_parallel=a.enable_expert_parallel, emulate_rank=0 if a.emulate_tp else None,
-              progress=a.device == "cuda")
+              progress=a.device == "cuda", gpu_memory_utilization=a.gpu_memory_utilization)
     return EngineArgs(**(kw | overrides))
 
 
@@ -279,6 +279,8 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=32768)
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV blocks to allocate (default: what the largest decode batch or prompt needs)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the card the engine may use (more leaves room for batch 256 at rank shapes)")
     p.add_argument("--long", type=int, default=0, help="also prefill one prompt of this many tokens (e.g. 1048576)")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
