@@ -245,7 +245,7 @@ def precision_check(a: argparse.Namespace, n: int) -> dict:
     """Distance of the bf16 GPU path's logits from an fp32 run on the same (bf16-valued) weights and the
     same n-token prompt: the precision the serving path gives up."""
     common = dict(max_num_seqs=2, max_num_batched_tokens=2048, max_model_len=n + 1, enforce_eager=True,
-                  progress=False)
+                  progress=False, num_kv_blocks=None)
     low = build_engine(engine_args(a, dtype="bfloat16", gpu_memory_utilization=0.3, **common))
     ids = [(7 * j) % 1000 for j in range(n)]
     got = low.prompt_logits(ids).cpu()
