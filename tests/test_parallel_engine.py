@@ -102,6 +102,35 @@ def test_serve_on_two_ranks(tmp_path, reference):
     assert "Traceback" not in output, output
 
 
+def test_serve_exits_when_a_worker_dies(tmp_path):
+    """A killed worker: the next request fails and the server exits non-zero within 60 s, naming the rank."""
+    import signal
+
+    with ServeProcess("-tp", "2", "--device", "cpu", log_path=tmp_path / "log", env=_env()) as srv:
+        srv.wait_healthy(timeout=180)
+        worker = next(c for c in _children(srv.proc.pid) if "resource_tracker" not in _cmdline(c))
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        try:
+            r = httpx.post(srv.url + "/v1/completions", timeout=60,
+                           json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4})
+            assert r.status_code >= 500, r.text
+        except httpx.TransportError:
+            pass  # the server may be gone before it answers
+        code = srv.proc.wait(60)
+        took = time.monotonic() - start
+        output = srv.output()
+    assert code != 0 and took < 60, (code, took)
+    assert "rank 1 (pid" in output and "killed by SIGKILL" in output, output[-3000:]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except FileNotFoundError:
+        return ""
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
