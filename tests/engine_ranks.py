@@ -40,7 +40,17 @@ def main() -> None:
     peers = llm.engine.runner.peers
     result = {"pids": [p.pid for p in peers.procs] if peers is not None else [],
               "graphs": llm.engine.runner.graphs is not None}
-    if spec.get("kill"):
+    if spec.get("hang"):  # a worker stops answering (SIGSTOP): the collective times out
+        llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=PARAMS)
+        os.kill(result["pids"][0], signal.SIGSTOP)
+        start = time.monotonic()
+        try:
+            llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=PARAMS)
+            result["error"] = None
+        except Exception as e:  # noqa: BLE001
+            result["error"] = f"{type(e).__name__}: {e}"
+        result["seconds"] = time.monotonic() - start
+    elif spec.get("kill"):
         llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=PARAMS)  # the ranks work
         victim = result["pids"][0]
         threading.Timer(0.5, os.kill, (victim, signal.SIGKILL)).start()  # mid-generation

@@ -76,6 +76,14 @@ def test_killed_worker_stops_the_engine_within_60s(tmp_path):
     assert got["seconds"] < 60, got["seconds"]
 
 
+def test_hung_worker_times_out(tmp_path):
+    """A worker that stops answering (SIGSTOP): rank 0's collective times out (collective_timeout_s=5), the
+    engine stops with an error that says so, and the stopped worker is killed."""
+    got = _run(tmp_path, {"tp": 2, "hang": True, "engine": {"collective_timeout_s": 5}}, timeout=180)
+    assert got["error"] is not None and "waited longer than collective_timeout_s=5 s" in got["error"], got["error"]
+    assert got["seconds"] < 40, got["seconds"]  # the timeout, the monitor's grace, the stop
+
+
 def test_serve_on_two_ranks(tmp_path, reference):
     """The server's greedy completion on 2 ranks is TP=1's (the same token ids through the OpenAI API); on
     SIGTERM it exits 0 and takes its worker with it."""

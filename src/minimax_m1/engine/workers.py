@@ -81,6 +81,9 @@ class RankLink:
     def recv(self):
         return self._recv(0)
 
+    def recv_from(self, rank: int):
+        return self._recv(rank)
+
     def _recv(self, rank: int):
         """The next value from `rank` (a worker's: from rank 0), raising ParallelFailure when it reports an error
         or dies first (rank 0 on a worker: its parent gone)."""
@@ -115,6 +118,9 @@ class Workers:
 
         self.world_size, self.backend, self.timeout_s = world_size, backend, timeout_s
         self.failure: str | None = None
+        # called (on the monitor thread, with the failure text) when a worker dies: a server that is idle hears
+        # of it at once instead of at its next step
+        self.on_failure: list = []
         self.channel: StepChannel | None = None
         self._dir = tempfile.mkdtemp(prefix="minimax-m1-ranks-")
         init_method = f"file://{os.path.join(self._dir, 'rendezvous')}"
@@ -142,6 +148,8 @@ class Workers:
             device = rank_device(torch.device(args.device), 0, backend)
             if backend == "nccl":
                 os.environ["LOCAL_RANK"] = str(device.index)  # init_distributed picks the GPU from it
+            for rank in range(1, world_size):  # each has started (imports take seconds): the join is quick
+                self.link.recv_from(rank)
             self.group = distributed.init_distributed(0, world_size, backend, init_method, timeout_s)
         except BaseException:
             self.shutdown()
@@ -174,7 +182,14 @@ class Workers:
             time.sleep(0.05)
         if self.failure is None and not all(p.is_alive() for p in self.procs):
             time.sleep(0.2)
-        why = self.failure or f"a step failed on rank 0 ({type(error).__name__}: {error})"
+        text = f"{type(error).__name__}: {error}"
+        if self.failure:
+            why = self.failure
+        elif "timed out" in text.lower() or "timeout" in text.lower():
+            why = (f"a collective on rank 0 waited longer than collective_timeout_s={self.timeout_s:g} s: another "
+                   f"rank hangs ({text})")
+        else:
+            why = f"a step failed on rank 0 ({text})"
         self.shutdown()
         raise ParallelFailure(f"{why}; the {self.world_size} ranks cannot go on: the engine stops") from error
 
@@ -192,6 +207,11 @@ class Workers:
                 self.failure = f"rank {rank} (pid {proc.pid}) {_exit_text(proc.exitcode)}" + (
                     f": {detail}" if detail else "")
                 logger.error("%s; the engine stops", self.failure)
+                for callback in self.on_failure:
+                    try:
+                        callback(self.failure)
+                    except Exception:  # noqa: BLE001
+                        logger.exception("a worker-failure callback failed")
                 if self.backend == "nccl":  # rank 0 may wait inside a collective with the dead rank: end it
                     try:
                         torch.distributed.distributed_c10d._abort_process_group()  # noqa: SLF001
@@ -296,6 +316,7 @@ def worker_main(args, rank: int, world_size: int, backend: str, init_method: str
         if device.type == "cuda":
             torch.cuda.set_device(device)
             os.environ["LOCAL_RANK"] = str(device.index)
+        conn.send(("value", "joining"))  # rank 0 joins once every rank is this far
         distributed.init_distributed(rank, world_size, backend, init_method, timeout_s)
         parallel = args.parallel_config()
         config, model, _, _ = load_model(args, parallel)
