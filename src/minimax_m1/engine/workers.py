@@ -109,9 +109,9 @@ _parent_pid = os.getppid()
 
 
 class Workers:
-    """Ranks 1..N-1 of an N-rank engine, seen from rank 0. start() spawns them and makes this process rank 0
-    of the process group; open_channel() once the cache plan is known; run() each step; shutdown() at the end
-    (also on garbage collection and at exit)."""
+    """Ranks 1..N-1 of an N-rank engine, seen from rank 0. Constructing it spawns them and makes this process
+    rank 0 of the process group; open_channel() once the cache plan is known; run() each step; shutdown() at
+    the end (also on garbage collection and at exit)."""
 
     def __init__(self, args, world_size: int, backend: str, timeout_s: float):
         from .builder import worker_args  # the builder owns EngineArgs
@@ -165,6 +165,8 @@ class Workers:
 
     def run(self, runner, inputs, graph: bool):
         """Send the step to every rank, run rank 0's share; a failure anywhere stops all ranks (ParallelFailure)."""
+        if self._stopping:
+            raise ParallelFailure(f"{self.failure or 'the parallel engine was shut down'}: it runs no more steps")
         pool = runner.cache.state_pool
         fresh, pool.fresh = pool.fresh, []
         try:
