@@ -127,25 +127,16 @@ def load_model(args: EngineArgs, parallel: ParallelConfig | None = None
     model splits over ranks (default: one rank); see distributed.py for the process group it needs."""
     path = pathlib.Path(args.model)
     tokenizer, eos = None, []
+    config = model_config(args)
     if args.model == "tiny":
         tokenizer = tiny_tokenizer()
-        config = tiny_config(tokenizer.vocab_size)
-    elif args.model == "minimax-m1" or args.model.startswith("minimax-m1:"):
-        if args.load_format != "dummy":
-            raise ValueError(f"the {args.model!r} preset has shapes but no weights: pass load_format='dummy', "
-                             "or a checkpoint directory")
-        config = _real_shapes(args.model)
     elif path.is_dir():
-        config = ModelConfig.from_file(path)
         if (path / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_dir(path)
         gen = path / "generation_config.json"
         if gen.is_file():
             e = json.loads(gen.read_text()).get("eos_token_id")
             eos += [] if e is None else [e] if isinstance(e, int) else list(e)
-    else:
-        raise FileNotFoundError(f"model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
-                                f"directory with config.json")
     tokenizer = Tokenizer.from_dir(args.tokenizer) if args.tokenizer is not None else tokenizer
     eos = sorted(set(eos + config.eos_token_id + (tokenizer.eos_token_ids if tokenizer else [])))
 
@@ -162,6 +153,21 @@ def load_model(args: EngineArgs, parallel: ParallelConfig | None = None
         load_checkpoint(model, path, progress=args.progress)
     model.eval()
     return config, model, tokenizer, eos
+
+
+def model_config(args: EngineArgs) -> ModelConfig:
+    """The model's configuration alone (a preset's, or a checkpoint directory's config.json)."""
+    if args.model == "tiny":
+        return tiny_config(tiny_tokenizer().vocab_size)
+    if args.model == "minimax-m1" or args.model.startswith("minimax-m1:"):
+        if args.load_format != "dummy":
+            raise ValueError(f"the {args.model!r} preset has shapes but no weights: pass load_format='dummy', "
+                             "or a checkpoint directory")
+        return _real_shapes(args.model)
+    if pathlib.Path(args.model).is_dir():
+        return ModelConfig.from_file(args.model)
+    raise FileNotFoundError(f"model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
+                            f"directory with config.json")
 
 
 def quant_config(args: EngineArgs) -> QuantConfig | None:
@@ -265,6 +271,8 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     workers = None
     if args.num_processes > 1:
         from .workers import Workers
+
+        parallel.check(model_config(args))  # before any process starts: a size that cannot split fails once
 
         workers = Workers(args, args.tensor_parallel_size, args.distributed_backend, args.collective_timeout_s)
     try:

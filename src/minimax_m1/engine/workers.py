@@ -33,6 +33,7 @@ import weakref
 import torch
 
 from .. import distributed
+from ..config import UserError
 from .llm_engine import EngineFatalError
 from .step_channel import STOP, Capacity, ChannelClosed, ChannelTimeout, StepChannel
 
@@ -339,7 +340,8 @@ def worker_main(args, rank: int, world_size: int, backend: str, init_method: str
         channel.close()
     except BaseException as e:  # noqa: BLE001 - tell rank 0 what happened, then exit non-zero
         text = f"{type(e).__name__}: {e}"
-        logger.error("rank %d failed: %s\n%s", rank, text, traceback.format_exc())
+        if not isinstance(e, UserError):  # a user's mistake rank 0 reports in one line; a fault with its traceback
+            logger.error("rank %d failed: %s\n%s", rank, text, traceback.format_exc())
         try:
             conn.send(("error", text))
         except Exception:  # noqa: BLE001
