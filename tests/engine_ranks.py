@@ -56,7 +56,8 @@ def main() -> None:
         threading.Timer(0.5, os.kill, (victim, signal.SIGKILL)).start()  # mid-generation
         start = time.monotonic()
         try:
-            llm.generate(prompt_token_ids=PROMPTS * 20, sampling_params=SamplingParams(max_tokens=4000, ignore_eos=True))
+            llm.generate(prompt_token_ids=PROMPTS * 20,
+                         sampling_params=SamplingParams(max_tokens=4000, ignore_eos=True))
             result["error"] = None
         except Exception as e:  # noqa: BLE001
             result["error"] = f"{type(e).__name__}: {e}"

@@ -345,13 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         split = (f"{shapes.num_local_experts} whole experts (each layer at its busiest rank)"
                  if a.enable_expert_parallel else f"experts {shapes.intermediate_size} wide")
         print(f"emulating rank 0 of {a.emulate_tp}{' (expert parallel)' if a.enable_expert_parallel else ''}: "
-              f"{model.num_lightning_heads} lightning heads, {model.num_q_heads} softmax heads, {model.num_kv_heads} KV "
-              f"head(s), {split}, vocab {model.lm_head.weight.shape[0]}; every number below is one rank, no "
-              f"communication: a lower bound for the full model on {a.emulate_tp} GPUs")
+              f"{model.num_lightning_heads} lightning heads, {model.num_q_heads} softmax heads, "
+              f"{model.num_kv_heads} KV head(s), {split}, vocab {model.lm_head.weight.shape[0]}; every number "
+              f"below is one rank, no communication: a lower bound for the full model on {a.emulate_tp} GPUs")
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    print(f"model: {a.model} ({cfg.num_hidden_layers} layers), dummy {str(engine.runner.model.lm_head.weight.dtype)[6:]} "
-          f"weights, {weights / 1e9:.1f} GB on this rank, built in {time.time() - t0:.0f} s; decode graphs: "
-          f"{engine.runner.graphs is not None}; cache: {engine.cache.num_slots} state slots, "
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    print(f"model: {a.model} ({cfg.num_hidden_layers} layers), dummy {dtype} weights, {weights / 1e9:.1f} GB on "
+          f"this rank, built in {time.time() - t0:.0f} s; decode graphs: {engine.runner.graphs is not None}; cache: {engine.cache.num_slots} state slots, "
           f"{engine.cache.num_blocks} KV blocks of {engine.cache.block_size}")
     print(f"\ndecode, {a.context} tokens of context{label}")
     print(f"{'batch':>6} {'step ms':>9} {'host ms':>8} {'tok/s':>9} {'GB/step':>8} {'GB/s':>7} {'of copy bw':>10}  "

@@ -87,8 +87,8 @@ class StepChannel:
         self.slot_bytes = _HDR.size + 8 * capacity.i64 + 4 * capacity.i32
         self._counters_at = RING * self.slot_bytes
         buf = shm.buf
-        self._i64 = [torch.frombuffer(buf, dtype=torch.int64, count=capacity.i64, offset=s * self.slot_bytes + _HDR.size)
-                     for s in range(RING)]
+        self._i64 = [torch.frombuffer(buf, dtype=torch.int64, count=capacity.i64,
+                                      offset=s * self.slot_bytes + _HDR.size) for s in range(RING)]
         self._i32 = [torch.frombuffer(buf, dtype=torch.int32, count=capacity.i32,
                                       offset=s * self.slot_bytes + _HDR.size + 8 * capacity.i64) for s in range(RING)]
         self.number = 0  # the last message written (writer) or read (reader)
