@@ -293,3 +293,20 @@ def test_emulated_rank_bench_runs_on_cpu(ep):
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["3"])]
     assert [r[0] for r in rows] == ["1", "3"] and all(float(r[1]) > 0 for r in rows)
     assert "1024 does not fit: one rank's cache holds 768 tokens of KV" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ep", [False, True], ids=["tp8", "ep8"])
+def test_emulated_rank_bench_on_gpu(ep):
+    """`minimax-m1 bench --emulate-tp 8` on a 5-layer slice at TP8 rank shapes (8 heads, 1 KV head, 1152-wide or 4
+    whole experts), with graphs and the profile: batch 256 runs, the top kernels come with shares."""
+    cmd = [sys.executable, "-m", "minimax_m1.cli", "bench", "--model", "minimax-m1:3-8", "--emulate-tp", "8",
+           "--decode-batches", "1,256", "--prefill", "8192", "--profile"] + (["--enable-expert-parallel"] if ep else [])
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = p.stdout
+    assert "8 lightning heads, 8 softmax heads, 1 KV head(s)" in out, out
+    assert ("4 whole experts" if ep else "experts 1152 wide") in out and "decode graphs: True" in out, out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["256"])}
+    assert set(rows) == {"1", "256"} and "does not fit" not in out, out
+    assert "profile of one eager decode step, batch 1" in out and "%" in out.split("profile of")[1], out
