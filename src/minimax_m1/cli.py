@@ -24,6 +24,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, choices=QUANT_METHODS,
                    help="8-bit routed experts: fp8 (W8A8 e4m3) or experts_int8 (W8A16); bf16 checkpoints are "
                         "quantised while loading (default: as the checkpoint is, see `minimax-m1 quantize`)")
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Tensor/expert parallelism: one process per rank on this machine (README: several machines)."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N ranks, one GPU each (this process is rank 0 and starts the others)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="give each rank whole experts (num_local_experts / N) instead of 1/N of every expert")
+    p.add_argument("--all-reduce", default="auto", choices=["auto", "symm_mem", "nccl"],
+                   help="the decode step's small all-reduces: PyTorch symmetric memory where it runs (auto), "
+                        "always it (symm_mem), or NCCL for all")
 
 
 def _add_limit_args(s: argparse.ArgumentParser) -> None:
@@ -59,7 +71,9 @@ def _add_limit_args(s: argparse.ArgumentParser) -> None:
 def _engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(device=a.device, dtype=a.dtype, load_format=a.load_format, max_model_len=a.max_model_len,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization)
+                gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization,
+                tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
+                all_reduce=a.all_reduce)
 
 
 def _generate(a: argparse.Namespace) -> int:

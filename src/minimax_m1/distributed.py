@@ -96,12 +96,20 @@ def emulated(rank: int, world_size: int) -> Group:
     return Group(rank, world_size, emulated=True)
 
 
+_small_all_reduce = None  # the installed reducer (small_all_reduce.SymmMemAllReduce), None: NCCL/gloo for all
+
+
+def set_small_all_reduce(reducer) -> None:
+    """reducer(x) -> bool sums x in place over this process's group and says whether it did (None: none)."""
+    global _small_all_reduce
+    _small_all_reduce = reducer
+
+
 def small_all_reduce(x: torch.Tensor, group: Group) -> bool:
     """The hook for small decode-step messages (about 230 all-reduces per step in the full model): PyTorch's
-    symmetric-memory one-shot/two-shot all-reduce (torch.distributed._symmetric_memory, multicast disabled by
-    MULTI_GPU_ENV) goes here, reducing x in place and returning True. Not wired yet: it returns False and
-    NCCL (or gloo) does every reduction."""
-    return False
+    symmetric-memory one-shot/two-shot all-reduce (small_all_reduce.py, multicast disabled by MULTI_GPU_ENV),
+    once installed on every rank; True when it reduced x in place, False for NCCL (or gloo) to do it."""
+    return _small_all_reduce is not None and _small_all_reduce(x)
 
 
 @contextlib.contextmanager
@@ -140,6 +148,7 @@ def init_distributed(rank: int | None = None, world_size: int | None = None, bac
 
 
 def destroy_distributed() -> None:
+    set_small_all_reduce(None)
     if dist.is_initialized():
         dist.destroy_process_group()
 

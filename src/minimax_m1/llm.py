@@ -28,6 +28,10 @@ class LLM:
         self.config = self.engine.runner.model.config
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor_parallel_size > 1 engine now (they also stop at exit)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self):
         return self.tokenizer
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import sys
 
 import torch
 
@@ -22,6 +23,7 @@ from .memory import check_fits
 from .model_runner import ModelRunner
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
+from .step_channel import Capacity
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,13 @@ class EngineArgs:
     progress: bool = True
     tokenizer: str | None = None  # a folder with tokenizer.json to use instead of the model's own
     quantization: str | None = None  # 8-bit routed experts: "fp8" or "experts_int8" (default: the checkpoint's)
+    # parallelism (engine/workers.py): one process per rank, this one is rank 0
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # experts whole, num_local_experts / tensor_parallel_size per rank
+    emulate_rank: int | None = None  # build only this rank's share, collectives skipped (the bench)
+    distributed_backend: str | None = None  # default nccl on CUDA, gloo on the CPU; gloo lets ranks share a GPU
+    all_reduce: str = "auto"  # the small decode all-reduces: "auto", "symm_mem" or "nccl" (small_all_reduce.py)
+    collective_timeout_s: float = 300.0  # a collective (or a rank's step input) waited on longer fails the engine
 
     def __post_init__(self):
         if self.device is None:
@@ -78,6 +87,38 @@ class EngineArgs:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         QuantConfig.parse(self.quantization)  # a bad method name fails here, naming the choices
+        self.parallel_config()  # a bad size fails here
+        if self.distributed_backend is None:
+            self.distributed_backend = "nccl" if device.type == "cuda" else "gloo"
+        if self.distributed_backend not in ("nccl", "gloo"):
+            raise ConfigError(f"distributed_backend must be 'nccl' or 'gloo', got {self.distributed_backend!r}")
+        if self.distributed_backend == "nccl" and device.type != "cuda":
+            raise ConfigError("distributed_backend='nccl' needs CUDA devices: use gloo on the CPU")
+        if self.all_reduce not in ("auto", "symm_mem", "nccl"):
+            raise ConfigError(f"all_reduce must be 'auto', 'symm_mem' or 'nccl', got {self.all_reduce!r}")
+        n = self.tensor_parallel_size
+        if n > 1 and self.emulate_rank is None and self.distributed_backend == "nccl":
+            have = torch.cuda.device_count() - (device.index or 0)
+            if n > have:
+                raise ConfigError(f"--tensor-parallel-size {n} needs {n} GPUs (one per rank) from {device}, but "
+                                  f"{have} are visible; NCCL cannot put two ranks on one GPU")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(self.tensor_parallel_size, self.enable_expert_parallel, self.emulate_rank)
+
+    @property
+    def num_processes(self) -> int:
+        """Processes this engine runs on: one per rank, one when emulating a rank."""
+        return 1 if self.emulate_rank is not None else self.tensor_parallel_size
+
+
+def worker_args(args: EngineArgs, rank: int, backend: str) -> EngineArgs:
+    """Rank `rank`'s EngineArgs: rank 0's, on that rank's device."""
+    from .workers import rank_device
+
+    return dataclasses.replace(args, device=str(rank_device(torch.device(args.device), rank, backend)))
 
 
 def load_model(args: EngineArgs, parallel: ParallelConfig | None = None
@@ -86,29 +127,21 @@ def load_model(args: EngineArgs, parallel: ParallelConfig | None = None
     model splits over ranks (default: one rank); see distributed.py for the process group it needs."""
     path = pathlib.Path(args.model)
     tokenizer, eos = None, []
+    config = model_config(args)
     if args.model == "tiny":
         tokenizer = tiny_tokenizer()
-        config = tiny_config(tokenizer.vocab_size)
-    elif args.model == "minimax-m1" or args.model.startswith("minimax-m1:"):
-        if args.load_format != "dummy":
-            raise ValueError(f"the {args.model!r} preset has shapes but no weights: pass load_format='dummy', "
-                             "or a checkpoint directory")
-        config = _real_shapes(args.model)
     elif path.is_dir():
-        config = ModelConfig.from_file(path)
         if (path / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_dir(path)
         gen = path / "generation_config.json"
         if gen.is_file():
             e = json.loads(gen.read_text()).get("eos_token_id")
             eos += [] if e is None else [e] if isinstance(e, int) else list(e)
-    else:
-        raise FileNotFoundError(f"model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
-                                f"directory with config.json")
     tokenizer = Tokenizer.from_dir(args.tokenizer) if args.tokenizer is not None else tokenizer
     eos = sorted(set(eos + config.eos_token_id + (tokenizer.eos_token_ids if tokenizer else [])))
 
     par = parallel or ParallelConfig()
+    par.check(config)
     quant = quant_config(args)
     check_fits(config, args.model, args.dtype, args.device, tp=par.tensor_parallel_size,
                ep=par.enable_expert_parallel, expert_bits=quant and quant.expert_bits, head_fp32=args.lm_head_fp32,
@@ -120,6 +153,21 @@ def load_model(args: EngineArgs, parallel: ParallelConfig | None = None
         load_checkpoint(model, path, progress=args.progress)
     model.eval()
     return config, model, tokenizer, eos
+
+
+def model_config(args: EngineArgs) -> ModelConfig:
+    """The model's configuration alone (a preset's, or a checkpoint directory's config.json)."""
+    if args.model == "tiny":
+        return tiny_config(tiny_tokenizer().vocab_size)
+    if args.model == "minimax-m1" or args.model.startswith("minimax-m1:"):
+        if args.load_format != "dummy":
+            raise ValueError(f"the {args.model!r} preset has shapes but no weights: pass load_format='dummy', "
+                             "or a checkpoint directory")
+        return _real_shapes(args.model)
+    if pathlib.Path(args.model).is_dir():
+        return ModelConfig.from_file(args.model)
+    raise FileNotFoundError(f"model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
+                            f"directory with config.json")
 
 
 def quant_config(args: EngineArgs) -> QuantConfig | None:
@@ -170,10 +218,19 @@ def _requested_max_len(config: ModelConfig, args: EngineArgs) -> int:
     return min(config.max_position_embeddings, args.max_model_len or config.max_position_embeddings)
 
 
-def plan_caches(config: ModelConfig, args: EngineArgs, budget_bytes: int) -> tuple[int, int]:
-    """Split the cache budget: up to max_num_seqs state slots from at most half of it, KV blocks from the rest."""
-    slot_bytes = CacheManager.bytes_per_slot(config)
-    block_bytes = CacheManager.bytes_per_block(config, args.block_size, args.dtype)
+def plan_caches(config: ModelConfig, args: EngineArgs, budget_bytes: int, tp: int = 1) -> tuple[int, int]:
+    """Split one rank's cache budget: up to max_num_seqs state slots from at most half of it, KV blocks from the
+    rest (tp: the rank's share of the heads)."""
+    slot_bytes = CacheManager.bytes_per_slot(config, tp)
+    block_bytes = CacheManager.bytes_per_block(config, args.block_size, args.dtype, tp)
+    if args.num_kv_blocks is not None:  # KV blocks fixed (tests, benchmarks): the rest of the budget holds slots
+        left = budget_bytes - args.num_kv_blocks * block_bytes
+        slots = args.max_num_seqs if slot_bytes == 0 else min(args.max_num_seqs, max(left, 0) // slot_bytes)
+        if slots < 1:
+            raise MemoryError(f"the cache budget ({budget_bytes / 2**30:.2f} GiB) holds {args.num_kv_blocks} KV blocks "
+                              f"({args.num_kv_blocks * block_bytes / 2**30:.2f} GiB) but then not one request's "
+                              f"lightning state ({slot_bytes / 2**20:.1f} MiB)")
+        return slots, args.num_kv_blocks
     slots = args.max_num_seqs if slot_bytes == 0 else min(args.max_num_seqs, budget_bytes // 2 // slot_bytes)
     if slots < 1:
         raise MemoryError(f"the cache budget ({budget_bytes / 2**30:.2f} GiB) cannot hold one request's lightning "
@@ -194,7 +251,8 @@ def _profile_activation_bytes(model, config: ModelConfig, args: EngineArgs) -> i
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     n = min(args.max_num_batched_tokens, config.max_position_embeddings - 1)
-    cache = CacheManager.for_model(config, 1, -(-n // args.block_size), args.block_size, args.dtype, device)
+    cache = CacheManager.for_model(config, 1, -(-n // args.block_size), args.block_size, args.dtype, device,
+                                   tp=model.parallel.tensor_parallel_size)
     runner = ModelRunner(model, cache, device)
     seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1))
     taken = cache.allocate(seq, n)  # the cache was sized for exactly this
@@ -208,32 +266,102 @@ def _profile_activation_bytes(model, config: ModelConfig, args: EngineArgs) -> i
 
 
 def build_engine(args: EngineArgs) -> LLMEngine:
-    config, model, tokenizer, eos = load_model(args)
+    """The engine; with tensor_parallel_size N > 1 this process becomes rank 0 of N and spawns the others."""
+    parallel = args.parallel_config()
+    workers = None
+    if args.num_processes > 1:
+        from .workers import Workers
+
+        parallel.check(model_config(args))  # before any process starts: a size that cannot split fails once
+
+        workers = Workers(args, args.tensor_parallel_size, args.distributed_backend, args.collective_timeout_s)
+    try:
+        config, model, tokenizer, eos = load_model(args, parallel)
+        runner, max_model_len = build_runner(config, model, args, parallel, workers.link if workers else None)
+        if workers is not None:
+            width = min(runner.cache.num_blocks, runner.cache.blocks_needed(max_model_len) + 1)
+            workers.open_channel(Capacity(max(args.max_num_batched_tokens, runner.cache.num_slots),
+                                          runner.cache.num_slots, max(width, 1)))
+            runner.peers = workers
+    except BaseException:
+        if workers is not None:
+            workers.shutdown()
+        raise
+    scheduler = Scheduler(runner.cache, runner.cache.num_slots, args.max_num_batched_tokens)
+    return LLMEngine(runner, scheduler, tokenizer, eos, config.vocab_size, max_model_len)
+
+
+def build_runner(config: ModelConfig, model, args: EngineArgs, parallel: ParallelConfig,
+                 link=None) -> tuple[ModelRunner, int]:
+    """This rank's runner: the cache plan (the same on every rank: `link` makes them agree on the smallest
+    budget) and the decode graphs (captured by all ranks together). Returns (runner, max_model_len)."""
+    from .workers import SINGLE_LINK
+
+    link = link or SINGLE_LINK
+    link.barrier()  # every rank has its weights: collectives from here on
+    tp = parallel.tensor_parallel_size
     device = torch.device(args.device)
+    if model.group.communicates:
+        from .. import small_all_reduce
+
+        small_all_reduce.install(model.group, args.all_reduce, device, [args.dtype, torch.float32])
     if device.type == "cuda":
         activations = _profile_activation_bytes(model, config, args)
         free, total = torch.cuda.mem_get_info(device)
         budget = int(free - (1 - args.gpu_memory_utilization) * total - activations)
+        budget //= _ranks_per_device(args)
     else:
         budget = int(args.cpu_cache_memory_gb * 2**30)
-    slots, blocks = plan_caches(config, args, max(budget, 0))
-    if args.num_kv_blocks is not None:
-        blocks = args.num_kv_blocks
-    cache = CacheManager.for_model(config, slots, blocks, args.block_size, args.dtype, device)
+    budget = link.agree_min(max(budget, 0))
+    slots, blocks = plan_caches(config, args, budget, tp)
+    cache = CacheManager.for_model(config, slots, blocks, args.block_size, args.dtype, device, tp=tp)
+    assert not config.linear_layers or cache.state_pool.states.shape[2] == model.num_lightning_heads
+    assert not config.softmax_layers or cache.kv_cache.kv.shape[4] == model.num_kv_heads
+    if link.rank == 0 and args.num_processes > 1:
+        cache.state_pool.fresh = []  # the slots to zero on the other ranks too (step_channel.py)
     max_model_len = _requested_max_len(config, args)
     if config.softmax_layers:
         max_model_len = min(max_model_len, blocks * args.block_size)
-    logger.info("cache: %d lightning state slots (%.1f MiB each), %d KV blocks of %d tokens (%d tokens); "
-                "max_model_len %d", slots, CacheManager.bytes_per_slot(config) / 2**20, blocks, args.block_size,
-                blocks * args.block_size, max_model_len)
+    if link.rank == 0:
+        _report_plan(model, config, args, parallel, slots, blocks, max_model_len)
     runner = ModelRunner(model, cache, device)
     why_eager = _why_eager(args, config, model.quant)
     if why_eager:
-        logger.info("decode runs eagerly: %s", why_eager)
+        if link.rank == 0:
+            logger.info("decode runs eagerly: %s", why_eager)
     else:
         runner.capture_decode_graphs(slots, max_model_len)  # plan_caches keeps slots <= max_num_seqs
-    scheduler = Scheduler(cache, slots, args.max_num_batched_tokens)
-    return LLMEngine(runner, scheduler, tokenizer, eos, config.vocab_size, max_model_len)
+    link.barrier()
+    return runner, max_model_len
+
+
+def _ranks_per_device(args: EngineArgs) -> int:
+    """Ranks sharing one GPU (gloo ranks on fewer GPUs than ranks): each takes its share of the budget."""
+    if args.num_processes == 1:
+        return 1
+    return -(-args.tensor_parallel_size // max(1, torch.cuda.device_count() - (torch.device(args.device).index or 0)))
+
+
+def _report_plan(model, config: ModelConfig, args: EngineArgs, parallel: ParallelConfig, slots: int, blocks: int,
+                 max_model_len: int) -> None:
+    """The memory plan, on rank 0: weights per rank, state slots, KV blocks, the longest context that fits."""
+    from .memory import gb
+
+    tp = parallel.tensor_parallel_size
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    who = ("one rank (emulated rank %d of %d)" % (parallel.emulate_rank, tp) if parallel.emulate_rank is not None
+           else f"per rank of {tp}{' (expert parallel)' if parallel.enable_expert_parallel else ''}" if tp > 1
+           else "one device")
+    slot = CacheManager.bytes_per_slot(config, tp)
+    block = CacheManager.bytes_per_block(config, args.block_size, args.dtype, tp)
+    longest = (f"{blocks * args.block_size} tokens" if config.softmax_layers
+               else "any (no softmax layer: context costs no memory)")
+    text = (f"memory plan, {who}: weights {gb(weights)}; {slots} lightning state slots of {slot / 2**20:.1f} MiB "
+            f"({gb(slots * slot)}); {blocks} KV blocks of {args.block_size} tokens ({gb(blocks * block)}); longest "
+            f"context that fits: {longest}; max_model_len {max_model_len}")
+    logger.info("%s", text)
+    if args.progress and (args.num_processes > 1 or weights >= 2**30):  # not for the README's tiny model
+        print(f"minimax-m1: {text}", file=sys.stderr, flush=True)
 
 
 def _why_eager(args: EngineArgs, config: ModelConfig, quant: QuantConfig | None = None) -> str | None:
@@ -246,6 +374,9 @@ def _why_eager(args: EngineArgs, config: ModelConfig, quant: QuantConfig | None 
     device = torch.device(args.device)
     if device.type != "cuda":
         return "not on a CUDA device"
+    if args.num_processes > 1 and args.distributed_backend == "gloo":
+        return "gloo collectives cannot be captured in CUDA graphs (use NCCL)"
+    config = rank_shapes(config, args.parallel_config())
     reasons = [
         config.linear_layers and lightning_attn.why_not_capturable(config.head_dim, args.dtype),
         config.softmax_layers and paged_attention.why_not_capturable(
@@ -255,3 +386,18 @@ def _why_eager(args: EngineArgs, config: ModelConfig, quant: QuantConfig | None 
                                quant and quant.method),
     ]
     return next((r for r in reasons if r), None)
+
+
+def rank_shapes(config: ModelConfig, parallel: ParallelConfig) -> ModelConfig:
+    """The shapes one rank's kernels see: its heads, KV heads (1 once replicated), experts or expert width."""
+    n = parallel.tensor_parallel_size
+    if n == 1:
+        return config
+    experts, width = config.num_local_experts, config.intermediate_size
+    if parallel.enable_expert_parallel:
+        experts //= n
+    else:
+        width //= n
+    return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // n,
+                               num_key_value_heads=max(1, config.num_key_value_heads // n),
+                               num_local_experts=experts, intermediate_size=width)

@@ -79,6 +79,10 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         return self._output(seq)
 
+    def shutdown(self) -> None:
+        """Stop the other ranks of a parallel engine (nothing to do on one device)."""
+        self.runner.shutdown()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -93,6 +97,8 @@ class LLMEngine:
         done = [c.seq for c in chunks if c.completes]  # before run() advances num_computed
         try:
             logits = self.runner.run(chunks)
+        except EngineFatalError:  # a parallel rank failed: no retry can bring the ranks back in step
+            raise
         except Exception as e:  # noqa: BLE001 - out of memory or a bug: the step's requests, not the engine
             return self._step_failed(chunks, e) + [self._pop_finished(s) for s in finished_early]
         outputs = []

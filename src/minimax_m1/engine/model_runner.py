@@ -18,6 +18,7 @@ class ModelRunner:
         self.model, self.device = model, torch.device(device)
         self.cache = cache
         self.graphs: DecodeGraphs | None = None
+        self.peers = None  # rank 0 of several: the other ranks (workers.Workers), sent every step
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         cfg = self.model.config
@@ -82,14 +83,25 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk], all_logits: bool = False) -> torch.Tensor:
         """One model step over the chunks; returns fp32 logits [R, vocab] for the completing chunks' last
         tokens (R = number of completing chunks), or for every token when all_logits."""
-        if self.graphs is not None and not all_logits and self._graphable(chunks):
-            inputs = self.prepare_inputs(chunks, pad_to=self.graphs.padded_size(len(chunks)))
-            logits = self.graphs.run(inputs)[:len(chunks)]
-        else:
-            logits = self._forward(*self.prepare_inputs(chunks, all_logits).to_device(self.device))
+        graph = self.graphs is not None and not all_logits and self._graphable(chunks)
+        inputs = self.prepare_inputs(chunks, all_logits, pad_to=self.graphs.padded_size(len(chunks)) if graph else None)
+        logits = self.execute(inputs, graph) if self.peers is None else self.peers.run(self, inputs, graph)
+        if graph:
+            logits = logits[:len(chunks)]
         for c in chunks:
             c.seq.num_computed += c.num_tokens
         return logits
+
+    def execute(self, inputs: StepInputs, graph: bool) -> torch.Tensor | None:
+        """Run prepared inputs (every rank runs the same ones): replay the graph of their padded size, or eagerly.
+        Logits on rank 0, None on the other ranks."""
+        if graph:
+            return self.graphs.run(inputs)
+        return self._forward(*inputs.to_device(self.device))
+
+    def shutdown(self) -> None:
+        if self.peers is not None:
+            self.peers.shutdown()
 
     def _graphable(self, chunks) -> bool:
         return (all(c.num_tokens == 1 and c.completes for c in chunks)

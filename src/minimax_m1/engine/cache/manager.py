@@ -19,6 +19,11 @@ class CacheUsage:
     kv_blocks: float  # fraction of KV blocks in use
 
 
+def rank_heads(config: ModelConfig, tp: int = 1) -> tuple[int, int]:
+    """(lightning heads, KV heads) on one rank of tp: heads split, KV heads split or (tp > KV heads) one each."""
+    return config.num_attention_heads // tp, max(1, config.num_key_value_heads // tp)
+
+
 class CacheManager:
     def __init__(self, state_pool: StatePool, kv_cache: KVCache):
         self.state_pool, self.kv_cache = state_pool, kv_cache
@@ -28,19 +33,20 @@ class CacheManager:
 
     @classmethod
     def for_model(cls, config: ModelConfig, num_slots: int, num_blocks: int, block_size: int, dtype,
-                  device) -> CacheManager:
-        pool = StatePool(len(config.linear_layers), num_slots, config.num_attention_heads, config.head_dim, device)
-        kv = KVCache(len(config.softmax_layers), num_blocks, block_size, config.num_key_value_heads,
-                     config.head_dim, dtype, device)
+                  device, tp: int = 1) -> CacheManager:
+        """The caches of one rank of `tp`: its lightning heads and KV heads (parallel layers' split)."""
+        heads, kv_heads = rank_heads(config, tp)
+        pool = StatePool(len(config.linear_layers), num_slots, heads, config.head_dim, device)
+        kv = KVCache(len(config.softmax_layers), num_blocks, block_size, kv_heads, config.head_dim, dtype, device)
         return cls(pool, kv)
 
     @staticmethod
-    def bytes_per_slot(config: ModelConfig) -> int:
-        return StatePool.bytes_per_slot(len(config.linear_layers), config.num_attention_heads, config.head_dim)
+    def bytes_per_slot(config: ModelConfig, tp: int = 1) -> int:
+        return StatePool.bytes_per_slot(len(config.linear_layers), rank_heads(config, tp)[0], config.head_dim)
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype) -> int:
-        return KVCache.bytes_per_block(len(config.softmax_layers), block_size, config.num_key_value_heads,
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype, tp: int = 1) -> int:
+        return KVCache.bytes_per_block(len(config.softmax_layers), block_size, rank_heads(config, tp)[1],
                                        config.head_dim, dtype)
 
     # ---- questions the scheduler asks ----------------------------------------------------------

@@ -9,6 +9,7 @@ class StatePool:
                                   dtype=torch.float32, device=device)
         self.num_slots = num_slots
         self._free = list(range(num_slots - 1, -1, -1))
+        self.fresh: list[int] | None = None  # on rank 0 of several: slots zeroed since the last step (workers.py)
 
     @staticmethod
     def bytes_per_slot(num_layers: int, num_heads: int, head_dim: int) -> int:
@@ -24,6 +25,8 @@ class StatePool:
             raise RuntimeError("state pool exhausted")  # the cache manager checks num_free first
         slot = self._free.pop()
         self.states[:, slot].zero_()
+        if self.fresh is not None:
+            self.fresh.append(slot)
         return slot
 
     def release(self, slot: int) -> None:
