@@ -34,6 +34,8 @@ KERNEL_LIBS = {
     "lightning_attn": "liblightning_attn",
     "paged_attention": "libpaged_attn",
     "moe": "libmoe",
+    "norm": "libnorm",
+    "router": "librouter",
 }
 DEFAULT_ARCHS = "80;90a"
 
