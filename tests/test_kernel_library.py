@@ -58,6 +58,8 @@ EXPECTED = {  # the kernels' own constants, as each library must report them
     "moe": {"dtypes": (torch.bfloat16, torch.float16), "max_rows": 1024, "max_experts": 256, "size_multiple": 64,
             "tile_rows": 16, "quantized_dtypes": (torch.bfloat16,), "experts_int8_weight_dtypes": (torch.int8,),
             "fp8_weight_dtypes": (torch.float8_e4m3fn,), "quantized_size_multiple": 128, "fp8_min_arch": 89},
+    "norm": {"dtypes": (torch.bfloat16, torch.float16), "max_features": 16384, "feature_multiple": 8},
+    "router": {"dtypes": (torch.bfloat16, torch.float16), "max_experts": 256, "max_top_k": 8, "hidden_multiple": 8},
 }
 
 

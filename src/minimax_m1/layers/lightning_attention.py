@@ -44,6 +44,5 @@ class LightningAttention(nn.Module):
             o = lightning_attn.decode(q, k, v, self.slopes, states, batch.state_slots)
         else:
             o = lightning_attn.prefill(q, k, v, self.slopes, states, batch.state_slots, batch.cu_seqlens)
-        o = self.norm(o.reshape(t, -1))
-        o = torch.sigmoid(self.output_gate(x)) * o
+        o = self.norm(o.reshape(t, -1), self.output_gate(x))  # sigmoid(gate) * RMSNorm(o), one pass
         return self.out_proj(o)
