@@ -36,6 +36,7 @@ KERNEL_LIBS = {
     "moe": "libmoe",
     "norm": "libnorm",
     "router": "librouter",
+    "rotary": "librotary",
 }
 DEFAULT_ARCHS = "80;90a"
 

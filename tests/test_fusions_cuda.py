@@ -17,12 +17,16 @@ Tolerances, from how the kernels round (bf16: 8 significant bits, unit roundoff 
   logit lies within 1e-5 relative of a bf16 rounding step the fp32 sum may round to the neighbour; such tokens
   (rare) are only checked for validity. Elsewhere the ids are exact (ties: the lower id) and the weights within
   2e-6 relative (the kernel's softmax repeats torch's for E = 32; other E sum in another order, ~1 fp32 ulp).
+- rotary + KV store: the reference's fp32 products and sums in its order, rounded once: bit for bit, and every
+  cache row the step does not write keeps its value.
 """
 import pytest
 import torch
 
-from minimax_m1.ops import norm, router
+from minimax_m1.layers.rotary import PartialRotary
+from minimax_m1.ops import norm, rotary, router
 from minimax_m1.ops.norm import cuda as norm_cuda, reference as norm_ref
+from minimax_m1.ops.rotary import cuda as rotary_cuda, reference as rotary_ref
 from minimax_m1.ops.router import cuda as router_cuda, reference as router_ref
 
 pytestmark = pytest.mark.gpu
@@ -339,3 +343,132 @@ def test_router_dispatch_and_errors():
                                                                                     dtype=torch.int32), True)
     empty_w, empty_ids = router_cuda.route(x[:0], w, 2)
     assert empty_w.shape == (0, 2) and empty_ids.shape == (0, 2)
+
+
+# ---- rotary + KV store
+
+def _rotary_case(tokens, hq, hkv, d, rd, dtype, gen, blocks=64, block_size=16, token_stride=None):
+    w = token_stride or hq * d
+    q = (torch.randn(tokens, w, generator=gen, device="cuda") * 2).to(dtype)[:, :hq * d].view(tokens, hq, d)
+    k = (torch.randn(tokens, hkv, d, generator=gen, device="cuda") * 2).to(dtype)
+    v = torch.randn(tokens, hkv, d, generator=gen, device="cuda").to(dtype)
+    cache = torch.randn(2, blocks, block_size, hkv, d, generator=gen, device="cuda").to(dtype)
+    slots = torch.randperm(blocks * block_size, generator=gen, device="cuda")[:tokens]
+    positions = torch.randint(0, 1 << 20, (tokens,), generator=gen, device="cuda")
+    rope = PartialRotary(d, rd, 10_000_000.0).cuda()
+    rope.init_buffers()
+    cos, sin = rope.cos_sin(positions)
+    return q, k, v, cos, sin, cache, slots
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d,rd", [(8, 1, 128, 64), (64, 8, 128, 64), (4, 2, 128, 128), (8, 2, 64, 32),
+                                         (16, 16, 128, 16)])
+@pytest.mark.parametrize("tokens", [1, 7, 64, 300])
+def test_rotary_write_kv(tokens, hq, hkv, d, rd, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(tokens * 131 + hq + d + rd)
+    q, k, v, cos, sin, cache, slots = _rotary_case(tokens, hq, hkv, d, rd, dtype, gen)
+    assert rotary_cuda.supports(q, k, v, cos, cache)
+    ref_cache = cache.clone()
+    want_q = rotary_ref.rotary_write_kv(q, k, v, cos, sin, ref_cache, slots)
+    _poison()
+    got_q = rotary.rotary_write_kv(q, k, v, cos, sin, cache, slots)
+    assert ulps(got_q, want_q) == 0
+    assert torch.equal(cache, ref_cache)
+
+
+def test_rotary_write_kv_strided_q_and_int32_slots():
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v, cos, sin, cache, slots = _rotary_case(9, 8, 1, 128, 64, torch.bfloat16, gen, token_stride=8 * 128 + 256)
+    assert not q.is_contiguous() and rotary_cuda.supports(q, k, v, cos, cache)
+    ref_cache = cache.clone()
+    want_q = rotary_ref.rotary_write_kv(q, k, v, cos, sin, ref_cache, slots)
+    got_q = rotary.rotary_write_kv(q, k, v, cos, sin, cache, slots.int())
+    assert ulps(got_q, want_q) == 0 and torch.equal(cache, ref_cache)
+
+
+def test_rotary_write_kv_skips_slots_outside_the_cache():
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v, cos, sin, cache, slots = _rotary_case(4, 8, 1, 128, 64, torch.bfloat16, gen)
+    slots[1], slots[3] = -1, cache.shape[1] * cache.shape[2]
+    before = cache.clone()
+    got_q = rotary.rotary_write_kv(q, k, v, cos, sin, cache, slots)
+    assert ulps(got_q, rotary_ref.apply_rotary(q, cos, sin)) == 0
+    ref_cache = before.clone()
+    keep = torch.tensor([0, 2], device="cuda")
+    rotary_ref.rotary_write_kv(q[keep], k[keep], v[keep], cos[keep], sin[keep], ref_cache, slots[keep])
+    assert torch.equal(cache, ref_cache)
+
+
+def test_rotary_write_kv_in_cuda_graph():
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    q, k, v, cos, sin, cache, slots = _rotary_case(8, 8, 1, 128, 64, torch.bfloat16, gen)
+    rotary.rotary_write_kv(q, k, v, cos, sin, cache, slots)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = rotary.rotary_write_kv(q, k, v, cos, sin, cache, slots)
+    for seed in range(3):
+        nq, nk, nv, ncos, nsin, _, nslots = _rotary_case(8, 8, 1, 128, 64, torch.bfloat16, gen)
+        for dst, src in ((q, nq), (k, nk), (v, nv), (cos, ncos), (sin, nsin), (slots, nslots)):
+            dst.copy_(src)
+        ref_cache = cache.clone()
+        want = rotary_ref.rotary_write_kv(q, k, v, cos, sin, ref_cache, slots)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert ulps(out, want) == 0 and torch.equal(cache, ref_cache)
+
+
+def test_rotary_dispatch_and_errors():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v, cos, sin, cache, slots = _rotary_case(3, 4, 2, 128, 64, torch.bfloat16, gen)
+    assert not rotary_cuda.supports(q.float(), k.float(), v.float(), cos, cache)  # fp32: the reference
+    assert not rotary_cuda.supports(q, k, v, cos[:, :24], cache)  # rotary_dim / 2 not a multiple of 8
+    mod = rotary_cuda._load()
+    with pytest.raises(ValueError, match="kv_cache must be"):
+        mod.rotary_write_kv(q, k, v, cos, sin, cache[:, :, :, :1], slots, torch.empty_like(q))
+    with pytest.raises(ValueError, match="slot_mapping must be"):
+        mod.rotary_write_kv(q, k, v, cos, sin, cache, slots.float(), torch.empty_like(q))
+
+
+# ---- the model with and without the fused kernels
+
+def test_model_output_unchanged_by_the_fusions(monkeypatch):
+    """A small bf16 model with M1's head size (4 layers, hidden 256, 4 x 128 lightning features, 4 experts top-2):
+    prompt logits with the fused norms, router and rotary against the same model on the torch references. The kernels
+    move a normed element by at most one bf16 step, so the logits differ by rounding noise only (rel 2e-2 of
+    max|logit|, about five bf16 steps after four layers), and greedy decoding (CUDA graphs) agrees token for
+    token unless two candidates are within rounding of a tie."""
+    import dataclasses
+    import gc
+
+    from minimax_m1 import LLM, SamplingParams
+    from minimax_m1.config import LINEAR, SOFTMAX, tiny_config
+    from minimax_m1.engine import builder
+
+    cfg = dataclasses.replace(tiny_config(262), hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=128, rotary_dim=64, intermediate_size=256,
+                              attn_type_list=[LINEAR, LINEAR, LINEAR, SOFTMAX])
+    monkeypatch.setattr(builder, "tiny_config", lambda vocab: dataclasses.replace(cfg, vocab_size=vocab))
+    ids = [(i * 37) % 256 for i in range(300)]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(norm_cuda, "supports", lambda *a: False)
+            monkeypatch.setattr(norm_cuda, "supports_rows", lambda *a: False)
+            monkeypatch.setattr(router_cuda, "supports", lambda *a: False)
+            monkeypatch.setattr(rotary_cuda, "supports", lambda *a: False)
+        llm = LLM("tiny", device="cuda", dtype="bfloat16", gpu_memory_utilization=0.2, max_num_seqs=8)
+        logits = llm.prompt_logits(ids).float()
+        out = llm.generate(prompt_token_ids=ids[:40], sampling_params=params)[0].outputs[0]
+        results.append((logits, out))
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    (a, fa), (b, fb) = results
+    assert torch.isfinite(a).all()
+    assert ((a - b).abs().max() / b.abs().max()).item() < 2e-2
+    for i, (x, y) in enumerate(zip(fa.token_ids, fb.token_ids)):
+        if x != y:
+            assert abs(fa.logprobs[i][x] - fb.logprobs[i][y]) < 0.05, (i, fa.token_ids, fb.token_ids)
+            break

@@ -60,6 +60,7 @@ EXPECTED = {  # the kernels' own constants, as each library must report them
             "fp8_weight_dtypes": (torch.float8_e4m3fn,), "quantized_size_multiple": 128, "fp8_min_arch": 89},
     "norm": {"dtypes": (torch.bfloat16, torch.float16), "max_features": 16384, "feature_multiple": 8},
     "router": {"dtypes": (torch.bfloat16, torch.float16), "max_experts": 256, "max_top_k": 8, "hidden_multiple": 8},
+    "rotary": {"dtypes": (torch.bfloat16, torch.float16), "head_dim_multiple": 8},
 }
 
 

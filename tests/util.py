@@ -15,10 +15,11 @@ def kernel_bindings():
     from minimax_m1.ops.moe import cuda as moe_cuda
     from minimax_m1.ops.norm import cuda as norm_cuda
     from minimax_m1.ops.paged_attention import cuda as paged_cuda
+    from minimax_m1.ops.rotary import cuda as rotary_cuda
     from minimax_m1.ops.router import cuda as router_cuda
 
     return {"lightning_attn": lightning_cuda, "paged_attention": paged_cuda, "moe": moe_cuda, "norm": norm_cuda,
-            "router": router_cuda}
+            "router": router_cuda, "rotary": rotary_cuda}
 
 
 def unloaded_kernels() -> dict[str, str]:
