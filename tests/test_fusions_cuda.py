@@ -430,6 +430,33 @@ def test_rotary_dispatch_and_errors():
         mod.rotary_write_kv(q, k, v, cos, sin, cache, slots.float(), torch.empty_like(q))
 
 
+# ---- lightning decode with the SiLU applied as it loads
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("batch,heads", [(1, 8), (8, 8), (64, 8), (3, 64)])
+def test_lightning_decode_applies_silu(batch, heads, dtype):
+    """decode(raw q, k, v, silu=True) == decode(F.silu(q), F.silu(k), F.silu(v)) bit for bit (the kernel repeats
+    F.silu's x / (1 + exp(-x)) in fp32 and its rounding), outputs and states; read in place from the per-head
+    [q | k | v] projection output, as the layer passes it; slot -1 is padding."""
+    import torch.nn.functional as F
+
+    from minimax_m1.config import lightning_slopes
+    from minimax_m1.ops.lightning_attn import cuda as la_cuda
+
+    gen = torch.Generator(device="cuda").manual_seed(batch * heads)
+    qkv = (torch.randn(batch, heads, 3 * 128, generator=gen, device="cuda") * 2).to(dtype)
+    q, k, v = qkv.split(128, dim=-1)
+    slopes = torch.tensor(lightning_slopes(64, 3, 80)[:heads], device="cuda")
+    start = torch.randn(batch + 2, heads, 128, 128, generator=gen, device="cuda")
+    slots = torch.randperm(batch + 2, generator=gen, device="cuda")[:batch].int()
+    if batch > 1:
+        slots[1] = -1
+    pool_a, pool_b = start.clone(), start.clone()
+    fused = la_cuda.decode(q, k, v, slopes, pool_a, slots, silu=True)
+    plain = la_cuda.decode(F.silu(q), F.silu(k), F.silu(v), slopes, pool_b, slots)
+    assert torch.equal(fused, plain) and torch.equal(pool_a, pool_b)
+
+
 # ---- the model with and without the fused kernels
 
 def test_model_output_unchanged_by_the_fusions(monkeypatch):
