@@ -23,8 +23,8 @@ namespace minimax_m1 {
 namespace router {
 
 constexpr int kLogitThreads = 128;
-constexpr int kTokens = 8;     // tokens per logits CTA (one weight row read serves them all)
-constexpr int kUnroll = 2;     // 16-byte weight vectors per thread in flight per step
+constexpr int kTokens = 4;     // tokens per logits CTA (one weight row read serves them all)
+constexpr int kUnroll = 4;     // 16-byte weight vectors per thread in flight
 constexpr int kVecElems = 8;
 constexpr int kTopkWarps = 4;  // tokens per top-k CTA
 constexpr int kMaxExpertsPerLane = 8;
@@ -70,21 +70,29 @@ __global__ void __launch_bounds__(kLogitThreads) logits_kernel(LogitParams p) {
     xrow[t] = x + static_cast<int64_t>(valid[t] ? t0 + t : 0) * p.x_stride;
   }
   float acc[kTokens] = {};
-  for (int base = tid; base < nvec; base += kUnroll * kLogitThreads) {
-    uint4 wv[kUnroll], xv[kUnroll][kTokens];
+  // Software pipeline over this thread's steps (step s: vector tid + kLogitThreads s): kUnroll steps in flight,
+  // each slot consumed and then refilled with the step kUnroll ahead (so no product waits on a load issued
+  // just before it).
+  const int steps = (nvec - tid + kLogitThreads - 1) / kLogitThreads;
+  uint4 wv[kUnroll], xv[kUnroll][kTokens];
+  auto load = [&](int u, int step) {
+    const int v = tid + step * kLogitThreads;
+    const bool ok = step < steps;
+    const int64_t off = static_cast<int64_t>(ok ? v : 0) * kVecElems;
+    wv[u] = load_stream_16(w + off, ok);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // all loads of the step before the first product
-      const int v = base + u * kLogitThreads;
-      const bool ok = v < nvec;
-      const int64_t off = static_cast<int64_t>(ok ? v : 0) * kVecElems;
-      wv[u] = load_stream_16(w + off, ok);
+    for (int t = 0; t < kTokens; ++t) xv[u][t] = load_cached_16(xrow[t] + off, ok && valid[t]);
+  };
 #pragma unroll
-      for (int t = 0; t < kTokens; ++t) xv[u][t] = load_cached_16(xrow[t] + off, ok && valid[t]);
+  for (int u = 0; u < kUnroll; ++u) load(u, u);
+#pragma unroll 1
+  for (int step = 0; step < steps; step += kUnroll) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int t = 0; t < kTokens; ++t) acc[t] += dot8<T>(wv[u], xv[u][t]);  // zeros past the end
+      load(u, step + kUnroll + u);
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-      for (int t = 0; t < kTokens; ++t) acc[t] += dot8<T>(wv[u], xv[u][t]);
   }
   allow_next_grid();
   __shared__ float sums[kTokens][kLogitThreads / 32];

@@ -15,9 +15,9 @@ import torch
 
 from . import cuda, reference
 
-# Largest batch the fused kernels take (a policy; they serve any). Each logits CTA reads 8 x rows from L2 per
-# 12 KB weight row, so the x traffic grows with T / 8 * E: at 64 tokens 27 MB of L2 reads, about what the
-# GEMM and the torch kernels it replaces cost; measure with benchmarks/bench_fusions.py before raising it.
+# Largest batch the fused kernels take (a policy; they serve any). Each logits CTA reads 4 x rows from L2 per
+# 12 KB weight row, so the x traffic grows with T * E: at 64 tokens 25 MB of L2 reads, about what the GEMM and
+# the torch kernels it replaces cost; measure with benchmarks/bench_fusions.py before raising it.
 FUSED_MAX_TOKENS = 64
 
 

@@ -6,7 +6,7 @@ dispatch keeps the torch reference. What the kernels serve is the library's `rou
 
 `route` is the torch custom op `minimax_m1::route` (fake implementation included, so torch.compile sees through
 it; eager calls skip the dispatcher). Two kernels on torch's current stream: the gate's logits (each expert's
-weight row streamed once per 8 tokens, fp32 sums rounded to x's dtype, as F.linear rounds them), then per token
+weight row streamed once per 4 tokens, fp32 sums rounded to x's dtype, as F.linear rounds them), then per token
 one warp's fp32 softmax, top-k and renormalisation, launched as a programmatic dependent of the first on sm_90.
 The logits workspace and the outputs come from torch's caching allocator; nothing is read on the host.
 """
