@@ -37,6 +37,7 @@ KERNEL_LIBS = {
     "norm": "libnorm",
     "router": "librouter",
     "rotary": "librotary",
+    "gemv": "libgemv",
 }
 DEFAULT_ARCHS = "80;90a"
 

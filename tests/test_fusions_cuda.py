@@ -19,12 +19,16 @@ Tolerances, from how the kernels round (bf16: 8 significant bits, unit roundoff 
   2e-6 relative (the kernel's softmax repeats torch's for E = 32; other E sum in another order, ~1 fp32 ulp).
 - rotary + KV store: the reference's fp32 products and sums in its order, rounded once: bit for bit, and every
   cache row the step does not write keeps its value.
+- GEMV vs exact fp64 x W^T: the final rounding u |y|, plus the fp32 summation's worst case: a lane adds K/32
+  products in sequence, then 5 shuffle levels and up to 8 slices, each addition off by at most 2^-24 of the
+  sum of |x_i w_i| so far: (K/32 + 16) 2^-24 sum_i |x_i w_i|.
 """
 import pytest
 import torch
 
 from minimax_m1.layers.rotary import PartialRotary
-from minimax_m1.ops import norm, rotary, router
+from minimax_m1.ops import gemv, norm, rotary, router
+from minimax_m1.ops.gemv import cuda as gemv_cuda
 from minimax_m1.ops.norm import cuda as norm_cuda, reference as norm_ref
 from minimax_m1.ops.rotary import cuda as rotary_cuda, reference as rotary_ref
 from minimax_m1.ops.router import cuda as router_cuda, reference as router_ref
@@ -457,11 +461,80 @@ def test_lightning_decode_applies_silu(batch, heads, dtype):
     assert torch.equal(fused, plain) and torch.equal(pool_a, pool_b)
 
 
+# ---- GEMV
+
+GEMV_SHAPES = [(3072, 6144), (1024, 6144), (6144, 1024), (128, 6144), (32, 6144), (25008, 6144),  # TP8 rank
+               (24576, 6144), (8192, 6144), (6144, 8192), (1024, 6144),  # full model
+               (1, 8), (7, 264), (33, 2056)]  # edges: one row, short and odd sizes
+
+
+def _check_gemv(y, x, w):
+    exact = x.double() @ w.double().t()
+    bound = (x.double().abs() @ w.double().abs().t()) * (x.shape[1] / 32 + 16) * 2.0 ** -24
+    assert y.dtype == x.dtype and y.shape == exact.shape and torch.isfinite(y).all()
+    excess = (y.double() - exact).abs() - U[y.dtype] * exact.abs() - bound
+    assert excess.max() <= 0, f"off by {excess.max().item():.3g} beyond the bound"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", GEMV_SHAPES)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8])
+def test_gemv(tokens, n, k, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(tokens * 7 + n + k)
+    x = torch.randn(tokens, k, generator=gen, device="cuda").to(dtype)
+    w = (torch.randn(n, k, generator=gen, device="cuda") * k ** -0.5).to(dtype)
+    assert gemv_cuda.supports(x, w)
+    _poison()
+    _check_gemv(gemv_cuda.gemv(x, w), x, w)
+
+
+@pytest.mark.parametrize("ksplit", [1, 2, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 4, 8])
+def test_gemv_every_split(ksplit, tokens):
+    gen = torch.Generator(device="cuda").manual_seed(ksplit + tokens)
+    x = torch.randn(tokens, 6144, generator=gen, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(1000, 6144, generator=gen, device="cuda") * 6144 ** -0.5).to(torch.bfloat16)
+    _poison()
+    _check_gemv(gemv_cuda.gemv(x, w, ksplit), x, w)
+
+
+def test_gemv_strided_x_and_dispatch():
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    big = torch.randn(3, 6144 + 8, generator=gen, device="cuda").to(torch.bfloat16)
+    x = big[:, 8:]  # rows at a stride, 16 bytes in
+    w = (torch.randn(512, 6144, generator=gen, device="cuda") * 6144 ** -0.5).to(torch.bfloat16)
+    _check_gemv(gemv.linear(x, w), x, w)
+    many = torch.randn(gemv.MAX_TOKENS + 1, 6144, device="cuda").to(torch.bfloat16)
+    assert torch.equal(gemv.linear(many, w), torch.nn.functional.linear(many, w))  # past the policy: cuBLAS
+    assert not gemv_cuda.supports(x.float(), w.float())
+    mod = gemv_cuda._load()
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        mod.gemv(torch.zeros(9, 64, device="cuda", dtype=torch.bfloat16), w[:, :64].contiguous(),
+                 torch.empty(9, 512, device="cuda", dtype=torch.bfloat16), 0)
+    with pytest.raises(ValueError, match="ksplit"):
+        mod.gemv(x.contiguous(), w, torch.empty(3, 512, device="cuda", dtype=torch.bfloat16), 3)
+
+
+def test_gemv_in_cuda_graph():
+    gen = torch.Generator(device="cuda").manual_seed(10)
+    x = torch.randn(2, 6144, generator=gen, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(3072, 6144, generator=gen, device="cuda") * 6144 ** -0.5).to(torch.bfloat16)
+    gemv_cuda.gemv(x, w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gemv_cuda.gemv(x, w)
+    for _ in range(3):
+        x.copy_(torch.randn(2, 6144, generator=gen, device="cuda").to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_gemv(y, x, w)
+
+
 # ---- the model with and without the fused kernels
 
 def test_model_output_unchanged_by_the_fusions(monkeypatch):
     """A small bf16 model with M1's head size (4 layers, hidden 256, 4 x 128 lightning features, 4 experts top-2):
-    prompt logits with the fused norms, router and rotary against the same model on the torch references. The kernels
+    prompt logits with the fused norms, router, rotary and GEMV against the same model on the torch references. The kernels
     move a normed element by at most one bf16 step, so the logits differ by rounding noise only (rel 2e-2 of
     max|logit|, about five bf16 steps after four layers), and greedy decoding (CUDA graphs) agrees token for
     token unless two candidates are within rounding of a tie."""
@@ -485,6 +558,7 @@ def test_model_output_unchanged_by_the_fusions(monkeypatch):
             monkeypatch.setattr(norm_cuda, "supports_rows", lambda *a: False)
             monkeypatch.setattr(router_cuda, "supports", lambda *a: False)
             monkeypatch.setattr(rotary_cuda, "supports", lambda *a: False)
+            monkeypatch.setattr(gemv_cuda, "supports", lambda *a: False)
         llm = LLM("tiny", device="cuda", dtype="bfloat16", gpu_memory_utilization=0.2, max_num_seqs=8)
         logits = llm.prompt_logits(ids).float()
         out = llm.generate(prompt_token_ids=ids[:40], sampling_params=params)[0].outputs[0]
