@@ -14,7 +14,7 @@ from util import kernel_bindings
 
 BUILT = {name: b for name, b in kernel_bindings().items() if b._LIBRARY.path().is_file()}
 needs_built = pytest.mark.skipif(not BUILT, reason="the CUDA kernels are not built here (no nvcc at install)")
-SWITCHES = ("MINIMAX_M1_LIGHTNING_SM90", "MINIMAX_M1_MOE_PDL")
+SWITCHES = ("MINIMAX_M1_LIGHTNING_SM90", "MINIMAX_M1_MOE_PDL", "MINIMAX_M1_FUSED_OPS")
 
 
 @pytest.mark.parametrize("value,expect", [(None, True), ("0", False), ("1", True)])
@@ -28,9 +28,9 @@ def test_switch_values(monkeypatch, value, expect):
 
 def test_switches_are_read_at_import():
     env = dict(os.environ, **dict.fromkeys(SWITCHES, "0"))
-    code = "from minimax_m1.ops import _library as l; print(l.LIGHTNING_SM90, l.MOE_PDL)"
+    code = "from minimax_m1.ops import _library as l; print(l.LIGHTNING_SM90, l.MOE_PDL, l.FUSED_OPS)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False False"
+    assert out.stdout.strip() == "False False False"
 
 
 def test_missing_library_says_why():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _library
 from .._library import KernelLibrary, custom_op
 
 _LIBRARY = KernelLibrary("libgemv.so", "MINIMAX_M1_GEMV_LIB", "gemv_limits")
@@ -22,7 +23,7 @@ _load, available, load_error, limits = _LIBRARY.load, _LIBRARY.available, _LIBRA
 def supports(x: Tensor, weight: Tensor) -> bool:
     """Whether the kernel takes x [T, K] (T <= max_tokens) and weight [N, K] (x's dtype, contiguous)."""
     lim = _LIBRARY.limits_if_loaded()
-    if lim is None or not x.is_cuda or x.dim() != 2 or weight.dim() != 2:
+    if lim is None or not _library.FUSED_OPS or not x.is_cuda or x.dim() != 2 or weight.dim() != 2:
         return False
     return (x.dtype in lim["dtypes"] and weight.dtype == x.dtype and weight.device == x.device
             and x.shape[0] <= lim["max_tokens"] and x.shape[1] == weight.shape[1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _library
 from .._library import KernelLibrary, custom_op
 
 _LIBRARY = KernelLibrary("libnorm.so", "MINIMAX_M1_NORM_LIB", "norm_limits")
@@ -24,7 +25,7 @@ _load, available, load_error, limits = _LIBRARY.load, _LIBRARY.available, _LIBRA
 def supports_rows(x: Tensor, *others: Tensor) -> bool:
     """Whether the kernels take x [..., n] and the other [..., n] inputs (x's dtype, shape and device)."""
     lim = _LIBRARY.limits_if_loaded()
-    if lim is None or not x.is_cuda or x.dim() < 1:
+    if lim is None or not _library.FUSED_OPS or not x.is_cuda or x.dim() < 1:
         return False
     n = x.shape[-1]
     return (x.dtype in lim["dtypes"] and 0 < n <= lim["max_features"] and n % lim["feature_multiple"] == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _library
 from .._library import KernelLibrary, custom_op
 
 _LIBRARY = KernelLibrary("librotary.so", "MINIMAX_M1_ROTARY_LIB", "rotary_limits")
@@ -31,7 +32,7 @@ def _heads_ok(t: Tensor, dtype: torch.dtype, device) -> bool:
 def supports(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, kv_cache: Tensor) -> bool:
     """Whether the kernel takes these tensors (else the caller keeps the torch reference)."""
     lim = _LIBRARY.limits_if_loaded()
-    if lim is None or not q.is_cuda or q.dtype not in lim["dtypes"] or cos.dim() != 2:
+    if lim is None or not _library.FUSED_OPS or not q.is_cuda or q.dtype not in lim["dtypes"] or cos.dim() != 2:
         return False
     mult, d, rd = lim["head_dim_multiple"], q.shape[-1], cos.shape[-1]
     return (d % mult == 0 and rd % (2 * mult) == 0 and 0 < rd <= d and cos.dtype == torch.float32

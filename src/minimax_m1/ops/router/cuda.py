@@ -25,7 +25,7 @@ _load, available, load_error, limits = _LIBRARY.load, _LIBRARY.available, _LIBRA
 def supports(x: Tensor, weight: Tensor, top_k: int) -> bool:
     """Whether the kernels take x [T, H] with the gate weight [E, H] (x's dtype) and this top_k."""
     lim = _LIBRARY.limits_if_loaded()
-    if lim is None or not x.is_cuda or x.dim() != 2 or weight.dim() != 2:
+    if lim is None or not _library.FUSED_OPS or not x.is_cuda or x.dim() != 2 or weight.dim() != 2:
         return False
     e, h = weight.shape
     return (x.dtype in lim["dtypes"] and weight.dtype == x.dtype and weight.device == x.device
