@@ -41,6 +41,7 @@ FP32_SLACK = 1e-5
 ROWS = [1, 2, 7, 64, 257]
 FEATURES = [6144, 1024, 8192, 8, 16384, 1032]  # hidden; TP8 and full lightning norms; the edges; a 3-vector tail
 ALPHA = (2 * 80) ** 0.25  # DeepNorm's alpha for 80 layers
+BF16_ = torch.bfloat16
 
 
 def _poison(nbytes: int = 64 << 20) -> None:
@@ -213,13 +214,13 @@ def test_norm_launcher_errors():
     w = torch.ones(64, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(x)
     with pytest.raises(ValueError, match="weight must be bfloat16"):
-        mod.norm_rms_norm(x, w.float(), 1e-5, out)
+        mod.norm_rms_norm(x, w.float(), 1e-5, out, True)
     with pytest.raises(ValueError, match="out must have shape"):
-        mod.norm_rms_norm(x, w, 1e-5, out[:1])
+        mod.norm_rms_norm(x, w, 1e-5, out[:1], True)
     with pytest.raises(ValueError, match="multiple of 8"):
-        mod.norm_rms_norm(x[:, :12], w[:12], 1e-5, out[:, :12])
+        mod.norm_rms_norm(x[:, :12], w[:12], 1e-5, out[:, :12], True)
     with pytest.raises(ValueError, match="size"):
-        mod.norm_gated_rms_norm(x, x, w, torch.ones(2, device="cuda"), 1e-6, 32, out)
+        mod.norm_gated_rms_norm(x, x, w, torch.ones(2, device="cuda"), 1e-6, 32, out, True)
     empty = x[:0]
     assert norm.rms_norm(empty, w, 1e-5).shape == (0, 64)
 
@@ -429,9 +430,9 @@ def test_rotary_dispatch_and_errors():
     assert not rotary_cuda.supports(q, k, v, cos[:, :24], cache)  # rotary_dim / 2 not a multiple of 8
     mod = rotary_cuda._load()
     with pytest.raises(ValueError, match="kv_cache must be"):
-        mod.rotary_write_kv(q, k, v, cos, sin, cache[:, :, :, :1], slots, torch.empty_like(q))
+        mod.rotary_write_kv(q, k, v, cos, sin, cache[:, :, :, :1], slots, torch.empty_like(q), True)
     with pytest.raises(ValueError, match="slot_mapping must be"):
-        mod.rotary_write_kv(q, k, v, cos, sin, cache, slots.float(), torch.empty_like(q))
+        mod.rotary_write_kv(q, k, v, cos, sin, cache, slots.float(), torch.empty_like(q), True)
 
 
 # ---- lightning decode with the SiLU applied as it loads
@@ -510,9 +511,9 @@ def test_gemv_strided_x_and_dispatch():
     mod = gemv_cuda._load()
     with pytest.raises(ValueError, match="at most 8 rows"):
         mod.gemv(torch.zeros(9, 64, device="cuda", dtype=torch.bfloat16), w[:, :64].contiguous(),
-                 torch.empty(9, 512, device="cuda", dtype=torch.bfloat16), 0)
+                 torch.empty(9, 512, device="cuda", dtype=torch.bfloat16), 0, True)
     with pytest.raises(ValueError, match="ksplit"):
-        mod.gemv(x.contiguous(), w, torch.empty(3, 512, device="cuda", dtype=torch.bfloat16), 3)
+        mod.gemv(x.contiguous(), w, torch.empty(3, 512, device="cuda", dtype=torch.bfloat16), 3, True)
 
 
 def test_gemv_in_cuda_graph():
@@ -528,6 +529,49 @@ def test_gemv_in_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         _check_gemv(y, x, w)
+
+
+# ---- programmatic dependent launch changes nothing
+
+def test_pdl_chain_matches_serial_launches(monkeypatch):
+    """A decode layer's chain of fused kernels (norm -> GEMV -> gated norm -> GEMV -> residual norm -> router ->
+    rotary) launched as programmatic dependents, eagerly and inside a CUDA graph, equals the same chain launched
+    one after the other: each kernel waits for its producer before touching memory."""
+    from minimax_m1.ops import _library
+
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    h = torch.randn(4, 6144, generator=gen, device="cuda").to(BF16_)
+    w_norm = (torch.rand(6144, generator=gen, device="cuda") + 0.5).to(BF16_)
+    w_gate = (torch.randn(1024, 6144, generator=gen, device="cuda") * 6144 ** -0.5).to(BF16_)
+    w_out = (torch.randn(6144, 1024, generator=gen, device="cuda") * 1024 ** -0.5).to(BF16_)
+    w_small = (torch.rand(1024, generator=gen, device="cuda") + 0.5).to(BF16_)
+    router_w = (torch.randn(32, 6144, generator=gen, device="cuda") * 6144 ** -0.5).to(BF16_)
+    q, k, v, cos, sin, cache, slots = _rotary_case(4, 8, 1, 128, 64, BF16_, gen)
+
+    def chain(c):
+        xn = norm.rms_norm(h, w_norm, 1e-5)
+        g = gemv_cuda.gemv(xn, w_gate)
+        o = norm.gated_rms_norm(g, g, w_small, 1e-6)
+        a = gemv_cuda.gemv(o, w_out)
+        hh, yn = norm.add_rms_norm(xn, a, w_norm, 1e-5, ALPHA, 1.0)
+        weights, ids = router_cuda.route(yn, router_w, 2)
+        qr = rotary.rotary_write_kv(q, k, v, cos, sin, c, slots)
+        return [xn, g, o, a, hh, yn, weights, ids, qr, c]
+
+    results = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(_library, "FUSED_PDL", pdl)
+        eager = chain(cache.clone())
+        c = cache.clone()
+        chain(c.clone())  # warm up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = chain(c)
+        graph.replay()
+        torch.cuda.synchronize()
+        results[pdl] = (eager, captured)
+    for a, b in zip(results[False][0] + results[False][1], results[True][0] + results[True][1]):
+        assert torch.equal(a, b)
 
 
 # ---- the model with and without the fused kernels

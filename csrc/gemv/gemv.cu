@@ -3,6 +3,7 @@
 
 #include "../common/check.h"
 #include "../common/device.h"
+#include "../common/launch.h"
 #include "launchers.h"
 #include "minimax_m1/gemv/gemv.cuh"
 
@@ -33,21 +34,20 @@ int pick_ksplit(int64_t n, int64_t k, int rows_per_warp, int sms) {
 }
 
 template <typename T, int kT>
-void launch(Params p, int64_t ksplit, int device_id, cudaStream_t stream) {
+void launch(Params p, int64_t ksplit, int device_id, cudaStream_t stream, bool pdl) {
   constexpr int R = rows_per_warp<kT>();
   p.ksplit = ksplit > 0 ? static_cast<int>(ksplit) : pick_ksplit(p.n, p.k, R, device_info(device_id).sm_count);
   const int64_t rows_per_cta = static_cast<int64_t>(kWarps / p.ksplit) * R;
   const dim3 grid(static_cast<unsigned>((p.n + rows_per_cta - 1) / rows_per_cta));
-  gemv_kernel<T, kT, R, loads_in_flight<kT>()><<<grid, kThreads, 0, stream>>>(p);
-  MINIMAX_CHECK_LAUNCH();
+  launch_kernel(gemv_kernel<T, kT, R, loads_in_flight<kT>()>, grid, kThreads, stream, pdl, p);
 }
 
 template <typename T>
-void dispatch_tokens(const Params& p, int64_t ksplit, int device_id, cudaStream_t stream) {
-  if (p.tokens <= 1) launch<T, 1>(p, ksplit, device_id, stream);
-  else if (p.tokens <= 2) launch<T, 2>(p, ksplit, device_id, stream);
-  else if (p.tokens <= 4) launch<T, 4>(p, ksplit, device_id, stream);
-  else launch<T, 8>(p, ksplit, device_id, stream);
+void dispatch_tokens(const Params& p, int64_t ksplit, int device_id, cudaStream_t stream, bool pdl) {
+  if (p.tokens <= 1) launch<T, 1>(p, ksplit, device_id, stream, pdl);
+  else if (p.tokens <= 2) launch<T, 2>(p, ksplit, device_id, stream, pdl);
+  else if (p.tokens <= 4) launch<T, 4>(p, ksplit, device_id, stream, pdl);
+  else launch<T, 8>(p, ksplit, device_id, stream, pdl);
 }
 
 }  // namespace
@@ -58,7 +58,7 @@ Limits limits() {
                       {"k_multiple", static_cast<int64_t>(kVecElems)}});
 }
 
-void gemv(TensorView x, TensorView w, TensorView y, int64_t ksplit) {
+void gemv(TensorView x, TensorView w, TensorView y, int64_t ksplit, bool pdl) {
   if (x.ndim() != 2 || w.ndim() != 2 || y.ndim() != 2)
     TVM_FFI_THROW(ValueError) << "x, w and y must be 2-D ([tokens, K], [N, K], [tokens, N])";
   const int device_id = x.device().device_id;
@@ -94,8 +94,9 @@ void gemv(TensorView x, TensorView w, TensorView y, int64_t ksplit) {
   p.k = static_cast<int>(k);
   tvm::ffi::CUDADeviceGuard guard(device_id);
   const cudaStream_t stream = current_stream(device_id);
-  if (dtype == Dtype::kBF16) dispatch_tokens<__nv_bfloat16>(p, ksplit, device_id, stream);
-  else dispatch_tokens<__half>(p, ksplit, device_id, stream);
+  const bool use_pdl = pdl && device_has_pdl(device_id);
+  if (dtype == Dtype::kBF16) dispatch_tokens<__nv_bfloat16>(p, ksplit, device_id, stream, use_pdl);
+  else dispatch_tokens<__half>(p, ksplit, device_id, stream, use_pdl);
 }
 
 }  // namespace gemv

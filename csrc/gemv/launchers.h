@@ -18,7 +18,8 @@ Limits limits();
 // y = x w^T: x [T, K] bf16/fp16 (contiguous last dim, 16-byte aligned rows), w [N, K] x's dtype contiguous,
 // y [T, N] x's dtype with a contiguous last dim; T <= max_tokens, K a multiple of 8. fp32 accumulation,
 // rounded once. ksplit: 0 picks it (the fewest warps per row that give every SM work), else 1, 2, 4 or 8.
-void gemv(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView y, int64_t ksplit);
+// pdl: a programmatic dependent launch of the kernel before (sm_90+; ignored elsewhere).
+void gemv(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView y, int64_t ksplit, bool pdl);
 
 }  // namespace gemv
 }  // namespace minimax_m1

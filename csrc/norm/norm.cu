@@ -2,6 +2,7 @@
 #include <tvm/ffi/extra/cuda/device_guard.h>
 
 #include "../common/check.h"
+#include "../common/launch.h"
 #include "launchers.h"
 #include "minimax_m1/norm/rms_norm.cuh"
 
@@ -41,19 +42,18 @@ void check_weight(const TensorView& w, Dtype dtype, int64_t n) {
 }
 
 template <typename T, Mode M>
-void launch_rows(const Params& p, int64_t rows, cudaStream_t stream) {
+void launch_rows(const Params& p, int64_t rows, cudaStream_t stream, bool pdl) {
   const int per_thread = (p.n / kVecElems + kThreads - 1) / kThreads;
   const dim3 grid(static_cast<unsigned>(rows));
-  if (per_thread <= 1) rms_norm_kernel<T, 1, M><<<grid, kThreads, 0, stream>>>(p);
-  else if (per_thread <= 2) rms_norm_kernel<T, 2, M><<<grid, kThreads, 0, stream>>>(p);
-  else if (per_thread <= 3) rms_norm_kernel<T, 3, M><<<grid, kThreads, 0, stream>>>(p);
-  else if (per_thread <= 4) rms_norm_kernel<T, 4, M><<<grid, kThreads, 0, stream>>>(p);
-  else rms_norm_kernel<T, kMaxVecsPerThread, M><<<grid, kThreads, 0, stream>>>(p);
-  MINIMAX_CHECK_LAUNCH();
+  if (per_thread <= 1) launch_kernel(rms_norm_kernel<T, 1, M>, grid, kThreads, stream, pdl, p);
+  else if (per_thread <= 2) launch_kernel(rms_norm_kernel<T, 2, M>, grid, kThreads, stream, pdl, p);
+  else if (per_thread <= 3) launch_kernel(rms_norm_kernel<T, 3, M>, grid, kThreads, stream, pdl, p);
+  else if (per_thread <= 4) launch_kernel(rms_norm_kernel<T, 4, M>, grid, kThreads, stream, pdl, p);
+  else launch_kernel(rms_norm_kernel<T, kMaxVecsPerThread, M>, grid, kThreads, stream, pdl, p);
 }
 
 template <Mode M>
-void launch(const TensorView& x, Dtype dtype, Params p) {
+void launch(const TensorView& x, Dtype dtype, Params p, bool pdl) {
   const int64_t rows = x.size(0);
   if (rows == 0) return;
   if (rows > INT32_MAX) TVM_FFI_THROW(ValueError) << "at most " << INT32_MAX << " rows";
@@ -64,8 +64,9 @@ void launch(const TensorView& x, Dtype dtype, Params p) {
   p.x = data_of(x);
   p.x_stride = x.stride(0);
   const cudaStream_t stream = current_stream(device_id);
-  if (dtype == Dtype::kBF16) launch_rows<__nv_bfloat16, M>(p, rows, stream);
-  else launch_rows<__half, M>(p, rows, stream);
+  const bool use_pdl = pdl && device_has_pdl(device_id);
+  if (dtype == Dtype::kBF16) launch_rows<__nv_bfloat16, M>(p, rows, stream, use_pdl);
+  else launch_rows<__half, M>(p, rows, stream, use_pdl);
 }
 
 }  // namespace
@@ -76,7 +77,7 @@ Limits limits() {
                       {"feature_multiple", static_cast<int64_t>(kVecElems)}});
 }
 
-void rms_norm(TensorView x, TensorView weight, double eps, TensorView out) {
+void rms_norm(TensorView x, TensorView weight, double eps, TensorView out, bool pdl) {
   const Dtype dtype = check_input(x, "x");
   const int device_id = x.device().device_id;
   check_cuda({{&x, "x"}, {&weight, "weight"}, {&out, "out"}}, device_id, "x");
@@ -88,11 +89,11 @@ void rms_norm(TensorView x, TensorView weight, double eps, TensorView out) {
   p.out = data_of(out);
   p.out_stride = out.stride(0);
   p.eps = static_cast<float>(eps);
-  launch<Mode::kPlain>(x, dtype, p);
+  launch<Mode::kPlain>(x, dtype, p, pdl);
 }
 
 void add_rms_norm(TensorView r, TensorView a, TensorView weight, double alpha, double beta, double eps, TensorView h,
-                  TensorView out) {
+                  TensorView out, bool pdl) {
   const Dtype dtype = check_input(r, "r");
   const int device_id = r.device().device_id;
   check_cuda({{&r, "r"}, {&a, "a"}, {&weight, "weight"}, {&h, "h"}, {&out, "out"}}, device_id, "r");
@@ -112,11 +113,11 @@ void add_rms_norm(TensorView r, TensorView a, TensorView weight, double alpha, d
   p.alpha = static_cast<float>(alpha);  // torch rounds a Python scalar to the fp32 it computes in
   p.beta = static_cast<float>(beta);
   p.eps = static_cast<float>(eps);
-  launch<Mode::kResidual>(r, dtype, p);
+  launch<Mode::kResidual>(r, dtype, p, pdl);
 }
 
 void gated_rms_norm(TensorView x, TensorView gate, TensorView weight, TensorView sum_sq, double eps, int64_t size,
-                    TensorView out) {
+                    TensorView out, bool pdl) {
   const Dtype dtype = check_input(x, "x");
   const int device_id = x.device().device_id;
   check_cuda({{&x, "x"}, {&gate, "gate"}, {&weight, "weight"}, {&sum_sq, "sum_sq"}, {&out, "out"}}, device_id, "x");
@@ -140,10 +141,10 @@ void gated_rms_norm(TensorView x, TensorView gate, TensorView weight, TensorView
   p.out = data_of(out);
   p.out_stride = out.stride(0);
   p.eps = static_cast<float>(eps);
-  launch<Mode::kGated>(x, dtype, p);
+  launch<Mode::kGated>(x, dtype, p, pdl);
 }
 
-void sum_squares(TensorView x, TensorView out) {
+void sum_squares(TensorView x, TensorView out, bool pdl) {
   const Dtype dtype = check_input(x, "x");
   const int device_id = x.device().device_id;
   check_cuda({{&x, "x"}, {&out, "out"}}, device_id, "x");
@@ -152,7 +153,7 @@ void sum_squares(TensorView x, TensorView out) {
   check_contiguous(out, "out");
   Params p{};
   p.out = data_of(out);
-  launch<Mode::kSumSq>(x, dtype, p);
+  launch<Mode::kSumSq>(x, dtype, p, pdl);
 }
 
 }  // namespace norm

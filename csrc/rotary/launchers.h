@@ -17,10 +17,11 @@ Limits limits();
 // q [T, Hq, D], k and v [T, Hkv, D] bf16/fp16 (each head's D contiguous, heads contiguous, 16-byte aligned rows);
 // cos, sin [T, rd] fp32 contiguous; q_out [T, Hq, D] contiguous; kv_cache [2, blocks, block_size, Hkv, D]
 // contiguous, q's dtype; slot_mapping [T] int32/int64. q_out = rotary(q); the cache rows of slot_mapping[t]
-// (block * block_size + offset) get rotary(k[t]) and v[t]; slots outside the cache are skipped.
+// (block * block_size + offset) get rotary(k[t]) and v[t]; slots outside the cache are skipped. pdl: a
+// programmatic dependent launch of the kernel before (sm_90+; ignored elsewhere).
 void rotary_write_kv(tvm::ffi::TensorView q, tvm::ffi::TensorView k, tvm::ffi::TensorView v,
                      tvm::ffi::TensorView cos, tvm::ffi::TensorView sin, tvm::ffi::TensorView kv_cache,
-                     tvm::ffi::TensorView slot_mapping, tvm::ffi::TensorView q_out);
+                     tvm::ffi::TensorView slot_mapping, tvm::ffi::TensorView q_out, bool pdl);
 
 }  // namespace rotary
 }  // namespace minimax_m1

@@ -2,6 +2,7 @@
 #include <tvm/ffi/extra/cuda/device_guard.h>
 
 #include "../common/check.h"
+#include "../common/launch.h"
 #include "launchers.h"
 #include "minimax_m1/rotary/rotary_kv.cuh"
 
@@ -34,7 +35,7 @@ Limits limits() {
 }
 
 void rotary_write_kv(TensorView q, TensorView k, TensorView v, TensorView cos, TensorView sin, TensorView kv_cache,
-                     TensorView slot_mapping, TensorView q_out) {
+                     TensorView slot_mapping, TensorView q_out, bool pdl) {
   if (q.ndim() != 3 || k.ndim() != 3) TVM_FFI_THROW(ValueError) << "q and k must be [tokens, heads, head_dim]";
   const int device_id = q.device().device_id;
   check_cuda({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&cos, "cos"}, {&sin, "sin"}, {&kv_cache, "kv_cache"},
@@ -89,9 +90,9 @@ void rotary_write_kv(TensorView q, TensorView k, TensorView v, TensorView cos, T
   tvm::ffi::CUDADeviceGuard guard(device_id);
   const cudaStream_t stream = current_stream(device_id);
   const dim3 grid(static_cast<unsigned>(tokens));
-  if (dtype == Dtype::kBF16) rotary_kv_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p);
-  else rotary_kv_kernel<__half><<<grid, kThreads, 0, stream>>>(p);
-  MINIMAX_CHECK_LAUNCH();
+  const bool use_pdl = pdl && device_has_pdl(device_id);
+  if (dtype == Dtype::kBF16) launch_kernel(rotary_kv_kernel<__nv_bfloat16>, grid, kThreads, stream, use_pdl, p);
+  else launch_kernel(rotary_kv_kernel<__half>, grid, kThreads, stream, use_pdl, p);
 }
 
 }  // namespace rotary

@@ -19,7 +19,7 @@ Limits limits();
 // [T, E] fp32 contiguous (workspace; holds the gate's logits, rounded to x's dtype, afterwards); weights [T, k]
 // fp32 and ids [T, k] int64 contiguous: the top_k experts of softmax(logits) in fp32, descending (ties: the
 // lower id), weights renormalised to sum 1. H a multiple of 8, E <= 256, 1 <= k <= min(E, 8).
-// pdl: launch the top-k kernel as a programmatic dependent of the logits kernel (sm_90+; ignored elsewhere).
+// pdl: launch both kernels as programmatic dependents of the kernel before (sm_90+; ignored elsewhere).
 void route(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView logits,
            tvm::ffi::TensorView weights, tvm::ffi::TensorView ids, bool pdl);
 

@@ -1,9 +1,10 @@
-// Router launcher: validate, launch the logits kernel, then the top-k kernel (a programmatic dependent launch
-// where the device has it).
+// Router launcher: validate, launch the logits kernel, then the top-k kernel (each a programmatic dependent
+// launch where the device has it and the caller asks).
 #include <tvm/ffi/extra/cuda/device_guard.h>
 
 #include "../common/check.h"
 #include "../common/device.h"
+#include "../common/launch.h"
 #include "launchers.h"
 #include "minimax_m1/router/router.cuh"
 
@@ -16,24 +17,6 @@ constexpr Dtype kDtypes[] = {Dtype::kBF16, Dtype::kF16};
 void check_out(const TensorView& t, const char* name, int64_t rows, int64_t cols) {
   check_shape(t, name, {rows, cols});
   check_contiguous(t, name);
-}
-
-template <int kPerLane>
-void launch_topk(const TopkParams& p, cudaStream_t stream, bool pdl) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>((p.tokens + kTopkWarps - 1) / kTopkWarps));
-  cfg.blockDim = dim3(kTopkWarps * 32);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, topk_kernel<kPerLane>, p);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    TVM_FFI_THROW(RuntimeError) << "CUDA launch failed: " << cudaGetErrorString(err);
-  }
 }
 
 }  // namespace
@@ -85,19 +68,19 @@ void route(TensorView x, TensorView w, TensorView logits, TensorView weights, Te
                  static_cast<int>(tokens), static_cast<int>(experts), static_cast<int>(hidden)};
   const dim3 grid(static_cast<unsigned>(experts), static_cast<unsigned>((tokens + kTokens - 1) / kTokens));
   if (grid.y > 65535) TVM_FFI_THROW(ValueError) << "too many tokens for one call: " << tokens;
-  if (dtype == Dtype::kBF16) logits_kernel<__nv_bfloat16><<<grid, kLogitThreads, 0, stream>>>(lp);
-  else logits_kernel<__half><<<grid, kLogitThreads, 0, stream>>>(lp);
-  MINIMAX_CHECK_LAUNCH();
+  const bool use_pdl = pdl && device_has_pdl(device_id);
+  if (dtype == Dtype::kBF16) launch_kernel(logits_kernel<__nv_bfloat16>, grid, kLogitThreads, stream, use_pdl, lp);
+  else launch_kernel(logits_kernel<__half>, grid, kLogitThreads, stream, use_pdl, lp);
 
   TopkParams tp{static_cast<const float*>(data_of(logits)), static_cast<float*>(data_of(weights)),
                 static_cast<int64_t*>(data_of(ids)), static_cast<int>(tokens), static_cast<int>(experts),
                 static_cast<int>(top_k)};
-  const bool use_pdl = pdl && device_info(device_id).cc_major >= 9;
+  const dim3 topk_grid(static_cast<unsigned>((tokens + kTopkWarps - 1) / kTopkWarps));
   const int per_lane = static_cast<int>((experts + 31) / 32);
-  if (per_lane <= 1) launch_topk<1>(tp, stream, use_pdl);
-  else if (per_lane <= 2) launch_topk<2>(tp, stream, use_pdl);
-  else if (per_lane <= 4) launch_topk<4>(tp, stream, use_pdl);
-  else launch_topk<kMaxExpertsPerLane>(tp, stream, use_pdl);
+  if (per_lane <= 1) launch_kernel(topk_kernel<1>, topk_grid, kTopkWarps * 32, stream, use_pdl, tp);
+  else if (per_lane <= 2) launch_kernel(topk_kernel<2>, topk_grid, kTopkWarps * 32, stream, use_pdl, tp);
+  else if (per_lane <= 4) launch_kernel(topk_kernel<4>, topk_grid, kTopkWarps * 32, stream, use_pdl, tp);
+  else launch_kernel(topk_kernel<kMaxExpertsPerLane>, topk_grid, kTopkWarps * 32, stream, use_pdl, tp);
 }
 
 }  // namespace router

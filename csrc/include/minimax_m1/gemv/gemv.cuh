@@ -15,6 +15,7 @@
 
 #include "minimax_m1/common/convert.cuh"
 #include "minimax_m1/common/load.cuh"
+#include "minimax_m1/common/pdl.cuh"
 
 namespace minimax_m1 {
 namespace gemv {
@@ -46,6 +47,7 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
 
 template <typename T, int kT, int R, int U>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(Params p) {
+  wait_previous_grid();  // x comes from the kernel before (a programmatic dependent launch)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int groups = kWarps / p.ksplit;  // row groups per CTA
   const int group = warp / p.ksplit, part = warp - group * p.ksplit;
@@ -105,6 +107,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(Params p) {
     }
   }
 
+  allow_next_grid();  // the weight stream is done: the next kernel may start its launch
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll

@@ -20,6 +20,7 @@
 
 #include "minimax_m1/common/convert.cuh"
 #include "minimax_m1/common/load.cuh"
+#include "minimax_m1/common/pdl.cuh"
 
 namespace minimax_m1 {
 namespace norm {
@@ -83,6 +84,7 @@ __device__ __forceinline__ float block_sum(float v) {
 
 template <typename T, int kVecs, Mode M>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(Params p) {
+  wait_previous_grid();  // the inputs come from the kernel before (a programmatic dependent launch)
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x, nvec = p.n / kVecElems;
   const T* x = static_cast<const T*>(p.x) + row * p.x_stride;
@@ -124,6 +126,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(Params p) {
 #pragma unroll
     for (int j = 0; j < kVecElems; ++j) sq += vals[i][j] * vals[i][j];  // invalid vectors hold zeros
   }
+  allow_next_grid();  // every load is issued: the next kernel may start its launch
   const float total = block_sum(sq);
 
   if constexpr (M == Mode::kSumSq) {

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "minimax_m1/common/convert.cuh"
+#include "minimax_m1/common/pdl.cuh"
 
 namespace minimax_m1 {
 namespace rotary {
@@ -71,6 +72,7 @@ __device__ __forceinline__ void rotate_pair(const T* src, T* dst, const float* c
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rotary_kv_kernel(Params p) {
+  wait_previous_grid();  // q, k, v come from the kernels before (a programmatic dependent launch)
   const int64_t t = blockIdx.x;
   const int nvec = p.head_dim / kVecElems, rvec = p.rotary_dim / kVecElems, hvec = rvec / 2;
   const int half = p.rotary_dim / 2;

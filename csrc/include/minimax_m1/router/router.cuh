@@ -1,4 +1,4 @@
-// The MoE router for decode-sized batches, two kernels (the second a programmatic dependent launch):
+// The MoE router for decode-sized batches, two kernels (each may be a programmatic dependent launch):
 //
 //   logits_kernel  logits[t, e] = x[t] . w[e], fp32 accumulation, rounded to x's dtype (the gate's output dtype in
 //                  the torch reference, F.linear) and kept as fp32. One CTA per (expert, group of kTokens
@@ -58,6 +58,7 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
 
 template <typename T>
 __global__ void __launch_bounds__(kLogitThreads) logits_kernel(LogitParams p) {
+  wait_previous_grid();  // x comes from the kernel before (a programmatic dependent launch)
   const int e = blockIdx.x, t0 = blockIdx.y * kTokens, tid = threadIdx.x;
   const int nvec = p.hidden / kVecElems;
   const T* w = static_cast<const T*>(p.w) + static_cast<int64_t>(e) * p.hidden;

@@ -6,7 +6,8 @@ dispatch keeps F.linear. What the kernel serves is the library's `gemv_limits()`
 
 `gemv` is the torch custom op `minimax_m1::gemv` (fake implementation included; eager calls skip the
 dispatcher). One kernel on torch's current stream: each weight row streamed once (16-byte loads, several in
-flight per lane), fp32 sums, no split-K reduction kernel; nothing read on the host.
+flight per lane), fp32 sums, no split-K reduction kernel, a programmatic dependent launch on sm_90
+(MINIMAX_M1_FUSED_PDL); nothing read on the host.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _gemv_impl(x: Tensor, weight: Tensor, ksplit: int) -> Tensor:
     if x.stride(-1) != 1 or x.data_ptr() % align or (x.shape[0] > 1 and x.stride(0) % (align // x.element_size())):
         x = x.contiguous()
     y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-    _load().gemv(x, weight, y, ksplit)
+    _load().gemv(x, weight, y, ksplit, _library.FUSED_PDL)
     return y
 
 

@@ -7,8 +7,9 @@ dispatch in __init__.py keeps the torch reference. What the kernels serve (dtype
 
 Each entry is a torch custom op (`minimax_m1::rms_norm`, ...) with a fake implementation, so torch.compile sees
 through it; eager calls and CUDA graph captures skip the dispatcher (`_library.custom_op`). One CTA per row, the
-row held in registers: one read of each input, one write of each output, on torch's current stream; outputs come
-from torch's caching allocator (inside a capture, from the graph's pool) and nothing is read on the host.
+row held in registers: one read of each input, one write of each output, on torch's current stream, launched as a
+programmatic dependent of the kernel before on sm_90 (the MINIMAX_M1_FUSED_PDL switch); outputs come from
+torch's caching allocator (inside a capture, from the graph's pool) and nothing is read on the host.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _rows(x: Tensor) -> Tensor:
 def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     x2 = _rows(x)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _load().norm_rms_norm(x2, weight.contiguous(), eps, out)
+    _load().norm_rms_norm(x2, weight.contiguous(), eps, out, _library.FUSED_PDL)
     return out.view(x.shape)
 
 
@@ -64,7 +65,7 @@ def _add_rms_norm_impl(r: Tensor, a: Tensor, weight: Tensor, eps: float, alpha: 
     r2, a2 = _rows(r), _rows(a)
     h = torch.empty(r2.shape, dtype=r.dtype, device=r.device)
     out = torch.empty(r2.shape, dtype=r.dtype, device=r.device)
-    _load().norm_add_rms_norm(r2, a2, weight.contiguous(), alpha, beta, eps, h, out)
+    _load().norm_add_rms_norm(r2, a2, weight.contiguous(), alpha, beta, eps, h, out, _library.FUSED_PDL)
     return h.view(r.shape), out.view(r.shape)
 
 
@@ -75,7 +76,8 @@ def _add_rms_norm_fake(r, a, weight, eps, alpha, beta):
 def _gated_rms_norm_impl(x: Tensor, gate: Tensor, weight: Tensor, sum_sq: Tensor, eps: float, size: int) -> Tensor:
     x2, g2 = _rows(x), _rows(gate)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    _load().norm_gated_rms_norm(x2, g2, weight.contiguous(), sum_sq.reshape(-1), eps, size, out)
+    _load().norm_gated_rms_norm(x2, g2, weight.contiguous(), sum_sq.reshape(-1), eps, size, out,
+                                 _library.FUSED_PDL)
     return out.view(x.shape)
 
 
@@ -86,7 +88,7 @@ def _gated_rms_norm_fake(x, gate, weight, sum_sq, eps, size):
 def _sum_squares_impl(x: Tensor) -> Tensor:
     x2 = _rows(x)
     out = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    _load().norm_sum_squares(x2, out)
+    _load().norm_sum_squares(x2, out, _library.FUSED_PDL)
     return out.view(x.shape[:-1])
 
 

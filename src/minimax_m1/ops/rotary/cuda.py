@@ -44,7 +44,8 @@ def supports(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, kv_cache: Tensor) -> 
 def _rotary_write_kv_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, kv_cache: Tensor,
                           slot_mapping: Tensor) -> Tensor:
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _load().rotary_write_kv(q, k, v, cos.contiguous(), sin.contiguous(), kv_cache, slot_mapping.contiguous(), q_out)
+    _load().rotary_write_kv(q, k, v, cos.contiguous(), sin.contiguous(), kv_cache, slot_mapping.contiguous(), q_out,
+                            _library.FUSED_PDL)
     return q_out
 
 

@@ -7,7 +7,7 @@ dispatch keeps the torch reference. What the kernels serve is the library's `rou
 `route` is the torch custom op `minimax_m1::route` (fake implementation included, so torch.compile sees through
 it; eager calls skip the dispatcher). Two kernels on torch's current stream: the gate's logits (each expert's
 weight row streamed once per 4 tokens, fp32 sums rounded to x's dtype, as F.linear rounds them), then per token
-one warp's fp32 softmax, top-k and renormalisation, launched as a programmatic dependent of the first on sm_90.
+one warp's fp32 softmax, top-k and renormalisation; each a programmatic dependent launch on sm_90.
 The logits workspace and the outputs come from torch's caching allocator; nothing is read on the host.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ _route_op = custom_op("minimax_m1::route", _route_impl, _route_fake)
 
 def route(x: Tensor, weight: Tensor, top_k: int, pdl: bool | None = None) -> tuple[Tensor, Tensor]:
     """x [T, H] bf16/fp16, weight [E, H] x's dtype -> (weights [T, k] fp32, ids [T, k] int64): the reference's
-    contract (ops/router/reference.py), ties broken towards the lower expert id. pdl: the top-k kernel as a
-    programmatic dependent launch (None: the MINIMAX_M1_MOE_PDL switch)."""
-    pdl = _library.MOE_PDL if pdl is None else bool(pdl)
+    contract (ops/router/reference.py), ties broken towards the lower expert id. pdl: both kernels as
+    programmatic dependent launch (None: the MINIMAX_M1_FUSED_PDL switch)."""
+    pdl = _library.FUSED_PDL if pdl is None else bool(pdl)
     return _route_op(x, weight, int(top_k), pdl)
