@@ -34,6 +34,10 @@ KERNEL_LIBS = {
     "lightning_attn": "liblightning_attn",
     "paged_attention": "libpaged_attn",
     "moe": "libmoe",
+    "norm": "libnorm",
+    "router": "librouter",
+    "rotary": "librotary",
+    "gemv": "libgemv",
 }
 DEFAULT_ARCHS = "80;90a"
 

@@ -14,7 +14,7 @@ from util import kernel_bindings
 
 BUILT = {name: b for name, b in kernel_bindings().items() if b._LIBRARY.path().is_file()}
 needs_built = pytest.mark.skipif(not BUILT, reason="the CUDA kernels are not built here (no nvcc at install)")
-SWITCHES = ("MINIMAX_M1_LIGHTNING_SM90", "MINIMAX_M1_MOE_PDL")
+SWITCHES = ("MINIMAX_M1_LIGHTNING_SM90", "MINIMAX_M1_MOE_PDL", "MINIMAX_M1_FUSED_OPS")
 
 
 @pytest.mark.parametrize("value,expect", [(None, True), ("0", False), ("1", True)])
@@ -28,9 +28,9 @@ def test_switch_values(monkeypatch, value, expect):
 
 def test_switches_are_read_at_import():
     env = dict(os.environ, **dict.fromkeys(SWITCHES, "0"))
-    code = "from minimax_m1.ops import _library as l; print(l.LIGHTNING_SM90, l.MOE_PDL)"
+    code = "from minimax_m1.ops import _library as l; print(l.LIGHTNING_SM90, l.MOE_PDL, l.FUSED_OPS)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False False"
+    assert out.stdout.strip() == "False False False"
 
 
 def test_missing_library_says_why():
@@ -58,6 +58,10 @@ EXPECTED = {  # the kernels' own constants, as each library must report them
     "moe": {"dtypes": (torch.bfloat16, torch.float16), "max_rows": 1024, "max_experts": 256, "size_multiple": 64,
             "tile_rows": 16, "quantized_dtypes": (torch.bfloat16,), "experts_int8_weight_dtypes": (torch.int8,),
             "fp8_weight_dtypes": (torch.float8_e4m3fn,), "quantized_size_multiple": 128, "fp8_min_arch": 89},
+    "norm": {"dtypes": (torch.bfloat16, torch.float16), "max_features": 16384, "feature_multiple": 8},
+    "router": {"dtypes": (torch.bfloat16, torch.float16), "max_experts": 256, "max_top_k": 8, "hidden_multiple": 8},
+    "rotary": {"dtypes": (torch.bfloat16, torch.float16), "head_dim_multiple": 8},
+    "gemv": {"dtypes": (torch.bfloat16, torch.float16), "max_tokens": 8, "k_multiple": 8},
 }
 
 

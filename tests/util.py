@@ -11,11 +11,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def kernel_bindings():
     """The bindings of the package's CUDA kernel libraries (each has available() and load_error())."""
+    from minimax_m1.ops.gemv import cuda as gemv_cuda
     from minimax_m1.ops.lightning_attn import cuda as lightning_cuda
     from minimax_m1.ops.moe import cuda as moe_cuda
+    from minimax_m1.ops.norm import cuda as norm_cuda
     from minimax_m1.ops.paged_attention import cuda as paged_cuda
+    from minimax_m1.ops.rotary import cuda as rotary_cuda
+    from minimax_m1.ops.router import cuda as router_cuda
 
-    return {"lightning_attn": lightning_cuda, "paged_attention": paged_cuda, "moe": moe_cuda}
+    return {"lightning_attn": lightning_cuda, "paged_attention": paged_cuda, "moe": moe_cuda, "norm": norm_cuda,
+            "router": router_cuda, "rotary": rotary_cuda, "gemv": gemv_cuda}
 
 
 def unloaded_kernels() -> dict[str, str]:

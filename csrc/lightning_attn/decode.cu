@@ -29,7 +29,7 @@ void dispatch_dtype(Dtype dtype, const DecodeParams& p, cudaStream_t stream) {
 }  // namespace
 
 void decode(TensorView q, TensorView k, TensorView v, TensorView slopes, TensorView state_pool,
-            TensorView state_slots, TensorView out) {
+            TensorView state_slots, TensorView out, bool silu) {
   if (q.ndim() != 3) TVM_FFI_THROW(ValueError) << "q must be [batch, heads, head_dim]";
   const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
   const int device_id = q.device().device_id;
@@ -55,6 +55,7 @@ void decode(TensorView q, TensorView k, TensorView v, TensorView slopes, TensorV
   p.slots = static_cast<const int32_t*>(data_of(state_slots));
   p.num_seqs = static_cast<int>(seqs);
   p.num_heads = static_cast<int>(heads);
+  p.silu = silu ? 1 : 0;
   const cudaStream_t stream = current_stream(device_id);
   if (dim == 128) dispatch_dtype<128>(dtype, p, stream);
   else dispatch_dtype<64>(dtype, p, stream);

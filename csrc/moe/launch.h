@@ -16,6 +16,7 @@
 
 #include "../common/check.h"
 #include "../common/device.h"
+#include "../common/launch.h"
 #include "minimax_m1/moe/experts.cuh"
 
 namespace minimax_m1 {
@@ -102,21 +103,7 @@ Plan make_plan(const Params& p, const Knobs& k, int device_id) {
 
 template <typename Kernel, typename P>
 void launch(Kernel kernel, dim3 grid, unsigned threads, cudaStream_t stream, bool pdl, const P& params) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, params);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    TVM_FFI_THROW(RuntimeError) << "CUDA launch failed: " << cudaGetErrorString(err);
-  }
+  launch_kernel(kernel, grid, threads, stream, pdl, params);
 }
 
 // e4m3 (kQuantAct): quantize x -> gate_up -> quantize act -> down; else gate_up -> down. The first kernel

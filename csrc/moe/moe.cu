@@ -110,9 +110,6 @@ Knobs knobs(int64_t row_tiles, int64_t up_warps, int64_t up_tiles, int64_t down_
   return Knobs{row_tiles, up_warps, up_tiles, down_tiles, prefetch, pdl};
 }
 
-// Programmatic dependent launch needs sm_90.
-bool device_has_pdl(int device_id) { return device_info(device_id).cc_major >= 9; }
-
 int device_arch(int device_id) {
   const DeviceInfo info = device_info(device_id);
   return 10 * info.cc_major + info.cc_minor;

@@ -38,12 +38,12 @@ class LightningAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, states: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         # qkv is laid out per head: [T, H, (q | k | v)], not [Q_all | K_all | V_all]
-        qkv = F.silu(self.qkv_proj(x)).view(t, self.num_heads, 3 * self.head_dim)
-        q, k, v = qkv.split(self.head_dim, dim=-1)
-        if batch.is_decode:
-            o = lightning_attn.decode(q, k, v, self.slopes, states, batch.state_slots)
+        qkv = self.qkv_proj(x).view(t, self.num_heads, 3 * self.head_dim)
+        if batch.is_decode:  # the decode kernel applies the SiLU as it reads q, k, v
+            q, k, v = qkv.split(self.head_dim, dim=-1)
+            o = lightning_attn.decode(q, k, v, self.slopes, states, batch.state_slots, silu=True)
         else:
+            q, k, v = F.silu(qkv).split(self.head_dim, dim=-1)
             o = lightning_attn.prefill(q, k, v, self.slopes, states, batch.state_slots, batch.cu_seqlens)
-        o = self.norm(o.reshape(t, -1))
-        o = torch.sigmoid(self.output_gate(x)) * o
+        o = self.norm(o.reshape(t, -1), self.output_gate(x))  # sigmoid(gate) * RMSNorm(o), one pass
         return self.out_proj(o)

@@ -7,17 +7,18 @@ those boxes; `loaded` is a tensor or anything indexable the same way (a lazy saf
 so a rank reads only its own boxes. `shard_id` names a part of a parameter that the checkpoint stores as its
 own tensor (an expert's w1, w3 or w2); None is the whole tensor. weights.py is a loop that calls these.
 
-At world size 1 every layer here runs F.linear on its whole weight: what nn.Linear does.
+At world size 1 every layer here runs x W^T on its whole weight, what nn.Linear does: F.linear, or for
+decode-sized batches on CUDA the GEMV of ops/gemv (the same product, fp32 sums rounded once).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import SINGLE, Group
+from ..ops import gemv
 
 Box = tuple[slice, ...]
 Plan = tuple[tuple[int, ...], list[tuple[Box, Box]]]
@@ -81,7 +82,7 @@ class ReplicatedLinear(nn.Module):
         self.weight = replicated(nn.Parameter(torch.empty(out_features, in_features)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return gemv.linear(x, self.weight)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -104,7 +105,7 @@ class ColumnParallelLinear(nn.Module):
         return self.full_shape, [(box(self.rows, (0, self.full_shape[1])), whole(self.weight.shape))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return gemv.linear(x, self.weight)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -141,4 +142,4 @@ class RowParallelLinear(nn.Module):
         # its GEMM (as the single-device output is), N-1 further roundings of values of the same size add
         # less than the bf16 step, and an fp32 reduction would double the bytes of ~230 latency-bound decode
         # messages and add two casts each. In fp32 (the tests) the sums agree with TP=1 to ~1e-6.
-        return self.group.all_reduce(F.linear(x, self.weight))
+        return self.group.all_reduce(gemv.linear(x, self.weight))

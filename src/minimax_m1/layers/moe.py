@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig, QuantConfig
 from ..distributed import SINGLE, Group
+from ..ops import router
 from ..quantization.base import experts_method
 from .linear import Plan, ReplicatedLinear, box
 
@@ -89,10 +90,9 @@ class SparseMoE(nn.Module):
     # ---- compute
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> (weights [T, k] fp32, expert ids [T, k])."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        return weights / weights.sum(-1, keepdim=True), experts
+        """x [T, hidden] -> (weights [T, k] fp32, expert ids [T, k] int64): top-k of softmax(gate(x)) in fp32,
+        renormalised (ops/router: fused kernels for decode batches, the torch reference otherwise)."""
+        return router.route(x, self.gate.weight, self.top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)

@@ -1,15 +1,10 @@
+"""RMSNorm layers; the arithmetic (fused kernels and their torch reference) is ops/norm."""
 import torch
 from torch import nn
 
 from ..distributed import SINGLE, Group
+from ..ops import norm
 from .linear import Plan, box, replicated, set_load_plan
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """w * x / sqrt(mean(x^2) + eps), all in fp32, cast back to x's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * xf).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -21,13 +16,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return norm.rms_norm(x, self.weight, self.eps)
+
+    def add_norm(self, r: torch.Tensor, a: torch.Tensor, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepNorm's residual h = alpha * r + beta * a and this norm of it, one pass: returns (h, norm(h))."""
+        return norm.add_rms_norm(r, a, self.weight, self.eps, alpha, beta)
 
 
 class ParallelRMSNorm(nn.Module):
     """RMSNorm over `size` features split evenly across the group's ranks (the lightning output norm over all
     H * D features, each rank holding its heads'): x [T, size/N] -> [T, size/N]. The fp32 sum of squares
-    [T, 1] is all-reduced, one tiny collective; at world size 1 this is rms_norm itself."""
+    [T] is all-reduced, one tiny collective; at world size 1 this is an RMSNorm itself. Given `gate` [T, size/N]
+    (the lightning layer's output gate logits), forward returns sigmoid(gate) * norm(x) in one pass."""
 
     def __init__(self, size: int, eps: float, group: Group = SINGLE):
         super().__init__()
@@ -41,9 +41,14 @@ class ParallelRMSNorm(nn.Module):
         assert shard_id is None, shard_id
         return (self.size,), [(box(self.cols), box((0, self.cols[1] - self.cols[0])))]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        if gate is not None:
+            if self.group.world_size == 1:
+                return norm.gated_rms_norm(x, gate, self.weight, self.eps)
+            sum_sq = self.group.all_reduce(norm.sum_squares(x))  # emulation: this rank's share only
+            return norm.gated_rms_norm(x, gate, self.weight, self.eps, sum_sq, self.size)
         if self.group.world_size == 1:
-            return rms_norm(x, self.weight, self.eps)
+            return norm.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         sum_sq = self.group.all_reduce(xf.pow(2).sum(-1, keepdim=True))  # emulation: this rank's share only
         xf = xf * torch.rsqrt(sum_sq / self.size + self.eps)

@@ -3,6 +3,8 @@ style within them (pairs (i, i + rotary_dim/2)); the remaining dims pass through
 import torch
 from torch import nn
 
+from ..ops.rotary import apply_rotary
+
 
 class PartialRotary(nn.Module):
     def __init__(self, head_dim: int, rotary_dim: int, theta: float):
@@ -27,12 +29,5 @@ class PartialRotary(nn.Module):
         return emb.cos(), emb.sin()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, head_dim] -> same shape and dtype, rotated in fp32."""
-        rd = self.rotary_dim
-        rot = x[..., :rd].float()
-        half = rd // 2
-        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        out = rot * cos[:, None, :] + rotated * sin[:, None, :]
-        if rd == self.head_dim:
-            return out.to(x.dtype)
-        return torch.cat((out.to(x.dtype), x[..., rd:]), dim=-1)
+        """x [T, heads, head_dim] -> same shape and dtype, rotated in fp32 (ops/rotary.apply_rotary)."""
+        return apply_rotary(x, cos, sin)

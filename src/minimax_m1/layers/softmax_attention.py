@@ -7,7 +7,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..distributed import SINGLE, Group
 from ..forward_batch import ForwardBatch
-from ..ops.paged_attention import paged_attention, write_kv
+from ..ops.paged_attention import paged_attention
+from ..ops.rotary import rotary_write_kv
 from .linear import QKVParallelLinear, RowParallelLinear
 from .rotary import PartialRotary
 
@@ -30,10 +31,11 @@ class SoftmaxAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor,
                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         t = x.shape[0]
-        q = self.rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), *cos_sin)
-        k = self.rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), *cos_sin)
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        write_kv(kv_cache, k, v, batch.slot_mapping)
+        # rotary on q and k, k and v into the cache: one kernel on CUDA (ops/rotary)
+        q = rotary_write_kv(q, k, v, *cos_sin, kv_cache, batch.slot_mapping)
         o = paged_attention(q, kv_cache, batch.block_tables, batch.cu_seqlens, batch.context_lens_t, self.scale,
                             max_seqlen_q=batch.max_seqlen_q, max_seqlen_k=batch.context_len_bound,
                             is_decode=batch.is_decode, seq_lens=batch.seq_lens, host_context_lens=batch.context_lens)

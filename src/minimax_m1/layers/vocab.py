@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import SINGLE, Group
+from ..ops import gemv
 from .linear import Plan, box, set_load_plan
 
 
@@ -60,7 +61,7 @@ class ParallelLMHead(_VocabShard):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         w = self.weight
-        logits = F.linear(hidden.to(w.dtype), w).float()
+        logits = gemv.linear(hidden.to(w.dtype), w).float()
         if self.group.world_size == 1:
             return logits
         if not self.group.communicates:

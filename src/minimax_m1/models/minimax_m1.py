@@ -48,15 +48,18 @@ class DecoderLayer(nn.Module):
         self.block_sparse_moe = SparseMoE(config, group, expert_parallel, quant)
         self.mlp_alpha, self.mlp_beta = config.mlp_alpha, config.mlp_beta
 
-    def forward(self, h, batch: ForwardBatch, cache: torch.Tensor, cos_sin) -> torch.Tensor:
-        xn = self.input_layernorm(h)
+    def forward(self, h: torch.Tensor, xn: torch.Tensor, batch: ForwardBatch, cache: torch.Tensor, cos_sin,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the residual stream entering the layer, xn = input_layernorm(h) (the previous layer computed it in
+        the pass that made h). Returns (h out, next_norm(h out)): each residual add runs in one pass with the norm
+        that follows it (ops/norm.add_rms_norm); next_norm is the next layer's input norm, or the final one."""
         if self.is_linear:
             a = self.self_attn(xn, batch, cache)
         else:
             a = self.self_attn(xn, batch, cache, cos_sin)
-        h = (xn if self.postnorm else h) * self.attn_alpha + a * self.attn_beta
-        yn = self.post_attention_layernorm(h)
-        return (yn if self.postnorm else h) * self.mlp_alpha + self.block_sparse_moe(yn) * self.mlp_beta
+        h, yn = self.post_attention_layernorm.add_norm(xn if self.postnorm else h, a, self.attn_alpha, self.attn_beta)
+        m = self.block_sparse_moe(yn)
+        return next_norm.add_norm(yn if self.postnorm else h, m, self.mlp_alpha, self.mlp_beta)
 
 
 class MiniMaxModel(nn.Module):
@@ -120,10 +123,13 @@ class MiniMaxM1ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, caches: Caches) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
         cos_sin = self._rotary.cos_sin(batch.positions) if self._rotary is not None else None
-        for layer, (kind, idx) in zip(self.model.layers, self.cache_index):
+        layers = self.model.layers
+        xn = layers[0].input_layernorm(h)
+        for i, (layer, (kind, idx)) in enumerate(zip(layers, self.cache_index)):
             cache = caches.lightning[idx] if kind == LINEAR else caches.kv[idx]
-            h = layer(h, batch, cache, cos_sin)
-        return self.model.norm(h)
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h, xn = layer(h, xn, batch, cache, cos_sin, next_norm)
+        return xn  # model.norm of the last layer's output
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head(hidden)

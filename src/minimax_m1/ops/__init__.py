@@ -1,4 +1,5 @@
-"""The model's operators, one package each: lightning_attn/, paged_attention/, moe/.
+"""The model's operators, one package each: lightning_attn/, paged_attention/, moe/, and the decode step's fused
+small kernels norm/ (RMSNorms with the residual or the gate), router/, rotary/ (with the KV store), gemv/.
 
 Each package holds a plain torch reference, the binding of its CUDA kernels (cuda.py; the libraries and the
 environment switches are loaded and read once in _library.py), one dispatch entry that takes tensors, and the

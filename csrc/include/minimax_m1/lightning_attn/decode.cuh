@@ -2,7 +2,8 @@
 //   S = exp(-s) S + k^T v,   o = q S
 // Memory-bound (the state is read and written once), so plain fp32 FMA. One CTA of 128 threads owns
 // 32 value columns of one (sequence, head): 16 row groups x 8 threads x float4, D/16 rows per thread,
-// every load issued before the first use.
+// every load issued before the first use. With `silu` the kernel applies the layer's SiLU to q, k, v as it
+// loads them (the projection's raw output is read in place: one elementwise kernel fewer per layer).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,7 +29,14 @@ struct DecodeParams {
   const int32_t* slots;
   int num_seqs;
   int num_heads;
+  int silu;  // q, k, v are pre-activation: silu(x) = x / (1 + exp(-x)) in fp32, rounded to T (torch's F.silu)
 };
+
+template <typename T>
+__device__ __forceinline__ float decode_input(T x, bool silu) {
+  const float f = to_float(x);
+  return silu ? to_float(from_float<T>(__fdiv_rn(f, 1.f + expf(-f)))) : f;
+}
 
 template <int D, typename T>
 __global__ void __launch_bounds__(128) decode_kernel(DecodeParams p) {
@@ -64,11 +72,11 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeParams p) {
   float kd[kRows], qd[kRows];
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
-    kd[i] = to_float(k[group + kGroups * i]);
-    qd[i] = to_float(q[group + kGroups * i]);
+    kd[i] = decode_input(k[group + kGroups * i], p.silu);
+    qd[i] = decode_input(q[group + kGroups * i], p.silu);
   }
-  const float v0 = to_float(v[e0]), v1 = to_float(v[e0 + 1]), v2 = to_float(v[e0 + 2]),
-              v3 = to_float(v[e0 + 3]);
+  const float v0 = decode_input(v[e0], p.silu), v1 = decode_input(v[e0 + 1], p.silu),
+              v2 = decode_input(v[e0 + 2], p.silu), v3 = decode_input(v[e0 + 3], p.silu);
   const float decay = exp2f(-p.slopes[h] * kLog2e);
 
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);

@@ -1,13 +1,14 @@
 """Lightning attention (MiniMax's linear attention with per-head exponential decay), packed varlen API.
 
     prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens) -> o
-    decode(q, k, v, slopes, state_pool, state_slots) -> o
+    decode(q, k, v, slopes, state_pool, state_slots, silu=False) -> o
 
 q, k, v: [T, H, D] packed tokens (decode: [N, H, D]), any float dtype; slopes: [H] fp32, already
 multiplied by the layer factor; state_pool: [S, H, D, D] fp32, sequence i starts from
 state_pool[state_slots[i]] and its final state is written back there (the caller zeroes a slot for a
 new sequence); state_slots: [N] int32, -1 marks padding (zero output, no state update);
-cu_seqlens: [N+1] int32. The output has q's dtype.
+cu_seqlens: [N+1] int32. The output has q's dtype. decode's `silu` takes q, k, v before the layer's SiLU and
+applies it (in the kernel as it loads them; F.silu's arithmetic, so the same values).
 
 `prefill`/`decode` dispatch to the fastest implementation available for the tensors' device;
 `reference_prefill`/`reference_decode` are the blocked torch path; `recurrent_*` the exact
@@ -17,6 +18,7 @@ can be captured in CUDA graphs.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import cuda
 from .chunk import chunk_decode, chunk_prefill
@@ -32,9 +34,12 @@ def prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens):
     return reference_prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens)
 
 
-def decode(q, k, v, slopes, state_pool, state_slots):
+def decode(q, k, v, slopes, state_pool, state_slots, silu: bool = False):
+    """silu: q, k, v are the projection's raw output, SiLU is applied first (inside the kernel on CUDA)."""
     if cuda.supports(q, state_pool):
-        return cuda.decode(q, k, v, slopes, state_pool, state_slots)
+        return cuda.decode(q, k, v, slopes, state_pool, state_slots, silu)
+    if silu:
+        q, k, v = F.silu(q), F.silu(k), F.silu(v)
     return reference_decode(q, k, v, slopes, state_pool, state_slots)
 
 

@@ -101,14 +101,15 @@ def _prefill_fake(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len,
 _prefill_op = custom_op("minimax_m1::lightning_prefill", _prefill_impl, _prefill_fake, mutates_args=("state_pool",))
 
 
-def _decode_impl(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, state_pool: Tensor, state_slots: Tensor) -> Tensor:
+def _decode_impl(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, state_pool: Tensor, state_slots: Tensor,
+                 silu: bool) -> Tensor:
     q, k, v = _kernel_inputs(q, k, v, state_pool)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _load().lightning_decode(q, k, v, slopes, state_pool, state_slots, out)
+    _load().lightning_decode(q, k, v, slopes, state_pool, state_slots, out, silu)
     return out
 
 
-def _decode_fake(q, k, v, slopes, state_pool, state_slots):
+def _decode_fake(q, k, v, slopes, state_pool, state_slots, silu):
     return q.new_empty(q.shape)
 
 
@@ -132,8 +133,9 @@ def prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, seg_len: int =
     return _prefill_op(q, k, v, slopes, state_pool, state_slots, cu_seqlens, int(seg_len), allow_sm90)
 
 
-def decode(q, k, v, slopes, state_pool, state_slots):
-    """One token per sequence on the GPU: q, k, v [N, H, D]; slot -1 is padding (zero output, no update)."""
+def decode(q, k, v, slopes, state_pool, state_slots, silu: bool = False):
+    """One token per sequence on the GPU: q, k, v [N, H, D]; slot -1 is padding (zero output, no update).
+    silu: q, k, v are pre-activation and the kernel applies F.silu's arithmetic as it reads them."""
     check_args(q, k, v, slopes, state_pool, state_slots)
     slopes, state_slots = _common(q, slopes, state_slots)
-    return _decode_op(q, k, v, slopes, state_pool, state_slots)
+    return _decode_op(q, k, v, slopes, state_pool, state_slots, bool(silu))

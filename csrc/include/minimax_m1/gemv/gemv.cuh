@@ -1,0 +1,146 @@
+// y = x W^T for a few rows of x (decode: 1-8 tokens), streaming W once at copy bandwidth with no split-K
+// reduction kernel: y [T, N] = x [T, K] . W [N, K]^T, fp32 accumulation, each output rounded once to T.
+//
+// A CTA of 8 warps owns (8 / ksplit) * R consecutive output rows. Each warp takes R rows and a 1/ksplit slice of K
+// (ksplit > 1 spreads a short N over more CTAs: every SM streams; the slices meet in shared memory, summed in a
+// fixed order). Per step a lane loads U 16-byte vectors of each of its R weight rows (streamed, L1 bypassed) and
+// the matching vectors of the kT x rows (L1-cached: every warp of the CTA reads them), all before the first
+// product; one x vector serves R rows.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "minimax_m1/common/convert.cuh"
+#include "minimax_m1/common/load.cuh"
+#include "minimax_m1/common/pdl.cuh"
+
+namespace minimax_m1 {
+namespace gemv {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kVecElems = 8;
+constexpr int kMaxTokens = 8;
+
+struct Params {
+  const void* x;  // [T, K], rows 16-byte aligned
+  int64_t x_stride;
+  const void* w;  // [N, K] contiguous
+  void* y;        // [T, N]
+  int64_t y_stride;
+  int tokens, n, k;
+  int ksplit;  // warps per row group: 1, 2, 4 or 8
+};
+
+template <typename T>
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
+  const T* x = reinterpret_cast<const T*>(&a);
+  const T* y = reinterpret_cast<const T*>(&b);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < kVecElems; ++i) s = fmaf(to_float(x[i]), to_float(y[i]), s);
+  return s;
+}
+
+template <typename T, int kT, int R, int U>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(Params p) {
+  wait_previous_grid();  // x comes from the kernel before (a programmatic dependent launch)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int groups = kWarps / p.ksplit;  // row groups per CTA
+  const int group = warp / p.ksplit, part = warp - group * p.ksplit;
+  const int row0 = (blockIdx.x * groups + group) * R;
+  const int kvecs = p.k / kVecElems;
+  const int per = (kvecs + p.ksplit - 1) / p.ksplit;
+  const int v_begin = part * per, v_end = min(kvecs, v_begin + per);
+
+  const T* w = static_cast<const T*>(p.w);
+  const T* x = static_cast<const T*>(p.x);
+  const T* wrow[R];
+  bool row_ok[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    row_ok[r] = row0 + r < p.n;
+    wrow[r] = w + static_cast<int64_t>(row_ok[r] ? row0 + r : 0) * p.k;
+  }
+  const T* xrow[kT];
+  bool tok_ok[kT];
+#pragma unroll
+  for (int t = 0; t < kT; ++t) {
+    tok_ok[t] = t < p.tokens;
+    xrow[t] = x + static_cast<int64_t>(tok_ok[t] ? t : 0) * p.x_stride;
+  }
+
+  float acc[R][kT];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < kT; ++t) acc[r][t] = 0.f;
+
+  // Software pipeline over this warp's steps (step s: vector v_begin + lane + 32 s of each row): U steps in
+  // flight; each slot is consumed, then refilled with the step U ahead, so a product never waits on a load
+  // issued just before it (left to itself the compiler put each step's products right after its loads).
+  const int steps = (v_end - v_begin + 31) / 32;
+  uint4 wv[U][R], xv[U][kT];
+  auto load = [&](int u, int step) {
+    const int v = v_begin + lane + 32 * step;
+    const bool ok = step < steps && v < v_end;
+    const int64_t off = static_cast<int64_t>(ok ? v : 0) * kVecElems;
+#pragma unroll
+    for (int r = 0; r < R; ++r) wv[u][r] = load_stream_16(wrow[r] + off, ok && row_ok[r]);
+#pragma unroll
+    for (int t = 0; t < kT; ++t) xv[u][t] = load_cached_16(xrow[t] + off, ok && tok_ok[t]);
+  };
+#pragma unroll
+  for (int u = 0; u < U; ++u) load(u, u);
+#pragma unroll 1
+  for (int step = 0; step < steps; step += U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int t = 0; t < kT; ++t) acc[r][t] += dot8<T>(wv[u][r], xv[u][t]);  // zeros past the end
+      load(u, step + U + u);
+    }
+  }
+
+  allow_next_grid();  // the weight stream is done: the next kernel may start its launch
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < kT; ++t)
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], d);
+
+  T* y = static_cast<T*>(p.y);
+  if (p.ksplit == 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int t = 0; t < kT; ++t)
+          if (row_ok[r] && tok_ok[t]) y[static_cast<int64_t>(t) * p.y_stride + row0 + r] = from_float<T>(acc[r][t]);
+    }
+    return;
+  }
+  __shared__ float partial[kWarps][R * kT];
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < kT; ++t) partial[warp][r * kT + t] = acc[r][t];
+  }
+  __syncthreads();
+  if (part == 0 && lane < R * kT) {
+    const int r = lane / kT, t = lane - r * kT;
+    float s = 0.f;
+    for (int j = 0; j < p.ksplit; ++j) s += partial[warp + j][lane];  // the slices in order
+    if (row0 + r < p.n && t < p.tokens) y[static_cast<int64_t>(t) * p.y_stride + row0 + r] = from_float<T>(s);
+  }
+}
+
+}  // namespace gemv
+}  // namespace minimax_m1

@@ -1,0 +1,8 @@
+// apache-tvm-ffi exports (stable C ABI; tensors arrive through DLPack, torch's current stream as the
+// environment stream). Loaded from Python with tvm_ffi.load_module.
+#include <tvm/ffi/function.h>
+
+#include "launchers.h"
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(router_route, minimax_m1::router::route);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(router_limits, minimax_m1::router::limits);
