@@ -1,0 +1,64 @@
+"""What limits the next token beyond the sampling settings, applied to the logits after the penalties:
+logit_bias (added), tokens blocked this step (min_tokens holds back EOS and the stop tokens; bad_words), and a
+grammar's token bitmask. All of it is decided on the host and reaches the device as a few copies and
+element-wise ops over the whole batch: no per-row work on the device, no wait for it.
+
+The grammar has the last word: where blocking would leave a grammar row no token at all (min_tokens against
+a grammar that allows only EOS now), the row keeps the grammar's tokens. So no row ends up all -inf, and the
+softmax after it never sees a NaN. Applying the mask after the penalties (not before) keeps it exact: a
+penalty moves a -inf logit nowhere, but a mask first and a repetition penalty after would still be -inf; the
+order matters for logit_bias, which must not revive a token the grammar forbids."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..structured.grammar import allowed_tokens
+
+
+@dataclasses.dataclass
+class LogitConstraints:
+    """N rows' constraints as host data. bias_*: logit_bias entries (row, token, value); blocked_*: (row,
+    token) pairs never to sample this step; bitmask: [>= N, ceil(V/32)] int32 on the host, rows without a
+    grammar all ones (None when no row has one)."""
+
+    bias_rows: list[int] = dataclasses.field(default_factory=list)
+    bias_tokens: list[int] = dataclasses.field(default_factory=list)
+    bias_values: list[float] = dataclasses.field(default_factory=list)
+    blocked_rows: list[int] = dataclasses.field(default_factory=list)
+    blocked_tokens: list[int] = dataclasses.field(default_factory=list)
+    bitmask: torch.Tensor | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.bias_rows or self.blocked_rows or self.bitmask is not None)
+
+
+def apply_constraints(logits: torch.Tensor, c: LogitConstraints | None) -> torch.Tensor:
+    """logits [N, V] fp32 -> the constrained logits (a copy; logits itself when there is nothing to do)."""
+    if not c:
+        return logits
+    n, vocab = logits.shape
+    dev = logits.device
+    logits = logits.clone()
+    if c.bias_rows:
+        rows = torch.tensor(c.bias_rows, dtype=torch.int64).to(dev, non_blocking=True)
+        cols = torch.tensor(c.bias_tokens, dtype=torch.int64).to(dev, non_blocking=True)
+        values = torch.tensor(c.bias_values, dtype=logits.dtype).to(dev, non_blocking=True)
+        logits.index_put_((rows, cols), values, accumulate=True)
+    blocked = None
+    if c.blocked_rows:
+        blocked = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
+        rows = torch.tensor(c.blocked_rows, dtype=torch.int64).to(dev, non_blocking=True)
+        cols = torch.tensor(c.blocked_tokens, dtype=torch.int64).to(dev, non_blocking=True)
+        blocked[rows, cols] = True
+    if c.bitmask is not None:
+        grammar = allowed_tokens(c.bitmask, n, vocab, dev)
+        if blocked is None:
+            allowed = grammar
+        else:
+            allowed = grammar & ~blocked
+            allowed = torch.where(allowed.any(-1, keepdim=True), allowed, grammar)
+    else:
+        allowed = ~blocked
+    return logits.masked_fill_(~allowed, float("-inf"))
