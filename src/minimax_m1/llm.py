@@ -169,7 +169,7 @@ class LLM:
             lp = None if p.logprobs is None else to_logprobs(o.logprobs, o.token_ids, p.logprobs, self._token_text)
             answers.append(dataclasses.replace(o, logprobs=lp,
                                                cumulative_logprob=cumulative_logprob(o.logprobs, o.token_ids)))
-        answers = keep_best(answers, p)
+        answers = keep_best(answers, p.n)
         request_id = first.request_id if len(rids) == 1 else first.request_id.rsplit("-", 1)[0]
         prompt_logprobs = first.prompt_logprobs
         if prompt_logprobs is not None:

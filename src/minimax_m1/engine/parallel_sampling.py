@@ -19,9 +19,9 @@ def choice_params(p: SamplingParams, copy: int) -> SamplingParams:
     return one
 
 
-def keep_best(answers: list, p: SamplingParams) -> list:
+def keep_best(answers: list, n: int) -> list:
     """CompletionOutputs (with cumulative_logprob) of one prompt -> the n to return, renumbered: the n most
-    likely when best_of asked for more."""
-    if p.num_samples > p.n:
-        answers = sorted(answers, key=lambda a: -a.cumulative_logprob)[:p.n]
+    likely when best_of sampled more."""
+    if len(answers) > n:
+        answers = sorted(answers, key=lambda a: -a.cumulative_logprob)[:n]
     return [dataclasses.replace(a, index=i) for i, a in enumerate(answers)]

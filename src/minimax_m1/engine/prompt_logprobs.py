@@ -22,19 +22,20 @@ def run_step(runner, chunks: list[ScheduledChunk]) -> torch.Tensor:
     scoring = [c for c in chunks if wants_prompt_logprobs(c.seq)]
     if not scoring:
         return runner.run(chunks)
+    completes = {id(c) for c in chunks if c.completes}  # before run() advances num_computed
     rest = [c for c in chunks if not wants_prompt_logprobs(c.seq)]
     rows: dict[int, torch.Tensor] = {}
     if rest:
         logits = runner.run(rest)
-        for c, row in zip([c for c in rest if c.completes], logits):
+        for c, row in zip([c for c in rest if id(c) in completes], logits):
             rows[id(c)] = row
     for c in scoring:
         start = c.seq.num_computed
         logits = runner.run([c], all_logits=True)
         record(c.seq, start, logits)
-        if c.completes:
+        if id(c) in completes:
             rows[id(c)] = logits[-1]
-    done = [rows[id(c)] for c in chunks if c.completes]
+    done = [rows[id(c)] for c in chunks if id(c) in completes]
     return torch.stack(done) if done else torch.empty(0, 0)
 
 

@@ -59,6 +59,8 @@ def apply_constraints(logits: torch.Tensor, c: LogitConstraints | None) -> torch
         else:
             allowed = grammar & ~blocked
             allowed = torch.where(allowed.any(-1, keepdim=True), allowed, grammar)
-    else:
+    elif blocked is not None:
         allowed = ~blocked
+    else:
+        return logits
     return logits.masked_fill_(~allowed, float("-inf"))

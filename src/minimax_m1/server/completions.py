@@ -130,7 +130,7 @@ async def response(s: OpenAIServing, req: CompletionRequest, requests: list[Engi
             scored = [CompletionOutput(i, "", a.token_ids, cumulative_logprob=cumulative_logprob(a.logprobs,
                                                                                                   a.token_ids))
                       for i, (_, a) in enumerate(answers)]
-            answers = [answers[c.index] for c in keep_best(scored, requests[p].params)]
+            answers = [answers[c.index] for c in keep_best(scored, req.n)]
         for out, o in answers:
             echo = _Echo(s, req, requests[p]) if req.echo else None
             first = group[0]  # prompt logprobs come with the prompt's first copy
