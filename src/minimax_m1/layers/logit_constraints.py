@@ -41,17 +41,15 @@ def apply_constraints(logits: torch.Tensor, c: LogitConstraints | None) -> torch
     n, vocab = logits.shape
     dev = logits.device
     logits = logits.clone()
-    if c.bias_rows:
-        rows = torch.tensor(c.bias_rows, dtype=torch.int64).to(dev, non_blocking=True)
-        cols = torch.tensor(c.bias_tokens, dtype=torch.int64).to(dev, non_blocking=True)
+    if c.bias_rows:  # flat indices: index_add_ and index_fill_ run without a device sync
+        flat = torch.tensor([r * vocab + t for r, t in zip(c.bias_rows, c.bias_tokens)]).to(dev, non_blocking=True)
         values = torch.tensor(c.bias_values, dtype=logits.dtype).to(dev, non_blocking=True)
-        logits.index_put_((rows, cols), values, accumulate=True)
+        logits.view(-1).index_add_(0, flat, values)
     blocked = None
     if c.blocked_rows:
+        flat = torch.tensor([r * vocab + t for r, t in zip(c.blocked_rows, c.blocked_tokens)])
         blocked = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
-        rows = torch.tensor(c.blocked_rows, dtype=torch.int64).to(dev, non_blocking=True)
-        cols = torch.tensor(c.blocked_tokens, dtype=torch.int64).to(dev, non_blocking=True)
-        blocked[rows, cols] = True
+        blocked.view(-1).index_fill_(0, flat.to(dev, non_blocking=True), True)
     if c.bitmask is not None:
         grammar = allowed_tokens(c.bitmask, n, vocab, dev)
         if blocked is None:
