@@ -149,8 +149,15 @@ def test_request_settings_are_plain_data():
 def test_grammar_on_cuda_graph_decode_without_host_sync(monkeypatch):
     """On CUDA with decode graphs captured: schema outputs validate, and applying the constraints (bitmask,
     bias, blocked tokens) to the graph's logits never waits for the device."""
-    gpu = LLM("tiny", device="cuda", dtype="float32", gpu_memory_utilization=0.2, max_num_seqs=16)
-    assert gpu.engine.runner.graphs is not None
+    import dataclasses
+
+    from minimax_m1.engine import builder
+    from test_gpu_model import _small_real_config  # the tiny vocabulary, shapes the graph path takes
+
+    monkeypatch.setattr(builder, "tiny_config", lambda vocab: dataclasses.replace(_small_real_config(),
+                                                                                 vocab_size=vocab))
+    gpu = LLM("tiny", device="cuda", dtype="bfloat16", gpu_memory_utilization=0.2, max_num_seqs=16)
+    assert gpu.engine.runner.graphs is not None, "decode graphs were not captured"
     import minimax_m1.layers.sampler as sampler
 
     real, calls = sampler.apply_constraints, []

@@ -66,6 +66,7 @@ class SamplingFields(OpenAIModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None  # the whitespace JSON output may hold between tokens (a regex)
 
 
 class CompletionRequest(SamplingFields):

@@ -123,8 +123,14 @@ class OpenAIServing:
                 raise BadRequest(f"tool_choice {req.tool_choice!r} forces a tool call; it cannot be combined "
                                  f"with {given[0]}", param=given[0])
             params, given = forced, ["tool_choice"]
-        elif params is not None and after_reasoning:
-            params = dataclasses.replace(params, after_reasoning=True)
+        else:
+            if params is not None and after_reasoning:
+                params = dataclasses.replace(params, after_reasoning=True)
+            if params is not None and req.guided_whitespace_pattern is not None:
+                try:
+                    params = dataclasses.replace(params, whitespace_pattern=req.guided_whitespace_pattern)
+                except ValueError as e:
+                    raise BadRequest(str(e), param="guided_whitespace_pattern") from e
         if params is not None:
             try:
                 self.engine.engine.grammar_compiler.compile(params)
