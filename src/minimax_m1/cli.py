@@ -174,7 +174,10 @@ def _serve(a: argparse.Namespace) -> int:
             check_chat_template(a.chat_template, engine.tokenizer)
             engine.tokenizer.chat_template = a.chat_template
         served = a.served_model_name or [a.model]
-        logging.getLogger("minimax_m1.server").info("%s", summary(engine, a.model, served))
+        log = logging.getLogger("minimax_m1.server")
+        log.info("%s", summary(engine, a.model, served))
+        host = f"[{a.host}]" if ":" in a.host else a.host
+        log.info("listening on http://%s:%d", host, sock.getsockname()[1])
         return run_server(build_app(engine, served, args), args, sock)
     finally:
         sock.close()
