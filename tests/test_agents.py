@@ -94,6 +94,14 @@ def test_forced_tool_call_whole_and_streamed(server, choice):
                                                                     for x in calls]  # seeded: the same calls
 
 
+def test_required_without_parallel_calls_makes_one(server):
+    for seed in range(4):
+        out = server.client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME],
+                                                    tool_choice="required", parallel_tool_calls=False,
+                                                    max_tokens=300, seed=seed, temperature=1.0)
+        assert len(out.choices[0].message.tool_calls) == 1 and out.choices[0].finish_reason == "tool_calls"
+
+
 def test_auto_tool_calls_are_parsed(server):
     """tool_choice auto: a call the model writes is parsed (a regex makes the tiny model write one)."""
     written = 'Let me check.\n<tool_calls>\n{"name": "get_time", "arguments": {"zone": "utc"}}\n</tool_calls>'

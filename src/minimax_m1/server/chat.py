@@ -36,7 +36,7 @@ def prepare(s: OpenAIServing, req: ChatCompletionRequest) -> list[EngineRequest]
         raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     s.check_num_seqs(1, req.n)
     try:
-        forced = tool_choice_params(req.tools, req.tool_choice)
+        forced = tool_choice_params(req.tools, req.tool_choice, req.parallel_tool_calls)
     except ValueError as e:
         raise BadRequest(str(e), param="tool_choice") from e
     try:
