@@ -1,13 +1,13 @@
 """What limits the next token beyond the sampling settings, applied to the logits after the penalties:
 logit_bias (added), tokens blocked this step (min_tokens holds back EOS and the stop tokens; bad_words), and a
 grammar's token bitmask. All of it is decided on the host and reaches the device as a few copies and
-element-wise ops over the whole batch: no per-row work on the device, no wait for it.
+element-wise ops over the whole batch: no per-row work on the device, no wait for it. It runs on the logits a
+step returns, so outside any captured CUDA graph.
 
-The grammar has the last word: where blocking would leave a grammar row no token at all (min_tokens against
-a grammar that allows only EOS now), the row keeps the grammar's tokens. So no row ends up all -inf, and the
-softmax after it never sees a NaN. Applying the mask after the penalties (not before) keeps it exact: a
-penalty moves a -inf logit nowhere, but a mask first and a repetition penalty after would still be -inf; the
-order matters for logit_bias, which must not revive a token the grammar forbids."""
+The mask comes last, so that nothing after it can revive a forbidden token (a bias of +100 on a token the
+grammar forbids stays -inf) and nothing does arithmetic on its -inf. A row is never left without a token: where
+blocking would empty a grammar row (min_tokens against a grammar that allows only EOS now), the grammar's tokens
+stand. So the softmax after it never sees a row of -inf, and never makes a NaN."""
 from __future__ import annotations
 
 import dataclasses
