@@ -71,10 +71,11 @@ class ServeProcess:
     """`python -m minimax_m1.cli serve --model tiny ...` on a free port, its output in a file; always killed
     (with its process group) at exit."""
 
-    def __init__(self, *flags: str, env: dict | None = None, preexec_fn=None, log_path=None):
+    def __init__(self, *flags: str, env: dict | None = None, preexec_fn=None, log_path=None,
+                 model: tuple[str, ...] = ("--model", "tiny")):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "minimax_m1.cli", "serve", "--model", "tiny", "--port", str(self.port), *flags]
+        cmd = [sys.executable, "-m", "minimax_m1.cli", "serve", *model, "--port", str(self.port), *flags]
         base = {k: v for k, v in os.environ.items() if k != "MINIMAX_M1_API_KEY"}
         self.log_path = log_path
         self._log = open(log_path, "w+b")

@@ -98,7 +98,7 @@ def test_stream_equals_generate(llm):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+    (dict(max_tokens=-1), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
     (dict(top_p=1.5), "top_p"), (dict(top_k=-2), "top_k"), (dict(min_p=2), "min_p"), (dict(stop=[""]), "stop"),
 ])
 def test_bad_sampling_params(kwargs, match):

@@ -3,6 +3,7 @@ HTTP server; `minimax-m1 quantize SRC DST --quantization METHOD` writes a checkp
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -12,8 +13,30 @@ import unicodedata
 from .config import QUANT_METHODS, UserError
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory or preset name (tiny, minimax-m1)")
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, where it has one worth saying (not None or off) and its help does not
+    already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not _worth_saying(action) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+    def _format_action(self, action):
+        if action.help is None and _worth_saying(action):  # a flag without help still shows its default
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def _worth_saying(action) -> bool:
+    d = action.default
+    return bool(action.option_strings) and not (d is None or d is False or d == argparse.SUPPRESS)
+
+
+def _add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required, help="checkpoint directory or preset name (tiny, minimax-m1)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
@@ -48,24 +71,24 @@ def _add_limit_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                    help="browser origins allowed by CORS (default: none, no CORS headers)")
     s.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
-                   help=f"largest request body; larger gets 413 (default {d.max_request_bytes})")
+                   help=f"largest request body; larger gets 413")
     s.add_argument("--max-request-seconds", type=float, default=d.max_request_seconds,
                    help="longest generation of one request: then it ends with finish_reason 'length' and "
-                        f"stop_reason 'max_request_seconds' (default {d.max_request_seconds:g}; 0: no limit)")
+                        f"stop_reason 'max_request_seconds' (0: no limit)")
     s.add_argument("--max-num-seqs-per-request", type=int, default=d.max_num_seqs_per_request,
-                   help=f"most sequences (prompts x n) one request may ask for (default {d.max_num_seqs_per_request})")
+                   help="most sequences (prompts x n) one request may ask for")
     s.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they are aborted; "
-                        f"a second signal exits at once (default {d.shutdown_timeout:g})")
+                        "a second signal exits at once")
     s.add_argument("--max-connections", type=int, default=None,
                    help="open connections allowed; more are refused with 503 (default: the open-file limit "
                         "less a reserve, at most 4096)")
     s.add_argument("--timeout-keep-alive", type=float, default=d.timeout_keep_alive,
-                   help=f"close a keep-alive connection idle this long (default {d.timeout_keep_alive:g} s)")
+                   help="close a keep-alive connection idle this long (seconds)")
     s.add_argument("--timeout-header", type=float, default=d.timeout_header,
-                   help=f"a request's headers must arrive within this (default {d.timeout_header:g} s)")
+                   help="a request's headers must arrive within this (seconds)")
     s.add_argument("--timeout-body", type=float, default=d.timeout_body,
-                   help=f"a request's body must arrive within this after its headers (default {d.timeout_body:g} s)")
+                   help="a request's body must arrive within this after its headers (seconds)")
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
@@ -80,16 +103,32 @@ def _generate(a: argparse.Namespace) -> int:
     from . import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                            seed=a.seed, ignore_eos=a.ignore_eos)
-    llm = LLM(a.model, progress=True, **_engine_kwargs(a))
+                            min_p=a.min_p, seed=a.seed, ignore_eos=a.ignore_eos, stop=a.stop, logprobs=a.logprobs)
+    llm = LLM(a.model, progress=True, tokenizer=a.tokenizer, **_engine_kwargs(a))
     prompt = a.prompt
     if a.chat:
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
     escape = not a.raw and sys.stdout.isatty()
-    for piece in llm.stream(prompt, params):
-        sys.stdout.write(escape_nonprintable(piece) if escape else piece)
-        sys.stdout.flush()
+
+    def write(text: str, stream=sys.stdout) -> None:
+        stream.write(escape_nonprintable(text) if escape or stream is not sys.stdout else text)
+        stream.flush()
+
+    if a.logprobs is None:
+        for piece in llm.stream(prompt, params):
+            write(piece)
+        sys.stdout.write("\n")
+        return 0
+    out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    write(out.text)
     sys.stdout.write("\n")
+    # the logprobs on stderr, one token a line: its text, logprob, rank, then the top alternatives
+    for token, entry in zip(out.token_ids, out.logprobs):
+        lp = entry[token]
+        alts = "  ".join(f"{v.decoded_token!r} {v.logprob:.4f}" for t, v in entry.items() if t != token)
+        write(f"{lp.decoded_token!r}\t{lp.logprob:.4f}\trank {lp.rank or '>' + str(a.logprobs)}"
+              f"{chr(9) + alts if alts else ''}\n", sys.stderr)
+    write(f"cumulative logprob {out.cumulative_logprob:.4f}\n", sys.stderr)
     return 0
 
 
@@ -123,20 +162,39 @@ def _serve(a: argparse.Namespace) -> int:
     from .server.args import ServerArgs
     from .server.launch import run_server
 
+    from .server.startup import check_chat_template, reserve_port, summary
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if a.model_tag is not None and a.model is not None and a.model_tag != a.model:
+        raise ValueError(f"the model is given twice ({a.model_tag!r} and --model {a.model!r}): give it once")
+    a.model = a.model_tag or a.model
+    if a.model is None:
+        raise ValueError("serve needs a model: `minimax-m1 serve MODEL` (a checkpoint directory or a preset: tiny, "
+                         "minimax-m1)")
     if a.chat_template is not None:
         a.chat_template = _read_template(a.chat_template)
+        check_chat_template(a.chat_template)  # before the model loads: a broken template fails now
     args = ServerArgs(
         host=a.host, port=a.port, api_key=_api_key(a), reasoning_parser=a.reasoning_parser != "none",
-        model_root=a.model, allowed_hosts=a.allowed_hosts or [], allowed_origins=a.allowed_origins or [],
+        tool_call_parser=a.tool_call_parser != "none", model_root=a.model, allowed_hosts=a.allowed_hosts or [], allowed_origins=a.allowed_origins or [],
         max_request_bytes=a.max_request_bytes, max_request_seconds=a.max_request_seconds or None,
         max_num_seqs_per_request=a.max_num_seqs_per_request, shutdown_timeout=a.shutdown_timeout,
         max_connections=a.max_connections, timeout_keep_alive=a.timeout_keep_alive, timeout_header=a.timeout_header,
         timeout_body=a.timeout_body, log_level=a.uvicorn_log_level)
-    engine = build_engine(EngineArgs(model=a.model, progress=True, **_engine_kwargs(a)))
-    if a.chat_template is not None and engine.tokenizer is not None:
-        engine.tokenizer.chat_template = a.chat_template
-    return run_server(build_app(engine, a.served_model_name or [a.model], args), args)
+    sock = reserve_port(a.host, a.port)  # a port in use is found now, not after the model has loaded
+    try:
+        engine = build_engine(EngineArgs(model=a.model, progress=True, tokenizer=a.tokenizer, **_engine_kwargs(a)))
+        if a.chat_template is not None and engine.tokenizer is not None:
+            check_chat_template(a.chat_template, engine.tokenizer)
+            engine.tokenizer.chat_template = a.chat_template
+        served = a.served_model_name or [a.model]
+        log = logging.getLogger("minimax_m1.server")
+        log.info("%s", summary(engine, a.model, served))
+        host = f"[{a.host}]" if ":" in a.host else a.host
+        log.info("listening on http://%s:%d", host, sock.getsockname()[1])
+        return run_server(build_app(engine, served, args), args, sock)
+    finally:
+        sock.close()
 
 
 def _api_key(a: argparse.Namespace) -> str | None:
@@ -186,7 +244,10 @@ def _report(e: BaseException, debug: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The `minimax-m1` command. A user's mistake prints one line on stderr and exits with code 2; `--debug`
     (or MINIMAX_M1_DEBUG=1) adds the traceback."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="minimax-m1", description="Run the MiniMax-M1 language model.")
+    parser.add_argument("--version", action="version", version=f"minimax-m1 {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also MINIMAX_M1_DEBUG=1)")
     # --debug also after the subcommand (SUPPRESS: absent there, it does not hide the global flag)
@@ -194,14 +255,23 @@ def main(argv: list[str] | None = None) -> int:
     debug_flag.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout", parents=[debug_flag])
+    shows_defaults = _ShowDefaults
+    g = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout", parents=[debug_flag],
+                       formatter_class=shows_defaults)
     _add_engine_args(g)
+    g.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json to use instead of the model's")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the text where this string appears (repeat for several)")
+    g.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="print each token's logprob and the N most likely alternatives on stderr (the text is then "
+                        "printed at the end, not streamed)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--raw", action="store_true", help="write the text as generated; by default a terminal gets "
@@ -209,8 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("serve", help="serve the OpenAI API (/v1/completions, /v1/chat/completions) over HTTP",
-                       parents=[debug_flag])
-    _add_engine_args(s)
+                       parents=[debug_flag], formatter_class=shows_defaults)
+    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="checkpoint directory or preset name (as --model)")
+    _add_engine_args(s, model_required=False)
+    s.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json to use instead of the model's "
+                   "(for a checkpoint without one)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None,
@@ -218,11 +292,14 @@ def main(argv: list[str] | None = None) -> int:
                         "prefer --api-key-file or $MINIMAX_M1_API_KEY")
     s.add_argument("--api-key-file", default=None, help="read the API key from the first line of this file")
     s.add_argument("--served-model-name", nargs="+", default=None,
-                   help="the model name(s) requests use; the first is reported (default: --model)")
+                   help="the model name(s) requests use; the first is reported (default: the model)")
     s.add_argument("--chat-template", default=None, help="a Jinja chat template (file or text) to use instead "
                    "of the checkpoint's")
     s.add_argument("--reasoning-parser", default="minimax_m1", choices=["minimax_m1", "none"],
                    help="split <think>...</think> into reasoning_content (none: return the raw text)")
+    s.add_argument("--tool-call-parser", default="minimax_m1", choices=["minimax_m1", "none"],
+                   help="read MiniMax-M1's <tool_calls> block into tool_calls for tool_choice auto (none: leave it "
+                        "in the content; required and named choices are parsed anyway)")
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     _add_limit_args(s)

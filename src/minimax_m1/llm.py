@@ -10,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine.builder import EngineArgs, build_engine
-from .outputs import LogprobEntry, Logprob, RequestOutput, cumulative_logprob, to_logprobs
+from .engine.parallel_sampling import choice_params, keep_best
+from .outputs import RequestOutput, cumulative_logprob, to_logprobs
 from .sampling_params import SamplingParams
 
 
@@ -47,8 +48,6 @@ class LLM:
         progress bar (default: when there is more than one prompt)."""
         requests = self._requests(prompts, prompt_token_ids)
         params = _per_request(sampling_params, len(requests))
-        prompt_logprobs = [self._prompt_logprobs(ids, p.prompt_logprobs) if p.prompt_logprobs is not None else None
-                           for (_, ids), p in zip(requests, params)]
         copies: list[list[str]] = []  # engine request ids per prompt
         owner: dict[str, int] = {}
         show = len(requests) > 1 if use_tqdm is None else use_tqdm
@@ -74,7 +73,7 @@ class LLM:
             for rid in owner:
                 self.engine.abort_request(rid)
             raise
-        return [self._result(final, ids, p, lp) for ids, p, lp in zip(copies, params, prompt_logprobs)]
+        return [self._result(final, ids, p) for ids, p in zip(copies, params)]
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -163,15 +162,10 @@ class LLM:
         raise ValueError(f"{where} must be a string, a list of token ids or a prompt dict, got {p!r}")
 
     def _engine_params(self, p: SamplingParams, copy: int) -> SamplingParams:
-        """One engine request's settings: answer `copy` of the prompt's; logprobs of the sampled tokens
-        are computed where best_of must rank the answers."""
-        one = p.for_choice(copy) if p.num_samples > 1 else dataclasses.replace(p, prompt_logprobs=None)
-        if p.num_samples > p.n and one.logprobs is None:
-            one = dataclasses.replace(one, logprobs=0)
-        return dataclasses.replace(one, output_kind="final_only")
+        """One engine request's settings: answer `copy` of the prompt's (see parallel_sampling)."""
+        return dataclasses.replace(choice_params(p, copy), output_kind="final_only")
 
-    def _result(self, final: dict[str, RequestOutput], rids: list[str], p: SamplingParams,
-                prompt_logprobs) -> RequestOutput:
+    def _result(self, final: dict[str, RequestOutput], rids: list[str], p: SamplingParams) -> RequestOutput:
         first = final[rids[0]]
         answers = []
         for rid in rids:
@@ -179,35 +173,18 @@ class LLM:
             lp = None if p.logprobs is None else to_logprobs(o.logprobs, o.token_ids, p.logprobs, self._token_text)
             answers.append(dataclasses.replace(o, logprobs=lp,
                                                cumulative_logprob=cumulative_logprob(o.logprobs, o.token_ids)))
-        if p.num_samples > p.n:  # best_of: keep the n most likely answers
-            answers = sorted(answers, key=lambda a: -a.cumulative_logprob)[:p.n]
-        for i, a in enumerate(answers):
-            a.index = i
+        answers = keep_best(answers, p.n)
         request_id = first.request_id if len(rids) == 1 else first.request_id.rsplit("-", 1)[0]
+        prompt_logprobs = first.prompt_logprobs
+        if prompt_logprobs is not None:
+            for entry in prompt_logprobs[1:]:
+                for t, lp in entry.items():
+                    lp.decoded_token = self._token_text(t)
         return RequestOutput(request_id, first.prompt, first.prompt_token_ids, answers, finished=True,
                              prompt_logprobs=prompt_logprobs)
 
     def _token_text(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    @torch.inference_mode()
-    def _prompt_logprobs(self, ids: list[int], k: int) -> list[LogprobEntry | None]:
-        """Each prompt token's logprob given the tokens before it (and the k most likely there), with exact
-        ranks; the first token has none. From one extra pass over the prompt (prompt_logits)."""
-        logprobs = self.prompt_logits(ids)[:-1].log_softmax(-1)  # row i predicts token i + 1
-        target = torch.tensor(ids[1:], device=logprobs.device)
-        chosen = logprobs.gather(1, target[:, None])[:, 0]
-        ranks = ((logprobs > chosen[:, None]).sum(-1) + 1).tolist()
-        top = logprobs.topk(k) if k > 0 else None
-        out: list[LogprobEntry | None] = [None]
-        for i, (token, lp, rank) in enumerate(zip(ids[1:], chosen.tolist(), ranks)):
-            entry = {}
-            if top is not None:
-                for r, (t, v) in enumerate(zip(top.indices[i].tolist(), top.values[i].tolist()), 1):
-                    entry[t] = Logprob(v, r, self._token_text(t))
-            entry[token] = Logprob(lp, rank, self._token_text(token))
-            out.append(entry)
-        return out
 
 
 PromptInput = str | list[int] | dict[str, Any]

@@ -5,9 +5,6 @@ import dataclasses
 
 from .structured.params import StructuredOutputsParams
 
-# Set to anything but their defaults, these fields are refused until the sampler applies them.
-NOT_WIRED = {"min_tokens": 0, "logit_bias": None, "bad_words": None, "structured_outputs": None}
-
 INT32_MAX = 2**31 - 1  # counts (max_tokens, top_k) are host ints that become int32/int64 tensors
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 MAX_STOP_STRINGS = 64
@@ -29,7 +26,8 @@ def _is_int(x) -> bool:
 @dataclasses.dataclass
 class SamplingParams:
     """temperature 0 means greedy. top_k <= 0 (or -1) and top_p 1 turn those filters off.
-    max_tokens None means: up to the model's context length."""
+    max_tokens None means: up to the model's context length; 0: generate nothing (scoring a prompt: with
+    prompt_logprobs, the prompt is run and its logprobs returned)."""
 
     max_tokens: int | None = 16
     temperature: float = 1.0
@@ -65,8 +63,8 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         checks = [
-            ("max_tokens", self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens <= INT32_MAX),
-             f"max_tokens must be an integer in [1, {INT32_MAX}], got {self.max_tokens!r}"),
+            ("max_tokens", self.max_tokens is None or (_is_int(self.max_tokens) and 0 <= self.max_tokens <= INT32_MAX),
+             f"max_tokens must be an integer in [0, {INT32_MAX}], got {self.max_tokens!r}"),
             ("temperature", self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             ("top_p", 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             ("top_k", _is_int(self.top_k) and -1 <= self.top_k <= INT32_MAX,
@@ -98,12 +96,19 @@ class SamplingParams:
         self._check_vllm_fields()
 
     def _check_vllm_fields(self) -> None:
-        if self.logit_bias is not None:
-            self.logit_bias = _logit_bias(self.logit_bias)
+        try:
+            if self.logit_bias is not None:
+                self.logit_bias = _logit_bias(self.logit_bias) or None
+        except ValueError as e:
+            raise SamplingParamsError("logit_bias", str(e)) from None
         if self.bad_words is not None:
             self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
+            self.bad_words = self.bad_words or None
         if self.structured_outputs is not None:
-            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+            try:
+                self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+            except ValueError as e:
+                raise SamplingParamsError("structured_outputs", str(e)) from None
         checks = [
             ("n", _is_int(self.n) and self.n >= 1, f"n must be a positive integer, got {self.n!r}"),
             ("best_of", self.best_of is None or (_is_int(self.best_of) and isinstance(self.n, int)
@@ -122,11 +127,6 @@ class SamplingParams:
         for param, ok, message in checks:
             if not ok:
                 raise SamplingParamsError(param, message)
-        for name, default in NOT_WIRED.items():
-            value = getattr(self, name)
-            if value != default and not (isinstance(value, (list, dict)) and not value):
-                raise SamplingParamsError(name, f"{name} is not supported by this engine yet (its sampler does not apply it): "
-                                 f"leave it at {default!r}, got {value!r}")
 
     def for_choice(self, i: int) -> SamplingParams:
         """The settings of answer i of several (n or best_of): one answer each, and with a seed, answer i
@@ -147,6 +147,10 @@ class SamplingParams:
         bad = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad:
             raise SamplingParamsError("stop_token_ids", f"stop_token_ids must be in [0, {vocab_size}), got {bad[:8]}")
+        bad = [t for t in self.logit_bias or {} if not 0 <= t < vocab_size]
+        if bad:
+            raise SamplingParamsError("logit_bias", f"logit_bias keys must be token ids in [0, {vocab_size}), "
+                                                    f"got {bad[:8]}")
 
     @property
     def greedy(self) -> bool:

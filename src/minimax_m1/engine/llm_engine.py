@@ -7,12 +7,15 @@ device raises out of step() (EngineFatalError)."""
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 
 import torch
 
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
+from . import prompt_logprobs
+from .constraints import RequestConstraints
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .scheduler import ScheduledChunk, Scheduler
@@ -36,6 +39,22 @@ class LLMEngine:
         self.num_generated_tokens = 0  # running totals, for metrics
         self.num_prompt_tokens = 0
         self._retried: weakref.WeakSet[Sequence] = weakref.WeakSet()  # preempted once after a failed step
+        self._grammar_compiler = None
+        self._grammar_lock = threading.Lock()
+
+    @property
+    def grammar_compiler(self):
+        """Structured outputs' compiler for this tokenizer and vocabulary, built on first use (it reads the
+        whole tokenizer). Thread-safe: a front end may compile a request's grammar ahead of the engine (to
+        refuse an unsupported one early); the compiled grammar is cached for the engine to reuse."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                from ..structured import GrammarCompiler  # llguidance loads only when used
+
+                if self.tokenizer is None:
+                    raise ValueError("structured outputs need a tokenizer (this model has no tokenizer.json)")
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+            return self._grammar_compiler
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -47,9 +66,12 @@ class LLMEngine:
         params.check_vocab(self.vocab_size)
         # a seed gives the same tokens whatever else runs in the batch: a generator of its own
         generator = None if params.seed is None else torch.Generator(self.runner.device).manual_seed(params.seed)
+        constraints = RequestConstraints.create(params, prompt_token_ids, compiler=lambda: self.grammar_compiler,
+                                                tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids)
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
         seq = Sequence(request_id, prompt_token_ids, params, prompt=prompt, detokenizer=detokenizer,
                        generator=generator)
+        seq.constraints = constraints
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         self.num_prompt_tokens += len(prompt_token_ids)
@@ -96,12 +118,19 @@ class LLMEngine:
             return [self._pop_finished(s) for s in finished_early]
         done = [c.seq for c in chunks if c.completes]  # before run() advances num_computed
         try:
-            logits = self.runner.run(chunks)
+            logits = prompt_logprobs.run_step(self.runner, chunks)
         except EngineFatalError:  # a parallel rank failed: no retry can bring the ranks back in step
             raise
         except Exception as e:  # noqa: BLE001 - out of memory or a bug: the step's requests, not the engine
             return self._step_failed(chunks, e) + [self._pop_finished(s) for s in finished_early]
         outputs = []
+        if any(s.params.max_tokens == 0 for s in done):  # scoring only: the prompt ran, nothing to sample
+            keep = [i for i, s in enumerate(done) if s.params.max_tokens != 0]
+            for s in done:
+                if s.params.max_tokens == 0:
+                    self.scheduler.finish(s, "length")
+                    outputs.append(self._output(s))
+            logits, done = logits[keep], [done[i] for i in keep]
         if done:
             for seq, tok, lp in self._sample(logits, done, outputs):
                 try:
@@ -112,10 +141,13 @@ class LLMEngine:
                 outputs.append(self._output(seq))
         for seq in finished_early:
             outputs.append(self._pop_finished(seq))
-        for seq in done:
-            if seq.finished:
-                self.requests.pop(seq.request_id, None)
+        for seq in self._finished_now(chunks):
+            self.requests.pop(seq.request_id, None)
         return [o for o in outputs if o is not None]
+
+    @staticmethod
+    def _finished_now(chunks: list[ScheduledChunk]) -> list[Sequence]:
+        return [c.seq for c in chunks if c.seq.finished]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], outputs: list):
         """(seq, token, logprobs) for each seq whose sampling worked. When the batch fails, each row is
@@ -178,19 +210,23 @@ class LLMEngine:
         self.num_generated_tokens += 1
         if seq.logprobs is not None:
             seq.logprobs.append(logprobs)
+        complete = seq.constraints.accept(token) if seq.constraints is not None else False
         seq.detokenizer.add(token)
         text = seq.detokenizer.text
         reason, stop_reason = None, None
+        early = len(seq.output_token_ids) < p.min_tokens  # no stop string yet (EOS and stop ids are masked)
         if token in self.eos_token_ids and not p.ignore_eos:
             reason = "stop"
         elif token in p.stop_token_ids:
             reason, stop_reason = "stop", token
         else:
-            hit = _find_stop(text, p.stop, len(seq.text))
+            hit = None if early else _find_stop(text, p.stop, len(seq.text))
             if hit is not None:
                 stop, at = hit
                 text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
                 reason, stop_reason = "stop", stop
+            elif complete:  # the grammar allows nothing more
+                reason = "stop"
             elif p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens:
                 reason = "length"
             elif seq.num_tokens >= self.max_model_len:
@@ -213,7 +249,12 @@ class LLMEngine:
         out = CompletionOutput(index=0, text=seq.text[chars:], token_ids=seq.output_token_ids[start:],
                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                                logprobs=seq.logprobs[start:] if seq.logprobs is not None else None)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [out], finished=seq.finished)
+        prompt_lps = None
+        if seq.prompt_logprobs is not None and not (kind == "delta" and seq.sent_prompt_logprobs) \
+                and not prompt_logprobs.wants_prompt_logprobs(seq):
+            prompt_lps, seq.sent_prompt_logprobs = seq.prompt_logprobs, True
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [out], finished=seq.finished,
+                             prompt_logprobs=prompt_lps)
 
     # ---- whole-prompt logits (numerical comparison with other implementations) -----------------
 

@@ -7,6 +7,7 @@ import torch
 from ..forward_batch import ForwardBatch
 from ..layers.sampler import SamplingBatch, sample
 from .cache import CacheManager
+from .constraints import build_logit_constraints
 from .cuda_graph import DecodeGraphs
 from .scheduler import ScheduledChunk
 from .sequence import Sequence
@@ -109,7 +110,8 @@ class ModelRunner:
 
     def prepare_sampling(self, seqs: list[Sequence]) -> SamplingBatch:
         return SamplingBatch.build([s.params for s in seqs], [s.generator for s in seqs],
-                                   [s.token_ids for s in seqs], [s.output_token_ids for s in seqs])
+                                   [s.token_ids for s in seqs], [s.output_token_ids for s in seqs],
+                                   build_logit_constraints(seqs, self.model.config.vocab_size))
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [len(seqs), vocab] fp32 -> (next token per sequence, logprobs per sequence or None)."""

@@ -48,6 +48,10 @@ class Sequence:
         self.sent_tokens = 0  # how much of the output "delta" outputs have already carried
         self.sent_chars = 0
         self.generator = generator
+        self.constraints = None  # RequestConstraints: grammar, min_tokens, bad words (engine/constraints.py)
+        # per prompt token {token id: Logprob} (the first None: nothing predicts it), when asked for
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
+        self.sent_prompt_logprobs = False  # a "delta" output carries them once
 
     def append_token(self, token: int) -> None:
         self.output_token_ids.append(token)

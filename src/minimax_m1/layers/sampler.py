@@ -10,6 +10,7 @@ import torch
 
 from ..host_tensors import from_list
 from ..sampling_params import SamplingParams
+from .logit_constraints import LogitConstraints, apply_constraints
 
 
 @dataclasses.dataclass
@@ -27,9 +28,8 @@ class Penalties:
 @dataclasses.dataclass
 class SamplingBatch:
     """What the sampler needs about N rows. Tensors are on the host ([N], moved to the logits' device only
-    when a row needs them); the lists are host-side decisions. Further per-row settings (logit_bias,
-    min_tokens, a grammar's token bitmask, prompt logprobs) become more fields here, applied to the logits
-    where the penalties are."""
+    when a row needs them); the lists are host-side decisions. `constraints` (logit_bias, min_tokens, bad
+    words, a grammar's token bitmask) apply after the penalties."""
 
     temperatures: torch.Tensor  # [N] fp32, 0 = greedy
     top_k: torch.Tensor  # [N] int64, 0 = off
@@ -39,10 +39,12 @@ class SamplingBatch:
     generators: list[torch.Generator | None]  # a seeded row's own stream (None: the device's default)
     penalties: list[Penalties]  # only the rows that have one
     logprobs: list[int | None]  # top logprobs to return per row (None: none; 0: the sampled token's only)
+    constraints: LogitConstraints | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
-              token_ids: list[list[int]], output_token_ids: list[list[int]]) -> SamplingBatch:
+              token_ids: list[list[int]], output_token_ids: list[list[int]],
+              constraints: LogitConstraints | None = None) -> SamplingBatch:
         """From each row's settings, generator, prompt + output token ids and output token ids."""
         temps = from_list([p.temperature for p in params], torch.float32)
         return cls(
@@ -56,7 +58,7 @@ class SamplingBatch:
                                  output_token_ids[i])
                        for i, p in enumerate(params) if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                        or p.frequency_penalty != 0.0],
-            logprobs=[p.logprobs for p in params])
+            logprobs=[p.logprobs for p in params], constraints=constraints)
 
 
 def apply_penalties(logits: torch.Tensor, penalties: list[Penalties]) -> torch.Tensor:
@@ -102,7 +104,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[
     """logits [N, V] fp32 (one row per SamplingBatch row) -> (next token per row, logprobs per row or None)."""
     n, vocab = logits.shape
     raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in batch.logprobs) else None
-    logits = apply_penalties(logits, batch.penalties)
+    logits = apply_constraints(apply_penalties(logits, batch.penalties), batch.constraints)
 
     tokens = logits.argmax(-1)
     if not all(batch.greedy):

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine.llm_engine import LLMEngine
-from . import chat, completions
+from . import chat, completions, tokens
 from .args import ServerArgs
 from .async_engine import AsyncEngine, EngineDeadError, EngineUnavailable, RequestFailedError, ShuttingDownError
 from .body import PayloadTooLarge, parse_json_object, read_body
@@ -30,8 +30,12 @@ from .protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from .serving import SSE_DONE, BadRequest, OpenAIServing, error_body, sse
 
@@ -47,7 +51,8 @@ def build_app(engine: LLMEngine, model_names: list[str], args: ServerArgs | None
         raise ValueError("this model has no tokenizer (tokenizer.json): the server needs one to read and write text")
     args = dataclasses.replace(args or ServerArgs(), **overrides)
     async_engine = AsyncEngine(engine, max_request_seconds=args.max_request_seconds)
-    serving = OpenAIServing(async_engine, model_names, args.reasoning_parser, args.max_num_seqs_per_request)
+    serving = OpenAIServing(async_engine, model_names, args.reasoning_parser, args.max_num_seqs_per_request,
+                            args.tool_call_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -113,7 +118,19 @@ def build_app(engine: LLMEngine, model_names: list[str], args: ServerArgs | None
         body = await _body(request, serving, args, ChatCompletionRequest)
         return await _respond(request, serving, body, chat)
 
-    with_request_schemas(app, [CompletionRequest, ChatCompletionRequest])
+    @app.post("/tokenize", responses=post_responses(TokenizeResponse), openapi_extra=request_body(TokenizeRequest))
+    async def tokenize(request: Request) -> TokenizeResponse:
+        """vLLM's: a prompt (or chat messages through the chat template) as token ids."""
+        body = await _body(request, serving, args, TokenizeRequest)
+        return await serving.run_blocking(tokens.tokenize, serving, body)
+
+    @app.post("/detokenize", responses=post_responses(DetokenizeResponse),
+              openapi_extra=request_body(DetokenizeRequest))
+    async def detokenize(request: Request) -> DetokenizeResponse:
+        body = await _body(request, serving, args, DetokenizeRequest)
+        return await serving.run_blocking(tokens.detokenize, serving, body)
+
+    with_request_schemas(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest])
     return app
 
 
@@ -208,7 +225,7 @@ async def _unless_disconnected(request: Request, coro):
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadRequest)
     async def bad_request(_, e: BadRequest):
-        return error_response(400, e.message, "invalid_request_error", e.param, e.code)
+        return error_response(e.status, e.message, "invalid_request_error", e.param, e.code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_, e: RequestValidationError):  # FastAPI answers 422; OpenAI and vLLM say 400

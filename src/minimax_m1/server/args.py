@@ -16,6 +16,7 @@ class ServerArgs:
     port: int = 8000
     api_key: str | None = None
     reasoning_parser: bool = True
+    tool_call_parser: bool = True  # --tool-call-parser minimax_m1 (False: none; forced calls are parsed anyway)
     model_root: str | None = None  # what /v1/models reports as the model's root
     # when bound to loopback, Host headers other than these (any port) are refused: DNS-rebinding protection
     allowed_hosts: list[str] = dataclasses.field(default_factory=list)

@@ -180,7 +180,9 @@ class AsyncEngine:
                 self._admit()
                 if self.engine.has_unfinished():
                     self._step()
-                self.metrics.update_gauges(self.engine, pending=sum(len(c.pending) for c in self._queue))
+                pending = sum(len(c.pending) for c in self._queue)
+                self.metrics.update_gauges(self.engine, pending=pending)
+                self.metrics.maybe_log(self.engine, pending)
         except BaseException as e:  # a failed device, or the engine could not be cleared after a failure
             logger.critical("the engine failed and cannot go on: %s: %s", type(e).__name__, e, exc_info=e)
             self.error, fatal = e, True

@@ -4,13 +4,17 @@ registry of its own, so several servers can live in one process (tests)."""
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+logger = logging.getLogger("minimax_m1.server")
+
 PREFIX = "minimax_m1_"
+LOG_INTERVAL_S = 10.0  # throughput lines while serving
 THROUGHPUT_WINDOW_S = 10.0
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
                     320.0, 640.0)
@@ -53,6 +57,29 @@ class EngineMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def maybe_log(self, engine, pending: int = 0, now: float | None = None) -> str | None:
+        """Every LOG_INTERVAL_S while there is work: one line with prompt and generation throughput since the
+        last line, requests running and waiting, cache use. Returns the line (None when not yet due)."""
+        now = time.monotonic() if now is None else now
+        last = getattr(self, "_log_last", None)
+        if last is None:
+            self._log_last = (now, engine.num_prompt_tokens, engine.num_generated_tokens)
+            return None
+        t0, prompt0, gen0 = last
+        if now - t0 < LOG_INTERVAL_S:
+            return None
+        dt = now - t0
+        prompt, gen = engine.num_prompt_tokens - prompt0, engine.num_generated_tokens - gen0
+        self._log_last = (now, engine.num_prompt_tokens, engine.num_generated_tokens)
+        s, usage = engine.scheduler, engine.cache.usage()
+        if not (prompt or gen or s.running or s.waiting or pending):
+            return None
+        line = (f"throughput: {prompt / dt:.1f} prompt tokens/s, {gen / dt:.1f} generated tokens/s; "
+                f"{len(s.running)} running, {len(s.waiting) + pending} waiting; state slots "
+                f"{100 * usage.state_slots:.0f}% used, KV cache {100 * usage.kv_blocks:.0f}% used")
+        logger.info(line)
+        return line
 
 
 class _EngineTotals:

@@ -31,6 +31,7 @@ def post_responses(response_model: type[BaseModel]) -> dict:
               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
         400: _error("Invalid request (the error names the field), or a Host header not allowed"),
         401: GET_RESPONSES[401],
+        404: _error("No such model (the request's `model`)"),
         413: _error("The body is over --max-request-bytes"),
         415: _error("The body is not sent as application/json"),
         500: _error("The request failed inside the engine"),

@@ -11,17 +11,19 @@ import uuid
 from pydantic import BaseModel
 
 from ..outputs import RequestOutput
+from ..engine.parallel_sampling import choice_params
 from ..sampling_params import SamplingParams, SamplingParamsError
+from ..structured import StructuredOutputsParams, UnsupportedGrammarError, from_request
 from .async_engine import AsyncEngine, EngineRequest
 from .protocol import ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
 
 
 class BadRequest(Exception):
-    """A request we refuse with HTTP 400 and an OpenAI error object."""
+    """A request we refuse with HTTP 400 (or `status`: 404 for an unknown model) and an OpenAI error object."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
         super().__init__(message)
-        self.message, self.param, self.code = message, param, code
+        self.message, self.param, self.code, self.status = message, param, code, status
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -49,8 +51,9 @@ TOKENIZER_THREADS = 4
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, model_names: list[str], reasoning_parser: bool = True,
-                 max_num_seqs_per_request: int = 256):
+                 max_num_seqs_per_request: int = 256, tool_parser: bool = True):
         self.engine = engine
+        self.tool_parser = tool_parser  # read MiniMax-M1's <tool_calls> out of answers to tool_choice "auto"
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.model_names = model_names
@@ -79,14 +82,16 @@ class OpenAIServing:
 
     # ---- checks and parameters ------------------------------------------------------------------
 
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise BadRequest(f"the model {model!r} does not exist: this server serves {self.model_name!r} "
+                             f"(see /v1/models)", param="model", code="model_not_found", status=404)
+
     def check_request(self, req: SamplingFields, unsupported: dict[str, object]) -> None:
         """unsupported: field name -> the value the request gives it, None where the field is unused."""
-        if req.model is not None and req.model not in self.model_names:
-            raise BadRequest(f"the model {req.model!r} does not exist: this server serves {self.model_name!r} "
-                             f"(see /v1/models)", param="model", code="model_not_found")
+        self.check_model(req.model)
         if req.stream_options is not None and not req.stream:
             raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
-        unsupported |= {"logit_bias": req.logit_bias or None, "min_tokens": req.min_tokens or None}
         for name, value in unsupported.items():
             if value is not None:
                 raise BadRequest(f"{name}={value!r} is not supported by this server", param=name)
@@ -99,7 +104,45 @@ class OpenAIServing:
                              f"(--max-num-seqs-per-request): send fewer prompts or a smaller n",
                              param="n" if num_prompts == 1 else "prompt")
 
-    def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def structured_outputs(self, req: SamplingFields, forced: StructuredOutputsParams | None = None,
+                           after_reasoning: bool = False) -> StructuredOutputsParams | None:
+        """The request's output constraint (response_format, structured_outputs, guided_*; or `forced`, a
+        tool_choice grammar), compiled here so that an unsupported one is a 400 saying what (the engine
+        reuses the compiled grammar). after_reasoning: the constraint starts after the <think> block."""
+        fields = dict(response_format=req.response_format, structured_outputs=req.structured_outputs,
+                      guided_json=req.guided_json, guided_regex=req.guided_regex, guided_choice=req.guided_choice,
+                      guided_grammar=req.guided_grammar)
+        given = [k for k, v in fields.items() if v is not None and not (k == "response_format"
+                                                                         and v.get("type") == "text")]
+        try:
+            params = from_request(**fields)
+        except ValueError as e:
+            raise BadRequest(str(e), param=given[0] if given else None) from e
+        if forced is not None:
+            if params is not None:
+                raise BadRequest(f"tool_choice {req.tool_choice!r} forces a tool call; it cannot be combined "
+                                 f"with {given[0]}", param=given[0])
+            params, given = forced, ["tool_choice"]
+        else:
+            if params is not None and after_reasoning:
+                params = dataclasses.replace(params, after_reasoning=True)
+            if params is not None and req.guided_whitespace_pattern is not None:
+                try:
+                    params = dataclasses.replace(params, whitespace_pattern=req.guided_whitespace_pattern)
+                except ValueError as e:
+                    raise BadRequest(str(e), param="guided_whitespace_pattern") from e
+        if params is not None:
+            try:
+                self.engine.engine.grammar_compiler.compile(params)
+            except UnsupportedGrammarError as e:
+                raise BadRequest(str(e), param=given[0], code="unsupported_constraint") from e
+            except ValueError as e:
+                raise BadRequest(str(e), param=given[0]) from e
+        return params
+
+    def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                        structured: StructuredOutputsParams | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         def pick(value, default):
             return default if value is None else value
 
@@ -111,7 +154,10 @@ class OpenAIServing:
                 repetition_penalty=pick(req.repetition_penalty, 1.0),
                 presence_penalty=pick(req.presence_penalty, 0.0), frequency_penalty=pick(req.frequency_penalty, 0.0),
                 logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output,
+                include_stop_str_in_output=req.include_stop_str_in_output, min_tokens=req.min_tokens,
+                logit_bias=req.logit_bias or None, bad_words=req.bad_words or None,
+                prompt_logprobs=pick(prompt_logprobs, req.prompt_logprobs), structured_outputs=structured,
+                n=req.n, best_of=getattr(req, "best_of", None),
                 output_kind="delta" if req.stream else "final_only")
             params.check_vocab(self.engine.engine.vocab_size)
             return params
@@ -119,9 +165,9 @@ class OpenAIServing:
             raise BadRequest(str(e), param=e.param) from e
 
     def engine_requests(self, base_id: str, prompts: list[tuple[str | None, list[int]]], params: SamplingParams,
-                        n: int, param: str) -> list[EngineRequest]:
-        """n copies of each prompt (choice index = prompt index * n + copy). The copies sample independently;
-        with a seed, copy i uses seed + i so that each is reproducible and they differ."""
+                        param: str) -> list[EngineRequest]:
+        """params.num_samples copies of each prompt (engine request index = prompt index * copies + copy); the
+        copies sample independently, with a seed copy i uses seed + i (parallel_sampling.choice_params)."""
         for _, ids in prompts:
             try:
                 self.engine.engine.validate_prompt(ids)
@@ -133,11 +179,10 @@ class OpenAIServing:
                     f"this model's maximum context length is {self.max_model_len} tokens, but {len(ids)} prompt "
                     f"tokens and max_tokens {params.max_tokens} ask for {len(ids) + params.max_tokens}: shorten "
                     f"the prompt or lower max_tokens", param="max_tokens", code="context_length_exceeded")
-        requests = []
+        requests, n = [], params.num_samples
         for p, (text, ids) in enumerate(prompts):
             for i in range(n):
-                copy = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
-                requests.append(EngineRequest(f"{base_id}-{p * n + i}", ids, copy, text))
+                requests.append(EngineRequest(f"{base_id}-{p * n + i}", ids, choice_params(params, i), text))
         return requests
 
     async def collect(self, requests: list[EngineRequest]) -> list[RequestOutput]:
@@ -158,6 +203,14 @@ class OpenAIServing:
         -inf (a filtered token) becomes -9999 as in vLLM: JSON has no infinity."""
         items = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
         return [(self.token_str(t), max(lp, -9999.0)) for t, lp in items]
+
+    def prompt_logprobs(self, entries) -> list | None:
+        """The engine's prompt logprobs ({id: Logprob} per token) as vLLM's API sends them."""
+        if entries is None:
+            return None
+        return [None if e is None else {str(t): {"logprob": max(lp.logprob, -9999.0), "rank": lp.rank,
+                                                 "decoded_token": self.token_str(t)} for t, lp in e.items()}
+                for e in entries]
 
     def usage(self, requests: list[EngineRequest], completion: int, n: int) -> UsageInfo:
         """Prompt tokens count once per prompt (not per copy), as OpenAI counts them."""

@@ -180,12 +180,16 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
 
     The caller must not refill `bitmask` until the copy has run: the sampler's reading back of the sampled
     tokens (each step) orders that. This runs outside any captured CUDA graph, on the logits it returns."""
-    n, vocab = logits.shape
+    return logits.masked_fill_(~allowed_tokens(bitmask, *logits.shape, logits.device), float("-inf"))
+
+
+def allowed_tokens(bitmask: torch.Tensor, n: int, vocab: int, device) -> torch.Tensor:
+    """The first n rows of the host bitmask as bool [n, vocab] on device (True: allowed): one host-to-device
+    copy (asynchronous from pinned memory) and element-wise ops, no wait for the device."""
     if bitmask.shape[0] < n or bitmask.shape[1] * 32 < vocab:
-        raise ValueError(f"the token bitmask {tuple(bitmask.shape)} does not cover logits {tuple(logits.shape)}")
-    dev = logits.device
+        raise ValueError(f"the token bitmask {tuple(bitmask.shape)} does not cover logits {(n, vocab)}")
+    dev = torch.device(device)
     if dev not in _SHIFTS:
         _SHIFTS[dev] = torch.arange(32, dtype=torch.int32, device=dev)
     words = bitmask[:n].to(dev, non_blocking=True)
-    allowed = ((words.unsqueeze(-1) >> _SHIFTS[dev]) & 1).view(n, -1)[:, :vocab]
-    return logits.masked_fill_(allowed == 0, float("-inf"))
+    return ((words.unsqueeze(-1) >> _SHIFTS[dev]) & 1).view(n, -1)[:, :vocab] != 0

@@ -15,7 +15,9 @@ class StructuredOutputsParams:
     """Exactly one of json (a JSON schema, dict or text), regex, choice (a list of strings), grammar (Lark, or
     llama.cpp's GBNF) and json_object (any JSON object). The options shape JSON output:
     disable_any_whitespace: no whitespace between JSON tokens; whitespace_pattern: the regex for it;
-    disable_additional_properties: objects take only the properties their schema lists."""
+    disable_additional_properties: objects take only the properties their schema lists.
+    after_reasoning: the model may reason first: a <think>...</think> block is let through unconstrained, and
+    the constraint holds from its end (from the first token when the output does not start with <think>)."""
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | tuple[str, ...] | None = None
@@ -24,6 +26,7 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
+    after_reasoning: bool = False
 
     def __post_init__(self):
         given = [k for k in KINDS if getattr(self, k) not in (None, False)]

@@ -16,15 +16,16 @@ from .params import StructuredOutputsParams
 _AS_WRITTEN = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def tool_choice_params(tools: list | None, tool_choice) -> StructuredOutputsParams | None:
-    """None for "auto", "none" or no tool_choice (nothing to enforce); else the grammar that forces calls."""
+def tool_choice_params(tools: list | None, tool_choice, parallel: bool = True) -> StructuredOutputsParams | None:
+    """None for "auto", "none" or no tool_choice (nothing to enforce); else the grammar that forces calls.
+    parallel False (OpenAI's parallel_tool_calls): "required" takes exactly one call."""
     if tool_choice in (None, "auto", "none"):
         return None
     functions = template_tools(tools) or []
     if not functions:
         raise ValueError(f"tool_choice {tool_choice!r} needs tools")
     if tool_choice == "required":
-        chosen, repeat = functions, True
+        chosen, repeat = functions, parallel
     elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function" \
             and isinstance(tool_choice.get("function"), dict):
         name = tool_choice["function"].get("name")
