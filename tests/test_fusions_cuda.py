@@ -62,12 +62,12 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((_ordered(a) - _ordered(b)).abs().max().item()) if a.numel() else 0
 
 
-def assert_within(out: torch.Tensor, exact: torch.Tensor, rel: float) -> None:
-    """|out - exact| <= rel |exact| + FLOOR[dtype] everywhere (fp64); FLOOR is half the subnormal spacing of the
-    output dtype (fp16 rounds tiny values on an absolute grid of 2^-24)."""
+def assert_within(out: torch.Tensor, exact: torch.Tensor, rel: float, floor=None) -> None:
+    """|out - exact| <= rel |exact| + floor everywhere (fp64); floor defaults to FLOOR[dtype], half the subnormal
+    spacing of the output dtype (fp16 rounds tiny values on an absolute grid of 2^-24)."""
     assert torch.isfinite(out).all(), "non-finite output"
     o, e = out.double(), exact.double()
-    excess = (o - e).abs() - rel * e.abs() - FLOOR[out.dtype]
+    excess = (o - e).abs() - rel * e.abs() - (FLOOR[out.dtype] if floor is None else floor)
     worst = int(excess.argmax())
     assert excess.max() <= 0, (f"off by {(o - e).abs().flatten()[worst].item():.3g} at {e.flatten()[worst].item():.6g}"
                                f" (allowed {rel:.3g} relative)")
@@ -137,8 +137,12 @@ def test_gated_rms_norm(rows, n, dtype):
     _poison()
     out = norm.gated_rms_norm(x, g, w, 1e-6)
     assert ulps(out, norm_ref.gated_rms_norm(x, g, w, 1e-6)) <= 2
-    exact = torch.sigmoid(g.double()) * _exact_norm(x, w, 1e-6)
-    assert_within(out, exact, 3 * U[dtype] + FP32_SLACK)
+    normed = _exact_norm(x, w, 1e-6)
+    exact = torch.sigmoid(g.double()) * normed
+    # sigmoid(g) itself is rounded to the dtype first (as torch does): for g below about -10 it lies in fp16's
+    # subnormal range, on the absolute grid, so its rounding (half a step) is multiplied by |normed| (measured on
+    # an H200: up to two output steps there, the kernel within 2 ulps of the torch reference everywhere)
+    assert_within(out, exact, 3 * U[dtype] + FP32_SLACK, FLOOR[dtype] * (1 + normed.abs()))
 
 
 @pytest.mark.parametrize("ranks,heads", [(8, 8), (8, 64)])
@@ -302,6 +306,11 @@ def test_router_random_inputs_match_reference_module():
     top = (x.double() @ w.double().t()).sort(-1, descending=True).values
     separated = (top[:, 1] - top[:, 2]) > 2 * 2.0 ** -7 * top[:, 1].abs().clamp_min(1)
     assert separated.float().mean() > 0.5
+    # the order of the k chosen experts is the order of their logits, which the first two may swap where they are
+    # close (the layer's sum does not depend on it): compare each token's choices sorted by expert id
+    ids, order = ids.sort(-1)
+    ref_ids, ref_order = ref_ids.sort(-1)
+    weights, ref_w = weights.gather(-1, order), ref_w.gather(-1, ref_order)
     assert torch.equal(ids[separated], ref_ids[separated])
     assert (weights[separated] - ref_w[separated]).abs().max() <= 2e-2
 
