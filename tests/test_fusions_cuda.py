@@ -510,7 +510,7 @@ def test_gemv_every_split(ksplit, tokens):
 
 def test_gemv_strided_x_and_dispatch():
     gen = torch.Generator(device="cuda").manual_seed(8)
-    big = torch.randn(3, 6144 + 8, generator=gen, device="cuda").to(torch.bfloat16)
+    big = torch.randn(gemv.MAX_TOKENS, 6144 + 8, generator=gen, device="cuda").to(torch.bfloat16)
     x = big[:, 8:]  # rows at a stride, 16 bytes in
     w = (torch.randn(512, 6144, generator=gen, device="cuda") * 6144 ** -0.5).to(torch.bfloat16)
     _check_gemv(gemv.linear(x, w), x, w)
@@ -522,7 +522,7 @@ def test_gemv_strided_x_and_dispatch():
         mod.gemv(torch.zeros(9, 64, device="cuda", dtype=torch.bfloat16), w[:, :64].contiguous(),
                  torch.empty(9, 512, device="cuda", dtype=torch.bfloat16), 0, True)
     with pytest.raises(ValueError, match="ksplit"):
-        mod.gemv(x.contiguous(), w, torch.empty(3, 512, device="cuda", dtype=torch.bfloat16), 3, True)
+        mod.gemv(x.contiguous(), w, torch.empty(x.shape[0], 512, device="cuda", dtype=torch.bfloat16), 3, True)
 
 
 def test_gemv_in_cuda_graph():

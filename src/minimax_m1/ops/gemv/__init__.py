@@ -2,7 +2,7 @@
 
     linear(x, weight) -> y
 
-x [..., K], weight [N, K]. For T <= MAX_TOKENS rows of x on CUDA in bf16/fp16, one GEMV kernel (cuda.py) that
+x [..., K], weight [N, K]. For T <= MAX_TOKENS rows of x and K >= MIN_K on CUDA in bf16/fp16, one GEMV kernel (cuda.py) that
 streams the weight once at copy bandwidth, where cuBLAS at these shapes runs split-K with a reduction kernel
 after; everything else is F.linear (the reference: CPU, fp32, prefill). Both sum in fp32 and round once; the
 orders differ, so an output may differ from cuBLAS's by one ulp where the fp32 sums straddle a rounding step.
@@ -14,16 +14,19 @@ import torch.nn.functional as F
 
 from . import cuda
 
-# Largest row count the GEMV takes (a policy; the kernel serves up to cuda.limits()["max_tokens"]). At 1-4 rows
-# it streams the weights with several loads in flight per lane; at 8 its registers allow one CTA per SM.
-# benchmarks/bench_fusions.py measures it against F.linear at the model's shapes: set this from that table.
-MAX_TOKENS = 4
+# Where the GEMV runs (a policy; the kernel serves up to cuda.limits()["max_tokens"] rows), from
+# benchmarks/bench_fusions.py on an H200 (per call in a CUDA graph, against F.linear): at 1-2 rows it wins for
+# every weight with K >= 6144 (qkv 3072x6144 1.14-1.26x, k_proj 128x6144 2.2x, lm_head 25008x6144 1.06-1.08x,
+# full out_proj 6144x8192 1.0-1.12x) and loses where K is 1024 (TP8 out_proj / o_proj 6144x1024: 0.81-0.97x); at 4
+# rows it ties or loses (qkv 0.89x), at 8 it loses everywhere (0.46-0.57x).
+MAX_TOKENS = 2
+MIN_K = 4096
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 2 and x.shape[0] <= MAX_TOKENS and cuda.supports(x, weight):
+    if x.dim() == 2 and x.shape[0] <= MAX_TOKENS and weight.shape[-1] >= MIN_K and cuda.supports(x, weight):
         return cuda.gemv(x, weight)
     return F.linear(x, weight)
 
 
-__all__ = ["linear", "MAX_TOKENS", "cuda"]
+__all__ = ["linear", "MAX_TOKENS", "MIN_K", "cuda"]
