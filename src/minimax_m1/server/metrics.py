@@ -1,5 +1,5 @@
-"""Prometheus metrics for /metrics. The engine thread writes them (gauges after every loop turn,
-histograms and counters as requests progress); the HTTP side only renders them. Each server has a
+"""Prometheus metrics for /metrics. The server's event loop writes them (gauges from the engine core's
+every step, histograms and counters as requests progress); the HTTP side only renders them. Each server has a
 registry of its own, so several servers can live in one process (tests)."""
 from __future__ import annotations
 
@@ -35,14 +35,13 @@ class EngineMetrics:
         self._totals = _EngineTotals()
         r.register(self._totals)
 
-    def update_gauges(self, engine, pending: int = 0) -> None:
-        """pending: requests the server holds back for the engine (round-robin admission); they wait too."""
-        s, usage = engine.scheduler, engine.cache.usage()
-        self.running.set(len(s.running))
-        self.waiting.set(len(s.waiting) + pending)
-        self.state_pool_usage.set(usage.state_slots)
-        self.kv_cache_usage.set(usage.kv_blocks)
-        self._totals.sample(engine)
+    def update_gauges(self, g) -> None:
+        """g: the engine core's Gauges (engine/messages.py), sent with every step's outputs."""
+        self.running.set(g.running)
+        self.waiting.set(g.waiting)
+        self.state_pool_usage.set(g.state_pool_usage)
+        self.kv_cache_usage.set(g.kv_cache_usage)
+        self._totals.sample(g)
 
     def on_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -57,7 +56,7 @@ class EngineMetrics:
 
 class _EngineTotals:
     """Counters the engine keeps itself (tokens, preemptions), and generated tokens per second over the
-    last THROUGHPUT_WINDOW_S seconds, from samples the engine thread takes."""
+    last THROUGHPUT_WINDOW_S seconds, from the samples each step's gauges bring."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -65,11 +64,10 @@ class _EngineTotals:
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         self._start = time.monotonic()
 
-    def sample(self, engine) -> None:
+    def sample(self, g) -> None:
         now = time.monotonic()
         with self._lock:
-            self._prompt, self._generated = engine.num_prompt_tokens, engine.num_generated_tokens
-            self._preemptions = engine.scheduler.num_preemptions
+            self._prompt, self._generated, self._preemptions = g.prompt_tokens, g.generation_tokens, g.preemptions
             self._samples.append((now, self._generated))
             # keep one sample at or before the window's start, as the baseline
             while len(self._samples) > 1 and self._samples[1][0] <= now - THROUGHPUT_WINDOW_S:
