@@ -17,6 +17,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json to use instead of the model's")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -57,7 +58,8 @@ def _add_limit_args(s: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(device=a.device, dtype=a.dtype, load_format=a.load_format, max_model_len=a.max_model_len,
+    return dict(device=a.device, dtype=a.dtype, load_format=a.load_format, tokenizer=a.tokenizer,
+                max_model_len=a.max_model_len,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                 gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization)
 
@@ -104,8 +106,9 @@ def _quantize(a: argparse.Namespace) -> int:
 
 
 def _serve(a: argparse.Namespace) -> int:
-    from .engine.builder import EngineArgs, build_engine
+    from .engine.builder import EngineArgs, load_tokenizer
     from .server.api import build_app
+    from .server.async_engine import AsyncEngine
     from .server.args import ServerArgs
     from .server.launch import run_server
 
@@ -119,10 +122,19 @@ def _serve(a: argparse.Namespace) -> int:
         max_num_seqs_per_request=a.max_num_seqs_per_request, shutdown_timeout=a.shutdown_timeout,
         max_connections=a.max_connections, timeout_keep_alive=a.timeout_keep_alive, timeout_header=a.timeout_header,
         timeout_body=a.timeout_body, log_level=a.uvicorn_log_level)
-    engine = build_engine(EngineArgs(model=a.model, progress=True, **_engine_kwargs(a)))
-    if a.chat_template is not None and engine.tokenizer is not None:
-        engine.tokenizer.chat_template = a.chat_template
-    return run_server(build_app(engine, a.served_model_name or [a.model], args), args)
+    engine_args = EngineArgs(model=a.model, progress=True, **_engine_kwargs(a))
+    tokenizer = load_tokenizer(engine_args)
+    if tokenizer is None:
+        raise ValueError(f"the model {a.model!r} has no tokenizer (tokenizer.json): the server needs one to read "
+                         f"and write text; pass --tokenizer DIR")
+    if a.chat_template is not None:
+        tokenizer.chat_template = a.chat_template
+    # the engine core: a process of its own that builds the engine (and any parallel workers)
+    engine = AsyncEngine.in_process(engine_args, tokenizer, max_request_seconds=args.max_request_seconds)
+    try:
+        return run_server(build_app(engine, a.served_model_name or [a.model], args), args)
+    finally:
+        engine.shutdown()
 
 
 def _api_key(a: argparse.Namespace) -> str | None:
