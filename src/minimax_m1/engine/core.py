@@ -192,7 +192,8 @@ class EngineCore:
 
     def _collect(self, out) -> None:
         o = out.outputs[0]
-        t = msg.TokenOutput(out.request_id, o.token_ids, o.logprobs, o.finish_reason, o.stop_reason, o.error)
+        t = msg.TokenOutput(out.request_id, o.token_ids, o.logprobs, o.finish_reason, o.stop_reason, o.error,
+                            prompt_logprobs=out.prompt_logprobs)
         if out.finished:
             self._end(out.request_id, t)
         elif out.request_id in self._calls:

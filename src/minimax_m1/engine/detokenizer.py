@@ -31,25 +31,3 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         self.text += delta
         return delta
-
-
-def cut_at_stop(text: str, emitted: int, params) -> tuple[str, str | None]:
-    """(text up to the earliest of params.stop that ends after the first `emitted` characters, with the stop
-    string when include_stop_str_in_output; that stop string), or (text, None) when none is there."""
-    best = None
-    for stop in params.stop:
-        at = text.find(stop, max(0, emitted - len(stop) + 1))
-        if at >= 0 and (best is None or at < best[1]):
-            best = (stop, at)
-    if best is None:
-        return text, None
-    stop, at = best
-    return (text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]), stop
-
-
-def hold_back(text: str, emitted: int, params) -> str:
-    """text less a possible start of a stop string at its end (never less than what was emitted), so that
-    streamed text never needs retracting."""
-    if not params.stop:
-        return text
-    return text[: max(emitted, len(text) - max(map(len, params.stop)) + 1)]

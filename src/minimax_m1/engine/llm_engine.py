@@ -13,7 +13,7 @@ import torch
 
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
-from .detokenizer import IncrementalDetokenizer, cut_at_stop, hold_back
+from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
@@ -41,16 +41,16 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, detokenize: bool = True) -> Sequence:
-        """detokenize False: outputs carry tokens only, and stop strings are not checked (the engine core:
-        the server does both)."""
+        """detokenize False: outputs carry tokens and no text, and so no stop string ever matches (the engine
+        core: the server detokenises and checks stop strings)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
         params.check_vocab(self.vocab_size)
         # a seed gives the same tokens whatever else runs in the batch: a generator of its own
         generator = None if params.seed is None else torch.Generator(self.runner.device).manual_seed(params.seed)
-        detokenizer = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
-                       if detokenize else None)
+        detokenizer = IncrementalDetokenizer(self.tokenizer if detokenize else None, prompt_token_ids,
+                                             params.skip_special_tokens)
         seq = Sequence(request_id, prompt_token_ids, params, prompt=prompt, detokenizer=detokenizer,
                        generator=generator)
         self.requests[request_id] = seq
@@ -168,32 +168,42 @@ class LLMEngine:
         self.num_generated_tokens += 1
         if seq.logprobs is not None:
             seq.logprobs.append(logprobs)
-        text = ""
-        if seq.detokenizer is not None:  # None in the engine core: the server detokenises
-            seq.detokenizer.add(token)
-            text = seq.detokenizer.text
+        seq.detokenizer.add(token)
+        text = seq.detokenizer.text
         reason, stop_reason = None, None
         if token in self.eos_token_ids and not p.ignore_eos:
             reason = "stop"
         elif token in p.stop_token_ids:
             reason, stop_reason = "stop", token
         else:
-            text, stop = cut_at_stop(text, len(seq.text), p)
-            if stop is not None:
+            hit = _find_stop(text, p.stop, len(seq.text))
+            if hit is not None:
+                stop, at = hit
+                text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
                 reason, stop_reason = "stop", stop
             elif p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens:
                 reason = "length"
             elif seq.num_tokens >= self.max_model_len:
                 reason = "length"
-        if reason is None:
-            text = hold_back(text, len(seq.text), p)
+        if reason is None and p.stop:
+            # hold back a possible start of a stop string, so streamed text never needs retracting
+            text = text[: max(len(seq.text), len(text) - max(map(len, p.stop)) + 1)]
         seq.text = text
         if reason is not None:
             seq.stop_reason = stop_reason
             self.scheduler.finish(seq, reason)
 
     def _output(self, seq: Sequence) -> RequestOutput | None:
-        return request_output(seq)
+        """The request's output in its params' output_kind (None: a final_only request still running)."""
+        kind = seq.params.output_kind
+        if kind == "final_only" and not seq.finished:
+            return None
+        start, chars = (seq.sent_tokens, seq.sent_chars) if kind == "delta" else (0, 0)
+        seq.sent_tokens, seq.sent_chars = len(seq.output_token_ids), len(seq.text)
+        out = CompletionOutput(index=0, text=seq.text[chars:], token_ids=seq.output_token_ids[start:],
+                               finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                               logprobs=seq.logprobs[start:] if seq.logprobs is not None else None)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [out], finished=seq.finished)
 
     # ---- whole-prompt logits (numerical comparison with other implementations) -----------------
 
@@ -217,7 +227,7 @@ class LLMEngine:
 
 
 def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
-    """ValueError unless ids is a prompt this engine can run."""
+    """ValueError unless ids is a prompt an engine of this context and vocabulary can run."""
     if not ids:
         raise ValueError("the prompt is empty: give at least one token")
     if len(ids) >= max_model_len:
@@ -228,15 +238,11 @@ def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
         raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
 
 
-def request_output(seq) -> RequestOutput | None:
-    """A request's output in its params' output_kind (None: a final_only request still running). seq: a
-    Sequence, or anything with its output fields (the server's view of a request in the engine core)."""
-    kind = seq.params.output_kind
-    if kind == "final_only" and not seq.finished:
-        return None
-    start, chars = (seq.sent_tokens, seq.sent_chars) if kind == "delta" else (0, 0)
-    seq.sent_tokens, seq.sent_chars = len(seq.output_token_ids), len(seq.text)
-    out = CompletionOutput(index=0, text=seq.text[chars:], token_ids=seq.output_token_ids[start:],
-                           finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                           logprobs=seq.logprobs[start:] if seq.logprobs is not None else None)
-    return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [out], finished=seq.finished)
+def _find_stop(text: str, stops: list[str], emitted: int):
+    """The earliest stop string in text that ends after the already-emitted part; (stop, index) or None."""
+    best = None
+    for stop in stops:
+        at = text.find(stop, max(0, emitted - len(stop) + 1))
+        if at >= 0 and (best is None or at < best[1]):
+            best = (stop, at)
+    return best

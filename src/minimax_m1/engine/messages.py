@@ -10,6 +10,8 @@ from typing import Any
 
 import msgspec
 
+from ..outputs import Logprob
+
 
 class NewRequest(msgspec.Struct, array_like=True):
     request_id: str
@@ -44,6 +46,7 @@ class TokenOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     stop_reason: int | str | None = None
     error: str | None = None
     invalid: bool = False
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # once, when the prompt's are computed
 
 
 class Gauges(msgspec.Struct, array_like=True):

@@ -23,9 +23,9 @@ import zmq.asyncio
 
 from ..engine import messages as msg
 from ..engine.core import MAX_FAILED_STEPS, TIME_LIMIT, CoreProcess, CoreThread, ready_info  # noqa: F401
-from ..engine.detokenizer import IncrementalDetokenizer, cut_at_stop, hold_back
-from ..engine.llm_engine import LLMEngine, check_prompt, request_output
-from ..outputs import RequestOutput
+from ..engine.detokenizer import IncrementalDetokenizer
+from ..engine.llm_engine import LLMEngine, _find_stop, check_prompt
+from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
 from .metrics import EngineMetrics
 
@@ -76,15 +76,16 @@ class EngineInfo:
 
 class _RequestState:
     """One engine request as the server sees it: the tokens the core sent, the text they make, and how much
-    of both went out (the fields `request_output` reads, as a Sequence has them)."""
+    of both went out. Text and stop strings follow LLMEngine._append exactly, so outputs are the same as
+    from an engine in process; the core checks EOS, stop tokens and lengths."""
 
     def __init__(self, req: EngineRequest, tokenizer):
         p = req.params
-        self.request_id, self.prompt, self.prompt_token_ids, self.params = (req.request_id, req.prompt,
-                                                                            req.prompt_token_ids, p)
+        self.req, self.params = req, p
         self.detokenizer = IncrementalDetokenizer(tokenizer, req.prompt_token_ids, p.skip_special_tokens)
-        self.output_token_ids: list[int] = []
+        self.token_ids: list[int] = []
         self.logprobs: list | None = [] if p.logprobs is not None else None
+        self.prompt_logprobs = None  # sent once by the core, passed on with the next output
         self.text = ""
         self.sent_tokens = self.sent_chars = 0
         self.finish_reason: str | None = None
@@ -92,33 +93,50 @@ class _RequestState:
         self.finished = False
 
     def advance(self, t: msg.TokenOutput) -> RequestOutput | None:
-        """Take one step's tokens; the output to hand on (None: nothing to say yet). Stop strings are checked
-        here, token by token, as LLMEngine does in process: the first hit ends the request."""
+        """Take one step's tokens; the output to hand on (None: nothing to say yet)."""
+        p = self.params
+        if t.prompt_logprobs is not None:
+            self.prompt_logprobs = t.prompt_logprobs
         last = len(t.token_ids) - 1
         for i, token in enumerate(t.token_ids):
-            self.output_token_ids.append(token)
+            self.token_ids.append(token)
             if self.logprobs is not None:
                 self.logprobs.append(t.logprobs[i] if t.logprobs is not None else None)
             self.detokenizer.add(token)
             text = self.detokenizer.text
-            reason = t.finish_reason if i == last else None
-            stop_reason = t.stop_reason if i == last else None
-            if reason != "stop":  # not EOS or a stop token, which the core checks first
-                text, stop = cut_at_stop(text, len(self.text), self.params)
-                if stop is not None:
+            reason, stop_reason = (t.finish_reason, t.stop_reason) if i == last else (None, None)
+            # "stop" from the core is EOS or a stop token, which come before stop strings
+            if reason != "stop" and len(self.token_ids) >= p.min_tokens:
+                hit = _find_stop(text, p.stop, len(self.text))
+                if hit is not None:
+                    stop, at = hit
+                    text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
                     reason, stop_reason = "stop", stop
-            if reason is None:
-                text = hold_back(text, len(self.text), self.params)
+            if reason is None and p.stop:
+                # hold back a possible start of a stop string, so streamed text never needs retracting
+                text = text[: max(len(self.text), len(text) - max(map(len, p.stop)) + 1)]
             self.text = text
             if reason is not None:
-                self._finish(reason, stop_reason)
+                self.finished, self.finish_reason, self.stop_reason = True, reason, stop_reason
                 break
         if not t.token_ids and t.finish_reason is not None:  # ended without a token (a time limit, too long)
-            self._finish(t.finish_reason, t.stop_reason)
-        return request_output(self)
+            self.finished, self.finish_reason, self.stop_reason = True, t.finish_reason, t.stop_reason
+        return self._output()
 
-    def _finish(self, reason: str, stop_reason) -> None:
-        self.finished, self.finish_reason, self.stop_reason = True, reason, stop_reason
+    def _output(self) -> RequestOutput | None:
+        """In the params' output_kind, as LLMEngine._output (None: a final_only request still running)."""
+        kind = self.params.output_kind
+        if kind == "final_only" and not self.finished:
+            return None
+        start, chars = (self.sent_tokens, self.sent_chars) if kind == "delta" else (0, 0)
+        self.sent_tokens, self.sent_chars = len(self.token_ids), len(self.text)
+        out = CompletionOutput(index=0, text=self.text[chars:], token_ids=self.token_ids[start:],
+                               finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+                               logprobs=self.logprobs[start:] if self.logprobs is not None else None)
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        r = self.req
+        return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, [out], finished=self.finished,
+                             prompt_logprobs=prompt_logprobs)
 
 
 @dataclasses.dataclass(eq=False)
