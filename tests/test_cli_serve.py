@@ -11,7 +11,7 @@ import types
 import pytest
 
 from minimax_m1 import __version__
-from minimax_m1.server import metrics
+from minimax_m1.engine import report
 
 pytest.importorskip("httpx")
 from server_util import ServeProcess  # noqa: E402
@@ -81,7 +81,7 @@ def test_throughput_lines():
                                    scheduler=types.SimpleNamespace(running=[1, 2], waiting=[3]),
                                    cache=types.SimpleNamespace(usage=lambda: types.SimpleNamespace(
                                        state_slots=0.5, kv_blocks=0.25)))
-    m = metrics.EngineMetrics()
+    m = report.ThroughputLog()
     assert m.maybe_log(engine, now=100.0) is None  # the first call sets the baseline
     engine.num_prompt_tokens, engine.num_generated_tokens = 200, 50
     assert m.maybe_log(engine, now=105.0) is None  # not yet due

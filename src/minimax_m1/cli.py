@@ -40,6 +40,7 @@ def _add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) ->
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json to use instead of the model's")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -92,7 +93,8 @@ def _add_limit_args(s: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(device=a.device, dtype=a.dtype, load_format=a.load_format, max_model_len=a.max_model_len,
+    return dict(device=a.device, dtype=a.dtype, load_format=a.load_format, tokenizer=a.tokenizer,
+                max_model_len=a.max_model_len,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                 gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization,
                 tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
@@ -157,12 +159,13 @@ def _quantize(a: argparse.Namespace) -> int:
 
 
 def _serve(a: argparse.Namespace) -> int:
-    from .engine.builder import EngineArgs, build_engine
+    from .engine.builder import EngineArgs, load_tokenizer
     from .server.api import build_app
+    from .server.async_engine import AsyncEngine
     from .server.args import ServerArgs
     from .server.launch import run_server
 
-    from .server.startup import check_chat_template, reserve_port, summary
+    from .server.startup import check_chat_template, reserve_port
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.model_tag is not None and a.model is not None and a.model_tag != a.model:
@@ -183,16 +186,25 @@ def _serve(a: argparse.Namespace) -> int:
         timeout_body=a.timeout_body, log_level=a.uvicorn_log_level)
     sock = reserve_port(a.host, a.port)  # a port in use is found now, not after the model has loaded
     try:
-        engine = build_engine(EngineArgs(model=a.model, progress=True, tokenizer=a.tokenizer, **_engine_kwargs(a)))
-        if a.chat_template is not None and engine.tokenizer is not None:
-            check_chat_template(a.chat_template, engine.tokenizer)
-            engine.tokenizer.chat_template = a.chat_template
-        served = a.served_model_name or [a.model]
-        log = logging.getLogger("minimax_m1.server")
-        log.info("%s", summary(engine, a.model, served))
-        host = f"[{a.host}]" if ":" in a.host else a.host
-        log.info("listening on http://%s:%d", host, sock.getsockname()[1])
-        return run_server(build_app(engine, served, args), args, sock)
+        engine_args = EngineArgs(model=a.model, progress=True, tokenizer=a.tokenizer, **_engine_kwargs(a))
+        tokenizer = load_tokenizer(engine_args)
+        if tokenizer is None:
+            raise ValueError(f"the model {a.model!r} has no tokenizer (tokenizer.json): the server needs one to "
+                             f"read and write text; pass --tokenizer DIR")
+        if a.chat_template is not None:
+            check_chat_template(a.chat_template, tokenizer)
+            tokenizer.chat_template = a.chat_template
+        # the engine core: a process of its own that builds the engine (and any parallel workers)
+        engine = AsyncEngine.in_process(engine_args, tokenizer, max_request_seconds=args.max_request_seconds)
+        try:
+            served = a.served_model_name or [a.model]
+            log = logging.getLogger("minimax_m1.server")
+            log.info("serving %s as %s: %s", a.model, ", ".join(served), engine.engine.summary)
+            host = f"[{a.host}]" if ":" in a.host else a.host
+            log.info("listening on http://%s:%d", host, sock.getsockname()[1])
+            return run_server(build_app(engine, served, args), args, sock)
+        finally:
+            engine.shutdown()
     finally:
         sock.close()
 

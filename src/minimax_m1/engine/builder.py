@@ -170,6 +170,16 @@ def model_config(args: EngineArgs) -> ModelConfig:
                             f"directory with config.json")
 
 
+def load_tokenizer(args: EngineArgs) -> Tokenizer | None:
+    """The tokenizer load_model gives, without the model (the server's copy, beside the engine core's)."""
+    if args.tokenizer is not None:
+        return Tokenizer.from_dir(args.tokenizer)
+    if args.model == "tiny":
+        return tiny_tokenizer()
+    path = pathlib.Path(args.model)
+    return Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+
+
 def quant_config(args: EngineArgs) -> QuantConfig | None:
     """args.quantization, else the method a checkpoint directory's config.json names (an 8-bit checkpoint loads
     as what it is). A checkpoint in one method asked for in the other is read as values and quantised again."""

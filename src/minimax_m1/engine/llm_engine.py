@@ -59,7 +59,9 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> Sequence:
+                    prompt: str | None = None, detokenize: bool = True) -> Sequence:
+        """detokenize False: outputs carry tokens and no text, and so no stop string ever matches (the engine
+        core: the server detokenises and checks stop strings)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
@@ -68,7 +70,8 @@ class LLMEngine:
         generator = None if params.seed is None else torch.Generator(self.runner.device).manual_seed(params.seed)
         constraints = RequestConstraints.create(params, prompt_token_ids, compiler=lambda: self.grammar_compiler,
                                                 tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+        detokenizer = IncrementalDetokenizer(self.tokenizer if detokenize else None, prompt_token_ids,
+                                             params.skip_special_tokens)
         seq = Sequence(request_id, prompt_token_ids, params, prompt=prompt, detokenizer=detokenizer,
                        generator=generator)
         seq.constraints = constraints
@@ -78,14 +81,7 @@ class LLMEngine:
         return seq
 
     def validate_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, but this model's context is {self.max_model_len} "
-                             f"tokens (prompt plus at least one generated token)")
-        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
+        check_prompt(ids, self.max_model_len, self.vocab_size)
 
     def abort_request(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
@@ -275,6 +271,18 @@ class LLMEngine:
             return torch.cat(parts)
         finally:
             self.cache.release(seq)
+
+
+def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """ValueError unless ids is a prompt an engine of this context and vocabulary can run."""
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens, but this model's context is {max_model_len} "
+                         f"tokens (prompt plus at least one generated token)")
+    bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
 
 
 def _find_stop(text: str, stops: list[str], emitted: int):

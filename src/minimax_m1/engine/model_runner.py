@@ -11,6 +11,7 @@ from .constraints import build_logit_constraints
 from .cuda_graph import DecodeGraphs
 from .scheduler import ScheduledChunk
 from .sequence import Sequence
+from .step_ahead import StepAhead
 from .step_inputs import StepInputs, StepShape
 
 
@@ -20,6 +21,9 @@ class ModelRunner:
         self.cache = cache
         self.graphs: DecodeGraphs | None = None
         self.peers = None  # rank 0 of several: the other ranks (workers.Workers), sent every step
+        # async scheduling: the next step's inputs prepared while this one runs (on by default where steps
+        # run asynchronously, on CUDA; see step_ahead.py)
+        self.ahead: StepAhead | None = StepAhead(self) if self.device.type == "cuda" else None
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         cfg = self.model.config
@@ -85,12 +89,14 @@ class ModelRunner:
         """One model step over the chunks; returns fp32 logits [R, vocab] for the completing chunks' last
         tokens (R = number of completing chunks), or for every token when all_logits."""
         graph = self.graphs is not None and not all_logits and self._graphable(chunks)
-        inputs = self.prepare_inputs(chunks, all_logits, pad_to=self.graphs.padded_size(len(chunks)) if graph else None)
+        inputs = self._inputs(chunks, all_logits, pad_to=self.graphs.padded_size(len(chunks)) if graph else None)
         logits = self.execute(inputs, graph) if self.peers is None else self.peers.run(self, inputs, graph)
         if graph:
             logits = logits[:len(chunks)]
         for c in chunks:
             c.seq.num_computed += c.num_tokens
+        if self.ahead is not None and not all_logits:
+            self.ahead.prepare(chunks)  # while the step runs on the device
         return logits
 
     def execute(self, inputs: StepInputs, graph: bool) -> torch.Tensor | None:
@@ -103,6 +109,11 @@ class ModelRunner:
     def shutdown(self) -> None:
         if self.peers is not None:
             self.peers.shutdown()
+
+    def _inputs(self, chunks: list[ScheduledChunk], all_logits: bool = False, pad_to: int | None = None) -> StepInputs:
+        """The step's inputs: those prepared during the last step when it guessed this one, else fresh."""
+        ahead = self.ahead.take(chunks, pad_to) if self.ahead is not None else None  # a guess lives one step
+        return ahead if ahead is not None and not all_logits else self.prepare_inputs(chunks, all_logits, pad_to)
 
     def _graphable(self, chunks) -> bool:
         return (all(c.num_tokens == 1 and c.completes for c in chunks)

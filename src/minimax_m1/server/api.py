@@ -44,13 +44,17 @@ logger = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
 
 
-def build_app(engine: LLMEngine, model_names: list[str], args: ServerArgs | None = None, **overrides) -> FastAPI:
-    """model_names: the names requests may use (the first is the one responses carry). `overrides` are
-    ServerArgs fields (api_key=..., max_request_bytes=...)."""
+def build_app(engine: LLMEngine | AsyncEngine, model_names: list[str], args: ServerArgs | None = None,
+              **overrides) -> FastAPI:
+    """engine: an AsyncEngine over an engine-core process (`AsyncEngine.in_process`, what `serve` runs), or
+    an LLMEngine to run in a core thread of this process. model_names: the names requests may use (the
+    first is the one responses carry). `overrides` are ServerArgs fields (api_key=..., max_request_bytes=...)."""
     if engine.tokenizer is None:
         raise ValueError("this model has no tokenizer (tokenizer.json): the server needs one to read and write text")
     args = dataclasses.replace(args or ServerArgs(), **overrides)
-    async_engine = AsyncEngine(engine, max_request_seconds=args.max_request_seconds)
+    async_engine = (engine if isinstance(engine, AsyncEngine) else
+                    AsyncEngine.in_thread(engine, max_request_seconds=args.max_request_seconds))
+    engine = async_engine.engine  # the limits (max_model_len) the core reported
     serving = OpenAIServing(async_engine, model_names, args.reasoning_parser, args.max_num_seqs_per_request,
                             args.tool_call_parser)
 

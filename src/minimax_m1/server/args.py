@@ -26,7 +26,9 @@ class ServerArgs:
     max_num_seqs_per_request: int = 256  # prompts x n of one request
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may finish before they are aborted
     max_connections: int | None = None  # None: from the open-file limit (see default_max_connections)
-    timeout_keep_alive: float = 5.0  # an idle keep-alive connection is closed after this
+    # an idle keep-alive connection is closed after this: longer than clients' own idle expiry (httpx 5 s,
+    # aiohttp 15 s), else a client may send a request on a connection just as the server closes it
+    timeout_keep_alive: float = 20.0
     timeout_header: float = 10.0  # a connection must send a request's headers within this
     timeout_body: float = 60.0  # and its body within this after the headers
     log_level: str = "info"

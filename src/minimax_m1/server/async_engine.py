@@ -1,36 +1,38 @@
-"""The engine behind the HTTP server: one background thread owns the LLMEngine and loops step() while
-there is work, sleeping on a condition otherwise. Coroutines submit requests and aborts through
-thread-safe queues; the thread applies them between steps (never concurrently with step()) and hands
-each output to its request's asyncio queue with loop.call_soon_threadsafe.
+"""The server's side of the engine core (engine/core.py): requests go to the core over ZeroMQ, and each
+step's outputs come back in one message, which a task on the event loop turns into RequestOutputs: this
+side detokenises and checks stop strings (a request that hits one is aborted in the core), so the core
+only runs the model. The core is a process of its own (`in_process`, what `serve` uses) or a thread over an
+engine the caller built (`in_thread`: tests, embedding); the channel and the code are the same.
 
-Admission is round-robin between client requests: the thread keeps each call's engine requests (its
-prompts x n) in a queue of its own and gives the engine one from each call in turn, only as many as the
-engine has sequence slots, so a request of 256 sequences does not make a small one wait behind it.
-
-Faults: a request that fails inside the engine fails alone (RequestFailedError); a step that raises
-fails the requests in the engine and the engine goes on; MAX_FAILED_STEPS failures in a row, or a
-failed device, stop it for good: every request gets EngineDeadError and `on_fatal` is called (the
+Faults: a request that fails inside the engine fails alone (RequestFailedError); if the core dies or
+declares itself dead, every request gets EngineDeadError, /health fails and `on_fatal` is called (the
 server then exits non-zero, for its supervisor to restart it)."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
-import threading
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 
-from ..engine.llm_engine import EngineFatalError, LLMEngine
+import zmq
+import zmq.asyncio
+
+from ..engine import messages as msg
+from ..engine.core import MAX_FAILED_STEPS, TIME_LIMIT, CoreProcess, CoreThread, ready_info  # noqa: F401
+from ..engine.detokenizer import IncrementalDetokenizer
+from ..engine.llm_engine import LLMEngine, _find_stop, check_prompt
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
 from .metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
 
-MAX_FAILED_STEPS = 3
-TIME_LIMIT = "max_request_seconds"  # the stop_reason of a request cut off by the time limit
+CORE_POLL_MS = 200  # how often the output task looks at the core while no output comes
+SHUTDOWN_JOIN_S = 10.0
 
 
 class EngineUnavailable(RuntimeError):
@@ -39,7 +41,7 @@ class EngineUnavailable(RuntimeError):
 
 
 class EngineDeadError(EngineUnavailable):
-    """The engine thread failed; no request can run any more."""
+    """The engine core failed; no request can run any more."""
     code = "engine_dead"
 
 
@@ -60,53 +62,212 @@ class EngineRequest:
     prompt: str | None = None
 
 
+@dataclasses.dataclass
+class EngineInfo:
+    """What the server needs to know of the engine: its tokenizer and limits, and a grammar compiler of the
+    same vocabulary (to refuse an unsupported structured output before it reaches the engine)."""
+    tokenizer: object
+    vocab_size: int
+    max_model_len: int
+    max_num_seqs: int
+    summary: str = ""  # the engine's start-up line (engine/report.engine_summary)
+    eos_token_ids: tuple[int, ...] = ()
+    engine: object = None  # the engine, when it runs in this process (its compiler and cache are shared)
+    _compiler: object = None
+
+    def validate_prompt(self, ids: list[int]) -> None:
+        check_prompt(ids, self.max_model_len, self.vocab_size)
+
+    @property
+    def grammar_compiler(self):
+        if self.engine is not None:
+            return self.engine.grammar_compiler
+        if self._compiler is None:  # built on first use: it reads the whole tokenizer
+            from ..structured import GrammarCompiler  # llguidance loads only when used
+
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer (this model has no tokenizer.json)")
+            self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+        return self._compiler
+
+
+class _RequestState:
+    """One engine request as the server sees it: the tokens the core sent, the text they make, and how much
+    of both went out. Text and stop strings follow LLMEngine._append exactly, so outputs are the same as
+    from an engine in process; the core checks EOS, stop tokens and lengths."""
+
+    def __init__(self, req: EngineRequest, tokenizer):
+        p = req.params
+        self.req, self.params = req, p
+        self.detokenizer = IncrementalDetokenizer(tokenizer, req.prompt_token_ids, p.skip_special_tokens)
+        self.token_ids: list[int] = []
+        self.logprobs: list | None = [] if p.logprobs is not None else None
+        self.prompt_logprobs = None  # sent once by the core, passed on with the next output
+        self.text = ""
+        self.sent_tokens = self.sent_chars = 0
+        self.finish_reason: str | None = None
+        self.stop_reason = None
+        self.finished = False
+
+    def advance(self, t: msg.TokenOutput) -> RequestOutput | None:
+        """Take one step's tokens; the output to hand on (None: nothing to say yet)."""
+        p = self.params
+        if t.prompt_logprobs is not None:
+            self.prompt_logprobs = t.prompt_logprobs
+        last = len(t.token_ids) - 1
+        for i, token in enumerate(t.token_ids):
+            self.token_ids.append(token)
+            if self.logprobs is not None:
+                self.logprobs.append(t.logprobs[i] if t.logprobs is not None else None)
+            self.detokenizer.add(token)
+            text = self.detokenizer.text
+            reason, stop_reason = (t.finish_reason, t.stop_reason) if i == last else (None, None)
+            # "stop" from the core is EOS or a stop token, which come before stop strings
+            if reason != "stop" and len(self.token_ids) >= p.min_tokens:
+                hit = _find_stop(text, p.stop, len(self.text))
+                if hit is not None:
+                    stop, at = hit
+                    text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
+                    reason, stop_reason = "stop", stop
+            if reason is None and p.stop:
+                # hold back a possible start of a stop string, so streamed text never needs retracting
+                text = text[: max(len(self.text), len(text) - max(map(len, p.stop)) + 1)]
+            self.text = text
+            if reason is not None:
+                self.finished, self.finish_reason, self.stop_reason = True, reason, stop_reason
+                break
+        if not t.token_ids and t.finish_reason is not None:  # ended without a token (a time limit, too long)
+            self.finished, self.finish_reason, self.stop_reason = True, t.finish_reason, t.stop_reason
+        return self._output()
+
+    def _output(self) -> RequestOutput | None:
+        """In the params' output_kind, as LLMEngine._output (None: a final_only request still running)."""
+        kind = self.params.output_kind
+        if kind == "final_only" and not self.finished:
+            return None
+        start, chars = (self.sent_tokens, self.sent_chars) if kind == "delta" else (0, 0)
+        self.sent_tokens, self.sent_chars = len(self.token_ids), len(self.text)
+        out = CompletionOutput(index=0, text=self.text[chars:], token_ids=self.token_ids[start:],
+                               finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+                               logprobs=self.logprobs[start:] if self.logprobs is not None else None)
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        r = self.req
+        return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, [out], finished=self.finished,
+                             prompt_logprobs=prompt_logprobs)
+
+
 @dataclasses.dataclass(eq=False)
 class _Call:
     """The engine requests of one generate() call (one client request) and where their outputs go."""
-    loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     arrival: float
-    pending: collections.deque  # EngineRequests not yet given to the engine
-    unfinished: set[str]
     first_token_seen: bool = False
     failed: bool = False  # an exception was put: nothing more goes to the queue
 
+    def put(self, item) -> None:
+        if not self.failed:
+            self.failed = isinstance(item, BaseException)
+            self.queue.put_nowait(item)
+
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, metrics: EngineMetrics | None = None,
-                 max_request_seconds: float | None = None, on_fatal: Callable[[], None] | None = None):
-        self.engine = engine
+    """Use `in_thread` or `in_process`; `start()` on the event loop that will call generate()."""
+
+    def __init__(self, core, info: EngineInfo, addrs: tuple[str, str, str], metrics: EngineMetrics | None = None,
+                 on_fatal: Callable[[], None] | None = None):
+        self.core, self.engine = core, info
+        self.tokenizer = info.tokenizer
         self.metrics = metrics or EngineMetrics()
-        self.max_request_seconds = max_request_seconds
         self.on_fatal = on_fatal
-        self._slots = engine.scheduler.max_num_seqs  # engine requests admitted at once
-        self._cond = threading.Condition()
-        self._adds: list[_Call] = []
-        self._aborts: list[_Call] = []
-        self._abort_all: BaseException | None = None
-        self._queue: collections.deque[_Call] = collections.deque()  # calls with pending requests, in turn
-        self._in_engine: dict[str, _Call] = {}  # engine requests the engine holds, by id
-        self._by_arrival: collections.deque[_Call] = collections.deque()  # for the time limit (one for all)
-        self._failed_steps = 0
-        self._stopping = False
+        self._dir, self._input_addr, self._output_addr = addrs
+        self._zmq = zmq.Context()
+        self._input = self._zmq.socket(zmq.PUSH)  # plain: sends never block (no high-water mark)
+        self._input.setsockopt(zmq.SNDHWM, 0)
+        self._input.setsockopt(zmq.LINGER, 0)
+        self._input.bind(self._input_addr)
+        self._aio: zmq.asyncio.Context | None = None
+        self._output: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task | None = None
+        self._requests: dict[str, tuple[_Call, _RequestState]] = {}  # unfinished engine requests
         self.draining = False
-        self.num_in_flight = 0  # generate() calls under way (the event loop's count)
+        self.num_in_flight = 0  # generate() calls under way
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="minimax-m1-engine", daemon=True)
+        self._stopped = False
+
+    @staticmethod
+    def _addresses() -> tuple[str, str, str]:
+        d = tempfile.mkdtemp(prefix="minimax-m1-")
+        return d, f"ipc://{d}/input", f"ipc://{d}/output"
+
+    @classmethod
+    def in_thread(cls, engine: LLMEngine, max_request_seconds: float | None = None, **kw) -> AsyncEngine:
+        """The core over `engine` (built by the caller) in a thread of this process, started by start()."""
+        addrs = cls._addresses()
+        r = ready_info(engine)
+        info = EngineInfo(engine.tokenizer, r.vocab_size, r.max_model_len, r.max_num_seqs, r.summary,
+                          tuple(r.eos_token_ids), engine)
+        self = cls(None, info, addrs, **kw)
+        self._start_core = lambda: CoreThread(engine, addrs[1], addrs[2], max_request_seconds)
+        return self
+
+    @classmethod
+    def in_process(cls, engine_args, tokenizer, max_request_seconds: float | None = None,
+                   ready_timeout: float | None = None, **kw) -> AsyncEngine:
+        """Spawn the engine-core process, which builds the engine from engine_args, and wait until it is
+        ready (raises what building it raised). tokenizer: this side's copy of the model's tokenizer."""
+        addrs = cls._addresses()
+        core = CoreProcess(engine_args, addrs[1], addrs[2], max_request_seconds,
+                           log_level=logging.getLogger("minimax_m1").getEffectiveLevel())
+        try:
+            ready = core.wait_ready(ready_timeout)
+        except BaseException:
+            core.kill()
+            shutil.rmtree(addrs[0], ignore_errors=True)
+            raise
+        logger.info("engine core ready (pid %d): max_model_len %d", core.pid, ready.max_model_len)
+        info = EngineInfo(tokenizer, ready.vocab_size, ready.max_model_len, ready.max_num_seqs, ready.summary,
+                          tuple(ready.eos_token_ids))
+        self = cls(core, info, addrs, **kw)
+        self._start_core = lambda: core
+        return self
+
+    # ---- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        """On the event loop: connect to the core's outputs, start the thread core if it is one."""
+        self._aio = zmq.asyncio.Context()
+        self._output = self._aio.socket(zmq.PULL)
+        self._output.setsockopt(zmq.RCVHWM, 0)
+        self._output.bind(self._output_addr)
+        self.core = self._start_core()
+        self._task = asyncio.get_running_loop().create_task(self._output_loop())
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    def shutdown(self, timeout: float = SHUTDOWN_JOIN_S) -> None:
+        """Stop the core (Shutdown, then a kill if it does not exit in time) and close the channel."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+        if self.core is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._input.send(msg.encoder.encode(msg.Shutdown()), zmq.NOBLOCK)
+            self.core.join(timeout)
+            if self.core.is_alive():
+                logger.warning("the engine core did not stop within %.0f s: killing it", timeout)
+                self.core.kill()
+        self._fail_all(ShuttingDownError("the server shut down before the request finished"))
+        self._input.close(linger=0)
+        if self._output is not None:
+            self._output.close(linger=0)
+        self._zmq.term()
+        if self._aio is not None:
+            self._aio.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
     def is_healthy(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return self.error is None and not self._stopped and self.core is not None and self.core.is_alive()
 
     @property
     def accepting(self) -> bool:
@@ -118,26 +279,28 @@ class AsyncEngine:
 
     def abort_all(self, error: BaseException) -> None:
         """End every request under way with `error`."""
-        with self._cond:
-            self._abort_all = error
-            self._cond.notify()
+        self._send(msg.Abort(list(self._requests)))
+        self._fail_all(error)
 
-    # ---- the event loop's side ------------------------------------------------------------------
+    # ---- requests -------------------------------------------------------------------------------
 
     async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[RequestOutput]:
         """Run the requests together; yield every RequestOutput as it comes. Leaving the iteration early
         (client gone, cancelled, closed) aborts the unfinished requests."""
         if self.draining:
             raise ShuttingDownError("the server is shutting down and takes no new requests")
-        call = _Call(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic(), collections.deque(requests),
-                     {r.request_id for r in requests})
-        with self._cond:
-            if not self.is_healthy:
-                raise EngineDeadError(f"the engine is not running: {self.error!r}")
-            self._adds.append(call)
-            self._cond.notify()
+        if not self.is_healthy:
+            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        call = _Call(asyncio.Queue(), time.monotonic())
+        for r in requests:
+            if r.request_id in self._requests:
+                raise ValueError(f"request id {r.request_id!r} is already in use")
+        for r in requests:
+            self._requests[r.request_id] = (call, _RequestState(r, self.tokenizer))
+        self._send(msg.AddCall([msg.NewRequest(r.request_id, r.prompt_token_ids, msg.pack_params(r.params))
+                                for r in requests]))
         self.num_in_flight += 1
-        unfinished = set(call.unfinished)
+        unfinished = {r.request_id for r in requests}
         try:
             while unfinished:
                 item = await call.queue.get()
@@ -148,165 +311,85 @@ class AsyncEngine:
                 yield item
         finally:
             self.num_in_flight -= 1
-            if unfinished:
-                with self._cond:
-                    self._aborts.append(call)
-                    self._cond.notify()
+            left = [rid for rid in unfinished if self._requests.get(rid, (None,))[0] is call]
+            for rid in left:
+                self._finished(rid, "abort")
+            if left:
+                self._send(msg.Abort(left))
 
-    # ---- the engine thread ----------------------------------------------------------------------
+    def _send(self, m) -> None:
+        try:
+            self._input.send(msg.encoder.encode(m), zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # closed: the server is going down
+            logger.warning("could not send to the engine core: %s", e)
 
-    def _run(self) -> None:
-        fatal = False
+    # ---- outputs --------------------------------------------------------------------------------
+
+    async def _output_loop(self) -> None:
         try:
             while True:
-                with self._cond:
-                    while not (self._adds or self._aborts or self._stopping or self._abort_all or self._queue
-                               or self.engine.has_unfinished()):
-                        self._cond.wait()
-                    if self._stopping:
-                        break
-                    adds, self._adds = self._adds, []
-                    aborts, self._aborts = self._aborts, []
-                    abort_all, self._abort_all = self._abort_all, None
-                for call in adds:  # adds first: an abort may name a call submitted just before
-                    self._queue.append(call)
-                    if self.max_request_seconds is not None:
-                        self._by_arrival.append(call)
-                for call in aborts:
-                    self._abort(call)
-                if abort_all is not None:
-                    self._fail_all(abort_all)
-                self._expire()
-                self._admit()
-                if self.engine.has_unfinished():
-                    self._step()
-                pending = sum(len(c.pending) for c in self._queue)
-                self.metrics.update_gauges(self.engine, pending=pending)
-                self.metrics.maybe_log(self.engine, pending)
-        except BaseException as e:  # a failed device, or the engine could not be cleared after a failure
-            logger.critical("the engine failed and cannot go on: %s: %s", type(e).__name__, e, exc_info=e)
-            self.error, fatal = e, True
-        finally:
-            self._fail_all(EngineDeadError(repr(self.error)) if fatal else
-                           ShuttingDownError("the server shut down before the request finished"))
-            if fatal and self.on_fatal is not None:
+                if not await self._output.poll(CORE_POLL_MS):
+                    if not self.core.is_alive():
+                        code = self.core.exitcode
+                        raise EngineDeadError(f"the engine core exited (exit code {code})" if code is not None
+                                              else "the engine core stopped")
+                    continue
+                m = msg.output_decoder.decode(await self._output.recv())
+                if isinstance(m, msg.CoreDead):
+                    raise EngineDeadError(m.error)
+                self._on_step(m)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the core is gone: nothing can run any more
+            if self._stopped:
+                return
+            logger.critical("the engine core failed: %s", e)
+            self.error = e if isinstance(e, EngineDeadError) else EngineDeadError(repr(e))
+            self._fail_all(self.error)
+            if self.on_fatal is not None:
                 self.on_fatal()
 
-    def _admit(self) -> None:
-        """Give the engine one pending request from each call in turn while it has free sequence slots."""
-        while self._queue and len(self._in_engine) < self._slots:
-            call = self._queue.popleft()
-            req = call.pending.popleft()
-            try:
-                self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, prompt=req.prompt)
-            except Exception as e:  # noqa: BLE001 - the server validates first; a bad request must not stop the engine
-                call.unfinished.discard(req.request_id)
-                self._drop_pending(call)
-                _put(call, e)
-                continue
-            self._in_engine[req.request_id] = call
-            if call.pending:
-                self._queue.append(call)
-
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except EngineFatalError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the engine fails its requests itself; this is a bug's backstop
-            self._failed_steps += 1
-            logger.exception("an engine step failed (%d in a row)", self._failed_steps)
-            if self._failed_steps >= MAX_FAILED_STEPS:
-                raise EngineFatalError(f"{self._failed_steps} engine steps failed in a row; the last: {e!r}") from e
-            for rid, call in list(self._in_engine.items()):
-                self.engine.abort_request(rid)
+    def _on_step(self, m: msg.StepOutputs) -> None:
+        aborts = []
+        for t in m.outputs:
+            entry = self._requests.get(t.request_id)
+            if entry is None:
+                continue  # aborted or stopped here; the core had not heard yet
+            call, state = entry
+            rid = t.request_id
+            if t.finish_reason == "error":
                 self._finished(rid, "error")
-                _put(call, RequestFailedError(f"request {rid} failed in an engine step: {type(e).__name__}: {e}"))
-            if self.engine.has_unfinished() or self.engine.requests:
-                raise EngineFatalError("the engine still holds requests after failing them all") from e
-            return
-        self._failed_steps = 0
-        for out in outputs:
-            self._dispatch(out)
-
-    def _dispatch(self, out: RequestOutput) -> None:
-        call = self._in_engine.get(out.request_id)
-        if call is None:
-            return
-        o = out.outputs[0]
-        if out.finished:
-            self._finished(out.request_id, o.finish_reason)
-        if o.finish_reason == "error":
-            _put(call, RequestFailedError(f"request {out.request_id} failed in the engine: {o.error}"))
-            return
-        if not call.first_token_seen and o.token_ids:
-            call.first_token_seen = True
-            self.metrics.on_first_token(time.monotonic() - call.arrival)
-        _put(call, out)
+                call.put(ValueError(t.error) if t.invalid else
+                         RequestFailedError(f"request {rid} failed in the engine: {t.error}"))
+                continue
+            try:
+                out = state.advance(t)
+            except Exception as e:  # noqa: BLE001 - detokenising this request: it fails alone
+                logger.error("request %s failed: %s: %s", rid, type(e).__name__, e, exc_info=e)
+                self._finished(rid, "error")
+                aborts.append(rid)
+                call.put(RequestFailedError(f"request {rid} failed in the engine: {type(e).__name__}: {e}"))
+                continue
+            if state.finished:
+                self._finished(rid, state.finish_reason)
+                if t.finish_reason is None:  # a stop string: the core does not know yet
+                    aborts.append(rid)
+            if out is None:
+                continue
+            if not call.first_token_seen and out.outputs[0].token_ids:
+                call.first_token_seen = True
+                self.metrics.on_first_token(time.monotonic() - call.arrival)
+            call.put(out)
+        if aborts:
+            self._send(msg.Abort(aborts))
+        self.metrics.update_gauges(m.gauges)
 
     def _finished(self, request_id: str, reason: str | None) -> None:
-        call = self._in_engine.pop(request_id)
-        call.unfinished.discard(request_id)
+        call, _ = self._requests.pop(request_id)
         self.metrics.on_finish(reason, time.monotonic() - call.arrival)
 
-    def _expire(self) -> None:
-        """Finish the requests of calls past --max-request-seconds: finish_reason "length", stop_reason
-        TIME_LIMIT, with what they generated so far."""
-        if self.max_request_seconds is None:
-            return
-        start = time.monotonic() - self.max_request_seconds
-        while self._by_arrival and (not self._by_arrival[0].unfinished or self._by_arrival[0].arrival <= start):
-            call = self._by_arrival.popleft()
-            self._drop_pending(call, lambda req: RequestOutput(
-                req.request_id, req.prompt, req.prompt_token_ids,
-                [CompletionOutput(0, "", [], finish_reason="length", stop_reason=TIME_LIMIT)], finished=True))
-            for rid in [r for r, c in self._in_engine.items() if c is call]:
-                out = self.engine.finish_request(rid, "length", TIME_LIMIT)
-                if out is not None:
-                    self._dispatch(out)
-
-    def _drop_pending(self, call: _Call, output: Callable | None = None) -> None:
-        """Take the call's requests the engine has not seen out of the queue (each ends with output(req))."""
-        if call.pending:
-            with contextlib.suppress(ValueError):  # not queued while _admit holds it
-                self._queue.remove(call)
-        for req in call.pending:
-            call.unfinished.discard(req.request_id)
-            self.metrics.on_finish("length" if output else "abort", time.monotonic() - call.arrival)
-            if output is not None:
-                _put(call, output(req))
-        call.pending.clear()
-
-    def _abort(self, call: _Call) -> None:
-        self._drop_pending(call)
-        for rid in [r for r, c in self._in_engine.items() if c is call]:
-            self.engine.abort_request(rid)
-            self._finished(rid, "abort")
-
     def _fail_all(self, error: BaseException) -> None:
-        with self._cond:
-            calls = list(self._adds)
-            self._adds.clear()
-        calls += list(self._queue) + list(self._in_engine.values())
-        self._queue.clear()
-        for rid in list(self._in_engine):
-            try:
-                self.engine.abort_request(rid)
-            except Exception:  # noqa: BLE001 - a broken engine: the requests are lost either way
-                logger.exception("aborting %s failed", rid)
+        for rid in list(self._requests):
+            call, _ = self._requests[rid]
             self._finished(rid, "abort")
-        for call in calls:
-            call.pending.clear()
-            call.unfinished.clear()
-            _put(call, error)
-        self._by_arrival.clear()
-
-
-def _put(call: _Call, item) -> None:
-    if call.failed:
-        return
-    call.failed = isinstance(item, BaseException)
-    try:
-        call.loop.call_soon_threadsafe(call.queue.put_nowait, item)
-    except RuntimeError:  # the event loop is closed: nobody is listening any more
-        pass
+            call.put(error)

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -53,16 +54,52 @@ class _Overload:
             self.last, self.count = now, 0
 
 
+class _Drops:
+    """Warns of each connection the server cuts with a request on it (a deadline missed, a client gone with
+    its response under way), at most LIMIT lines a minute, then how many more there were."""
+    LIMIT, INTERVAL_S = 20, 60.0
+
+    def __init__(self):
+        self.start, self.lines, self.quiet = -self.INTERVAL_S, 0, 0
+
+    def warn(self, peer, why: str) -> None:
+        now = time.monotonic()
+        if now - self.start >= self.INTERVAL_S:
+            if self.quiet:
+                logger.warning("%d more connections were dropped in the last minute", self.quiet)
+            self.start, self.lines, self.quiet = now, 0, 0
+        if self.lines < self.LIMIT:
+            self.lines += 1
+            logger.warning("dropped the connection from %s: %s", peer, why)
+        else:
+            self.quiet += 1
+
+
+def _readable(transport) -> bool:
+    """Whether bytes (or the peer's close) wait in the socket unread: then it is not idle."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN)
+    return bool(p.poll(0))
+
+
 class HardenedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol plus: a connection cap (over it, a 503 and close, before any state is kept)
-    and two deadlines: the headers of each request within timeout_header of the connection or the
-    previous response, its body within timeout_body of its headers (then 408 and close). uvicorn's own
-    keep-alive timeout closes idle connections between requests."""
+    and two deadlines: the headers of each request within timeout_header of the connection or of the
+    request's first byte, its body within timeout_body of its headers (then 408 and close). uvicorn's own
+    keep-alive timeout closes idle connections between requests, but never one whose next request is
+    already in the socket: closing it would reset the connection under the client's request (a read
+    error for the client), a race each keep-alive client meets when its idle expiry equals the server's
+    (httpx's is 5 s: the default here is longer). Every connection cut with a request on it is logged."""
     args: ServerArgs  # set by build_server
     overload: _Overload
+    drops: _Drops
 
     def connection_made(self, transport) -> None:
         self._timer, self._timed_cycle, self._refused, self._phase = None, None, False, None
+        self._idle = False  # between requests: the next request's first byte starts its header deadline
         if len(self.server_state.connections) >= self.args.max_connections:
             self._refused = True
             self.overload.refuse(f"{self.args.max_connections} connections are open (--max-connections)")
@@ -76,11 +113,26 @@ class HardenedH11Protocol(H11Protocol):
         if self._refused:
             return
         self._disarm()
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            if exc is not None:
+                self.drops.warn(self.client, f"lost with a response under way ({type(exc).__name__}: {exc})")
+            else:
+                logger.info("client %s closed its connection with a response under way", self.client)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self._refused:
-            super().data_received(data)
+        if self._refused:
+            return
+        if self._idle:
+            self._idle = False
+            self._arm("headers", self.args.timeout_header)  # disarmed at once if the headers are all here
+        super().data_received(data)
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing() and _readable(self.transport):
+            return  # a request (or the client's close) is in the socket: data_received comes next
+        super().timeout_keep_alive_handler()
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -96,7 +148,7 @@ class HardenedH11Protocol(H11Protocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and self.cycle.response_complete:  # no pipelined request started
-            self._arm("headers", self.args.timeout_header)  # the next request's
+            self._idle = True  # the keep-alive timeout governs until the next request's first byte
 
     def _arm(self, phase: str, seconds: float) -> None:
         self._disarm()
@@ -112,6 +164,12 @@ class HardenedH11Protocol(H11Protocol):
         self._phase = self._timer = None
         if self.transport.is_closing():
             return
+        if phase == "headers" and not self.conn.trailing_data[0] and _readable(self.transport):
+            self._arm("headers", self.args.timeout_header)  # its bytes just arrived: read them first
+            return
+        self.drops.warn(self.client, f"no complete request {phase} within "
+                        f"{self.args.timeout_header if phase == 'headers' else self.args.timeout_body:g} s "
+                        f"(--timeout-{'header' if phase == 'headers' else 'body'})")
         if phase == "body":
             if not cycle.response_started:
                 self.transport.write(self.conn.send(h11.Response(status_code=408, reason=b"Request Timeout",
@@ -217,7 +275,7 @@ class Server(uvicorn.Server):
 
 def build_server(app, args: ServerArgs) -> Server:
     overload = _Overload()
-    protocol = type("Protocol", (HardenedH11Protocol,), {"args": args, "overload": overload})
+    protocol = type("Protocol", (HardenedH11Protocol,), {"args": args, "overload": overload, "drops": _Drops()})
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, http=protocol, loop="asyncio",
         ws="none", lifespan="on", timeout_keep_alive=args.timeout_keep_alive,

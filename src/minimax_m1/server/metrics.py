@@ -1,5 +1,5 @@
-"""Prometheus metrics for /metrics. The engine thread writes them (gauges after every loop turn,
-histograms and counters as requests progress); the HTTP side only renders them. Each server has a
+"""Prometheus metrics for /metrics. The server's event loop writes them (gauges from the engine core's
+every step, histograms and counters as requests progress); the HTTP side only renders them. Each server has a
 registry of its own, so several servers can live in one process (tests)."""
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 logger = logging.getLogger("minimax_m1.server")
 
 PREFIX = "minimax_m1_"
-LOG_INTERVAL_S = 10.0  # throughput lines while serving
 THROUGHPUT_WINDOW_S = 10.0
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
                     320.0, 640.0)
@@ -39,14 +38,13 @@ class EngineMetrics:
         self._totals = _EngineTotals()
         r.register(self._totals)
 
-    def update_gauges(self, engine, pending: int = 0) -> None:
-        """pending: requests the server holds back for the engine (round-robin admission); they wait too."""
-        s, usage = engine.scheduler, engine.cache.usage()
-        self.running.set(len(s.running))
-        self.waiting.set(len(s.waiting) + pending)
-        self.state_pool_usage.set(usage.state_slots)
-        self.kv_cache_usage.set(usage.kv_blocks)
-        self._totals.sample(engine)
+    def update_gauges(self, g) -> None:
+        """g: the engine core's Gauges (engine/messages.py), sent with every step's outputs."""
+        self.running.set(g.running)
+        self.waiting.set(g.waiting)
+        self.state_pool_usage.set(g.state_pool_usage)
+        self.kv_cache_usage.set(g.kv_cache_usage)
+        self._totals.sample(g)
 
     def on_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -58,33 +56,10 @@ class EngineMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def maybe_log(self, engine, pending: int = 0, now: float | None = None) -> str | None:
-        """Every LOG_INTERVAL_S while there is work: one line with prompt and generation throughput since the
-        last line, requests running and waiting, cache use. Returns the line (None when not yet due)."""
-        now = time.monotonic() if now is None else now
-        last = getattr(self, "_log_last", None)
-        if last is None:
-            self._log_last = (now, engine.num_prompt_tokens, engine.num_generated_tokens)
-            return None
-        t0, prompt0, gen0 = last
-        if now - t0 < LOG_INTERVAL_S:
-            return None
-        dt = now - t0
-        prompt, gen = engine.num_prompt_tokens - prompt0, engine.num_generated_tokens - gen0
-        self._log_last = (now, engine.num_prompt_tokens, engine.num_generated_tokens)
-        s, usage = engine.scheduler, engine.cache.usage()
-        if not (prompt or gen or s.running or s.waiting or pending):
-            return None
-        line = (f"throughput: {prompt / dt:.1f} prompt tokens/s, {gen / dt:.1f} generated tokens/s; "
-                f"{len(s.running)} running, {len(s.waiting) + pending} waiting; state slots "
-                f"{100 * usage.state_slots:.0f}% used, KV cache {100 * usage.kv_blocks:.0f}% used")
-        logger.info(line)
-        return line
-
 
 class _EngineTotals:
     """Counters the engine keeps itself (tokens, preemptions), and generated tokens per second over the
-    last THROUGHPUT_WINDOW_S seconds, from samples the engine thread takes."""
+    last THROUGHPUT_WINDOW_S seconds, from the samples each step's gauges bring."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -92,11 +67,10 @@ class _EngineTotals:
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         self._start = time.monotonic()
 
-    def sample(self, engine) -> None:
+    def sample(self, g) -> None:
         now = time.monotonic()
         with self._lock:
-            self._prompt, self._generated = engine.num_prompt_tokens, engine.num_generated_tokens
-            self._preemptions = engine.scheduler.num_preemptions
+            self._prompt, self._generated, self._preemptions = g.prompt_tokens, g.generation_tokens, g.preemptions
             self._samples.append((now, self._generated))
             # keep one sample at or before the window's start, as the baseline
             while len(self._samples) > 1 and self._samples[1][0] <= now - THROUGHPUT_WINDOW_S:

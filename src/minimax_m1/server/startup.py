@@ -1,11 +1,9 @@
 """What `serve` checks and says before it serves: the port is free (before minutes of model loading, not
-after), a --chat-template compiles and renders, and one summary line of what is being served."""
+after), a --chat-template compiles and renders."""
 from __future__ import annotations
 
 import errno
 import socket
-
-import torch
 
 from ..tokenizer import Tokenizer
 
@@ -47,16 +45,3 @@ def check_chat_template(template: str, tokenizer: Tokenizer | None = None) -> No
         tokenizer.apply_chat_template(_PROBE, add_generation_prompt=True, chat_template=template)
     except ValueError as e:
         raise ValueError(f"--chat-template: {e}") from None
-
-
-def summary(engine, model: str, served: list[str], device_count: int = 1) -> str:
-    """One line: model, dtype, device, parallel sizes, cache plan, limits."""
-    runner, cache = engine.runner, engine.cache
-    dtype = next(runner.model.parameters()).dtype
-    kv = cache.num_blocks * cache.block_size
-    tp = getattr(engine, "tensor_parallel_size", device_count)
-    return (f"serving {model} as {', '.join(served)}: {str(dtype).removeprefix('torch.')} on {runner.device}"
-            f"{' (' + torch.cuda.get_device_name(runner.device) + ')' if runner.device.type == 'cuda' else ''}, "
-            f"tensor parallel {tp}; cache {cache.num_slots} state slots, {cache.num_blocks} KV blocks "
-            f"({kv} tokens); max_model_len {engine.max_model_len}, max_num_seqs {engine.scheduler.max_num_seqs}, "
-            f"decode {'CUDA graphs' if runner.graphs is not None else 'eager'}")

@@ -66,7 +66,9 @@ def chunk_prefill(q, k, v, slopes, state_pool, state_slots, cu_seqlens, block: i
         for a in range(bounds[i], bounds[i + 1], seg):
             b = min(a + seg, bounds[i + 1])
             qs, ks, vs = (t[a:b].to(acc).transpose(0, 1) for t in (q, k, v))
-            o, state = _segment(qs, ks, vs, slopes, state, block)
+            # a segment shorter than a block is one block of its own length: a one-token row of a mixed
+            # prefill/decode step must not cost a padded 256 x 256 block
+            o, state = _segment(qs, ks, vs, slopes, state, min(block, b - a))
             out[a:b] = o.transpose(0, 1).to(q.dtype)
         state_pool[slot] = state
     return out
