@@ -40,7 +40,8 @@ def _add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) ->
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    p.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json to use instead of the model's")
+    p.add_argument("--tokenizer", default=None,
+                   help="a folder with tokenizer.json to use instead of the model's (for a checkpoint without one)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -106,7 +107,7 @@ def _generate(a: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             min_p=a.min_p, seed=a.seed, ignore_eos=a.ignore_eos, stop=a.stop, logprobs=a.logprobs)
-    llm = LLM(a.model, progress=True, tokenizer=a.tokenizer, **_engine_kwargs(a))
+    llm = LLM(a.model, progress=True, **_engine_kwargs(a))
     prompt = a.prompt
     if a.chat:
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
@@ -186,7 +187,7 @@ def _serve(a: argparse.Namespace) -> int:
         timeout_body=a.timeout_body, log_level=a.uvicorn_log_level)
     sock = reserve_port(a.host, a.port)  # a port in use is found now, not after the model has loaded
     try:
-        engine_args = EngineArgs(model=a.model, progress=True, tokenizer=a.tokenizer, **_engine_kwargs(a))
+        engine_args = EngineArgs(model=a.model, progress=True, **_engine_kwargs(a))
         tokenizer = load_tokenizer(engine_args)
         if tokenizer is None:
             raise ValueError(f"the model {a.model!r} has no tokenizer (tokenizer.json): the server needs one to "
@@ -271,7 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout", parents=[debug_flag],
                        formatter_class=shows_defaults)
     _add_engine_args(g)
-    g.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json to use instead of the model's")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-tokens", type=int, default=64)
@@ -295,8 +295,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                    help="checkpoint directory or preset name (as --model)")
     _add_engine_args(s, model_required=False)
-    s.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json to use instead of the model's "
-                   "(for a checkpoint without one)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None,
