@@ -116,7 +116,9 @@ def test_serve_exits_when_a_worker_dies(tmp_path):
 
     with ServeProcess("-tp", "2", "--device", "cpu", log_path=tmp_path / "log", env=_env()) as srv:
         srv.wait_healthy(timeout=180)
-        worker = next(c for c in _children(srv.proc.pid) if "resource_tracker" not in _cmdline(c))
+        # the server's child is the engine core (rank 0); the worker (rank 1) is the core's child
+        core = next(c for c in _children(srv.proc.pid) if "resource_tracker" not in _cmdline(c))
+        worker = next(c for c in _children(core) if "resource_tracker" not in _cmdline(c))
         os.kill(worker, signal.SIGKILL)
         start = time.monotonic()
         try:

@@ -375,5 +375,9 @@ def _core_main(engine_args, input_addr, output_addr, max_request_seconds, parent
     ready.close()
     logger.info("engine core ready (pid %d)", os.getpid())
     code = core.run()
+    try:
+        engine.shutdown()  # the other ranks stop now, told so, rather than finding rank 0 gone
+    except Exception:  # noqa: BLE001 - exiting either way; the workers also exit when rank 0 is gone
+        logger.exception("stopping the parallel workers failed")
     logging.shutdown()
     os._exit(code)  # no interpreter teardown: nothing is left to flush, and CUDA teardown can hang

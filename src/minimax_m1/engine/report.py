@@ -18,7 +18,8 @@ def engine_summary(engine, device_count: int = 1) -> str:
     runner, cache = engine.runner, engine.cache
     dtype = next(runner.model.parameters()).dtype
     kv = cache.num_blocks * cache.block_size
-    tp = getattr(engine, "tensor_parallel_size", device_count)
+    peers = getattr(runner, "peers", None)  # rank 0 of several (engine/workers.py)
+    tp = peers.world_size if peers is not None else device_count
     return (f"{str(dtype).removeprefix('torch.')} on {runner.device}"
             f"{' (' + torch.cuda.get_device_name(runner.device) + ')' if runner.device.type == 'cuda' else ''}, "
             f"tensor parallel {tp}; cache {cache.num_slots} state slots, {cache.num_blocks} KV blocks "

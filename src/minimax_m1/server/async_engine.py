@@ -10,6 +10,7 @@ server then exits non-zero, for its supervisor to restart it)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -31,6 +32,7 @@ from .metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
 
+SEND_RETRY_S = 0.005  # a message the core's socket did not take yet is offered again after this
 CORE_POLL_MS = 200  # how often the output task looks at the core while no output comes
 SHUTDOWN_JOIN_S = 10.0
 
@@ -193,6 +195,8 @@ class AsyncEngine:
         self.num_in_flight = 0  # generate() calls under way
         self.error: BaseException | None = None
         self._stopped = False
+        self._unsent: collections.deque[bytes] = collections.deque()  # refused while no core was connected
+        self._retrying = False
 
     @staticmethod
     def _addresses() -> tuple[str, str, str]:
@@ -318,10 +322,38 @@ class AsyncEngine:
                 self._send(msg.Abort(left))
 
     def _send(self, m) -> None:
-        try:
-            self._input.send(msg.encoder.encode(m), zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # closed: the server is going down
-            logger.warning("could not send to the engine core: %s", e)
+        """Send in order, never blocking the event loop. A PUSH socket refuses a message (EAGAIN) while no core
+        is connected: connecting is asynchronous, so the first requests can come before the core's socket is
+        there. Such messages wait here and are retried every SEND_RETRY_S; dropping them would leave their
+        requests waiting for ever."""
+        self._unsent.append(msg.encoder.encode(m))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._unsent:
+            if self.error is not None or self._stopped:  # the core is gone: its requests have failed already
+                self._unsent.clear()
+                return
+            try:
+                self._input.send(self._unsent[0], zmq.NOBLOCK)
+            except zmq.Again:
+                if not self._retrying:
+                    try:
+                        asyncio.get_running_loop().call_later(SEND_RETRY_S, self._retry)
+                        self._retrying = True
+                    except RuntimeError:  # not on the event loop (no caller does this): nothing can retry
+                        logger.warning("the engine core took no message; %d dropped", len(self._unsent))
+                        self._unsent.clear()
+                return
+            except zmq.ZMQError as e:  # closed: the server is going down
+                logger.warning("could not send to the engine core: %s", e)
+                self._unsent.clear()
+                return
+            self._unsent.popleft()
+
+    def _retry(self) -> None:
+        self._retrying = False
+        self._flush()
 
     # ---- outputs --------------------------------------------------------------------------------
 
