@@ -134,6 +134,24 @@ def test_serve_exits_when_a_worker_dies(tmp_path):
     assert "rank 1 (pid" in output and "killed by SIGKILL" in output, output[-3000:]
 
 
+def test_idle_serve_exits_when_a_worker_dies(tmp_path):
+    """No request needed: the engine core hears of a dead worker from the workers' monitor and ends, and the
+    server with it (non-zero, naming the rank) within 30 s."""
+    import signal
+
+    with ServeProcess("-tp", "2", "--device", "cpu", log_path=tmp_path / "log", env=_env()) as srv:
+        srv.wait_healthy(timeout=180)
+        core = next(c for c in _children(srv.proc.pid) if "resource_tracker" not in _cmdline(c))
+        worker = next(c for c in _children(core) if "resource_tracker" not in _cmdline(c))
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        code = srv.proc.wait(30)
+        took = time.monotonic() - start
+        output = srv.output()
+    assert code != 0 and took < 30, (code, took)
+    assert "rank 1 (pid" in output and "killed by SIGKILL" in output, output[-3000:]
+
+
 def _cmdline(pid: int) -> str:
     try:
         return pathlib.Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")

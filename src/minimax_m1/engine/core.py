@@ -72,6 +72,12 @@ class EngineCore:
         self._failed_steps = 0
         self._stopping = False
         self._throughput = ThroughputLog()
+        # a parallel engine's workers (engine/workers.py): a worker that dies while the core is idle ends the core
+        # within IDLE_POLL_MS, not at the next request's step
+        self._peer_failure: str | None = None
+        peers = getattr(engine.runner, "peers", None)
+        if peers is not None:
+            peers.on_failure.append(self._on_peer_failure)
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -103,10 +109,16 @@ class EngineCore:
             self._output.close()
             self._ctx.term()
 
+    def _on_peer_failure(self, why: str) -> None:  # on the workers' monitor thread
+        self._peer_failure = why
+
     def _receive(self, block: bool) -> bool:
-        """Apply every message waiting; when block, first wait for one (looking at the parent meanwhile)."""
+        """Apply every message waiting; when block, first wait for one (looking at the parent and the parallel
+        workers meanwhile)."""
         got = False
         while True:
+            if self._peer_failure is not None:
+                raise EngineFatalError(self._peer_failure)
             if block and not got:
                 if not self._input.poll(IDLE_POLL_MS):
                     if self._parent_gone():
