@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from minimax_m1 import distributed
 from minimax_m1.distributed import MULTI_GPU_ENV
+from minimax_m1.timing import capture_graph
 
 HIDDEN = 6144  # MiniMax-M1's hidden size: a decode message is batch x 6144 bf16
 BATCHES = [1, 8, 32, 64, 128, 256]
@@ -80,15 +81,11 @@ def _eager_us(fn, x, reps: int) -> float:
 
 def _graph_us(fn, x, reps: int) -> float:
     """Per all-reduce inside one captured graph of `reps` of them (how the decode graphs run them)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def step():
         for _ in range(reps):
             fn(x)
+
+    graph, _ = capture_graph(step)  # its warm-up runs all reps once
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from minimax_m1.ops.moe import cuda as moe_cuda, reference_experts
+from minimax_m1.timing import capture_graph
 
 TOL = 1e-2
 TOL_QUANT = 2 ** -8 + 2e-3
@@ -282,14 +283,7 @@ def test_graph_replay_new_routing(fmt):
         w13, s13, w2, s2 = ex.quant[fmt]
         return moe_cuda.moe_experts_quantized(static_x, static_e, static_w, w13, s13, w2, s2, fmt)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    graph, static_out = capture_graph(step)
     for kind in ("router", "foreign", "skewed"):
         x = torch.randn(tokens, ex.h, generator=gen, device="cuda").to(torch.bfloat16)
         w, e = _rank_routing(tokens, ex.e, 2, kind, gen)

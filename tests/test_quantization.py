@@ -33,6 +33,7 @@ from minimax_m1.models.minimax_m1 import MiniMaxM1ForCausalLM
 from minimax_m1.ops.moe import (grouped_experts, moe_experts, moe_experts_quantized, reference_experts,
                                 reference_quantized_experts, use_fused_quantized)
 from minimax_m1.ops.moe import quantized as q8
+from minimax_m1.timing import capture_graph
 from minimax_m1.weights import init_dummy
 from parallel_util import split_config
 from util import rel_err
@@ -366,14 +367,7 @@ def test_cuda_large_batch_path_in_a_graph(method):
     x, experts, weights, q13, s13, q2, s2, _, _ = _cuda_layer(dict(REAL, experts=8), 256, method)
     static = [x.clone(), experts.clone(), weights.clone()]
     run = lambda: q8.quantized_experts(*static, q13, s13, q2, s2, method)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_graph(run)
     for shift in (0, 3):
         static[1].copy_((experts + shift) % 8)
         graph.replay()

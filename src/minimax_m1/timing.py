@@ -29,8 +29,9 @@ def time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def graph_time_ms(step, reps: int = 20) -> float:
-    """Median milliseconds of `step` replayed from a CUDA graph (warmed up on a side stream, then captured)."""
+def capture_graph(step):
+    """(graph, what step returned during capture): `step` warmed up once on a side stream (library loads and
+    first launches stay out of the graph), then captured."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -38,7 +39,13 @@ def graph_time_ms(step, reps: int = 20) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
+        out = step()
+    return graph, out
+
+
+def graph_time_ms(step, reps: int = 20) -> float:
+    """Median milliseconds of `step` replayed from a CUDA graph (capture_graph)."""
+    graph, _ = capture_graph(step)
     return time_ms(graph.replay, reps)
 
 

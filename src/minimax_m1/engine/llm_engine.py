@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from ..outputs import CompletionOutput, RequestOutput
+from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from . import prompt_logprobs
 from .constraints import RequestConstraints
@@ -20,6 +20,7 @@ from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
+from .text_output import completion_output, cut_at_stop, hold_back
 
 logger = logging.getLogger(__name__)
 
@@ -216,10 +217,10 @@ class LLMEngine:
         elif token in p.stop_token_ids:
             reason, stop_reason = "stop", token
         else:
-            hit = None if early else _find_stop(text, p.stop, len(seq.text))
-            if hit is not None:
-                stop, at = hit
-                text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
+            stop = None
+            if not early:
+                text, stop = cut_at_stop(text, seq.text, p)
+            if stop is not None:
                 reason, stop_reason = "stop", stop
             elif complete:  # the grammar allows nothing more
                 reason = "stop"
@@ -227,24 +228,17 @@ class LLMEngine:
                 reason = "length"
             elif seq.num_tokens >= self.max_model_len:
                 reason = "length"
-        if reason is None and p.stop:
-            # hold back a possible start of a stop string, so streamed text never needs retracting
-            text = text[: max(len(seq.text), len(text) - max(map(len, p.stop)) + 1)]
-        seq.text = text
+        seq.text = hold_back(text, seq.text, p) if reason is None else text
         if reason is not None:
             seq.stop_reason = stop_reason
             self.scheduler.finish(seq, reason)
 
     def _output(self, seq: Sequence) -> RequestOutput | None:
         """The request's output in its params' output_kind (None: a final_only request still running)."""
-        kind = seq.params.output_kind
-        if kind == "final_only" and not seq.finished:
+        out = completion_output(seq, seq.output_token_ids)
+        if out is None:
             return None
-        start, chars = (seq.sent_tokens, seq.sent_chars) if kind == "delta" else (0, 0)
-        seq.sent_tokens, seq.sent_chars = len(seq.output_token_ids), len(seq.text)
-        out = CompletionOutput(index=0, text=seq.text[chars:], token_ids=seq.output_token_ids[start:],
-                               finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                               logprobs=seq.logprobs[start:] if seq.logprobs is not None else None)
+        kind = seq.params.output_kind
         prompt_lps = None
         if seq.prompt_logprobs is not None and not (kind == "delta" and seq.sent_prompt_logprobs) \
                 and not prompt_logprobs.wants_prompt_logprobs(seq):
@@ -284,12 +278,3 @@ def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
     if bad:
         raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
 
-
-def _find_stop(text: str, stops: list[str], emitted: int):
-    """The earliest stop string in text that ends after the already-emitted part; (stop, index) or None."""
-    best = None
-    for stop in stops:
-        at = text.find(stop, max(0, emitted - len(stop) + 1))
-        if at >= 0 and (best is None or at < best[1]):
-            best = (stop, at)
-    return best

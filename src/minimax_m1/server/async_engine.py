@@ -25,8 +25,9 @@ import zmq.asyncio
 from ..engine import messages as msg
 from ..engine.core import MAX_FAILED_STEPS, TIME_LIMIT, CoreProcess, CoreThread, ready_info  # noqa: F401
 from ..engine.detokenizer import IncrementalDetokenizer
-from ..engine.llm_engine import LLMEngine, _find_stop, check_prompt
-from ..outputs import CompletionOutput, RequestOutput
+from ..engine.llm_engine import LLMEngine, check_prompt
+from ..engine.text_output import completion_output, cut_at_stop, hold_back
+from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .metrics import EngineMetrics
 
@@ -126,15 +127,10 @@ class _RequestState:
             reason, stop_reason = (t.finish_reason, t.stop_reason) if i == last else (None, None)
             # "stop" from the core is EOS or a stop token, which come before stop strings
             if reason != "stop" and len(self.token_ids) >= p.min_tokens:
-                hit = _find_stop(text, p.stop, len(self.text))
-                if hit is not None:
-                    stop, at = hit
-                    text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
+                text, stop = cut_at_stop(text, self.text, p)
+                if stop is not None:
                     reason, stop_reason = "stop", stop
-            if reason is None and p.stop:
-                # hold back a possible start of a stop string, so streamed text never needs retracting
-                text = text[: max(len(self.text), len(text) - max(map(len, p.stop)) + 1)]
-            self.text = text
+            self.text = hold_back(text, self.text, p) if reason is None else text
             if reason is not None:
                 self.finished, self.finish_reason, self.stop_reason = True, reason, stop_reason
                 break
@@ -144,14 +140,9 @@ class _RequestState:
 
     def _output(self) -> RequestOutput | None:
         """In the params' output_kind, as LLMEngine._output (None: a final_only request still running)."""
-        kind = self.params.output_kind
-        if kind == "final_only" and not self.finished:
+        out = completion_output(self, self.token_ids)
+        if out is None:
             return None
-        start, chars = (self.sent_tokens, self.sent_chars) if kind == "delta" else (0, 0)
-        self.sent_tokens, self.sent_chars = len(self.token_ids), len(self.text)
-        out = CompletionOutput(index=0, text=self.text[chars:], token_ids=self.token_ids[start:],
-                               finish_reason=self.finish_reason, stop_reason=self.stop_reason,
-                               logprobs=self.logprobs[start:] if self.logprobs is not None else None)
         prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         r = self.req
         return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, [out], finished=self.finished,
