@@ -112,14 +112,9 @@ def test_serve_on_two_ranks(tmp_path, reference):
 
 def test_serve_exits_when_a_worker_dies(tmp_path):
     """A killed worker: the next request fails and the server exits non-zero within 60 s, naming the rank."""
-    import signal
-
     with ServeProcess("-tp", "2", "--device", "cpu", log_path=tmp_path / "log", env=_env()) as srv:
         srv.wait_healthy(timeout=180)
-        # the server's child is the engine core (rank 0); the worker (rank 1) is the core's child
-        core = next(c for c in _children(srv.proc.pid) if "resource_tracker" not in _cmdline(c))
-        worker = next(c for c in _children(core) if "resource_tracker" not in _cmdline(c))
-        os.kill(worker, signal.SIGKILL)
+        _kill_worker(srv)
         start = time.monotonic()
         try:
             r = httpx.post(srv.url + "/v1/completions", timeout=60,
@@ -137,19 +132,24 @@ def test_serve_exits_when_a_worker_dies(tmp_path):
 def test_idle_serve_exits_when_a_worker_dies(tmp_path):
     """No request needed: the engine core hears of a dead worker from the workers' monitor and ends, and the
     server with it (non-zero, naming the rank) within 30 s."""
-    import signal
-
     with ServeProcess("-tp", "2", "--device", "cpu", log_path=tmp_path / "log", env=_env()) as srv:
         srv.wait_healthy(timeout=180)
-        core = next(c for c in _children(srv.proc.pid) if "resource_tracker" not in _cmdline(c))
-        worker = next(c for c in _children(core) if "resource_tracker" not in _cmdline(c))
-        os.kill(worker, signal.SIGKILL)
+        _kill_worker(srv)
         start = time.monotonic()
         code = srv.proc.wait(30)
         took = time.monotonic() - start
         output = srv.output()
     assert code != 0 and took < 30, (code, took)
     assert "rank 1 (pid" in output and "killed by SIGKILL" in output, output[-3000:]
+
+
+def _kill_worker(srv) -> None:
+    """SIGKILL rank 1: the server's child is the engine core (rank 0), and the worker is the core's child."""
+    import signal
+
+    core = next(c for c in _children(srv.proc.pid) if "resource_tracker" not in _cmdline(c))
+    worker = next(c for c in _children(core) if "resource_tracker" not in _cmdline(c))
+    os.kill(worker, signal.SIGKILL)
 
 
 def _cmdline(pid: int) -> str:
