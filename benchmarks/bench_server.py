@@ -119,7 +119,7 @@ def summary(results: list[Result], seconds: float) -> dict:
     errors = collections.Counter(r.error.split(":")[0] for r in results if not r.ok)
     return dict(tok_s=sum(r.tokens for r in ok) / seconds, seconds=seconds, ttft_p50=percentile(ttft, 0.5),
                 ttft_p99=percentile(ttft, 0.99), tpot_p50=percentile(tpot, 0.5), tpot_p99=percentile(tpot, 0.99),
-                failed=len(results) - len(ok), errors=dict(errors),
+                requests=len(results), failed=len(results) - len(ok), errors=dict(errors),
                 first_errors=[r.error for r in results if not r.ok][:3])
 
 
@@ -206,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 256])
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--serial-requests", type=int, default=32,
+                   help="at concurrency 1, only the first N requests (a TPOT sample; 512 one at a time take minutes)")
     p.add_argument("--stream-fraction", type=float, default=1.0, help="the share of requests streamed")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=None, help="default: prompt + output + 16")
@@ -230,21 +232,23 @@ def main(argv=None) -> int:
     streamed = [rng.random() < a.stream_fraction for _ in prompts]
     bodies = [request_body(pr, a.output_len, s) for pr, s in zip(prompts, streamed)]
 
-    rows, texts = [], None
+    rows, texts = [], [None] * len(bodies)
     with serve(a, flags, os.path.join(tmp, "server.log")) as url:
         asyncio.run(run_load(url, bodies[:min(8, len(bodies))], min(8, len(bodies))))  # warm-up
         for c in a.concurrency:
-            results, seconds = asyncio.run(run_load(url, bodies, c))
+            load = bodies[:a.serial_requests] if c == 1 else bodies
+            results, seconds = asyncio.run(run_load(url, load, c))
             rows.append((c, summary(results, seconds)))
-            texts = [r.text if r.ok else None for r in results]
+            if len(load) == len(bodies):
+                texts = [r.text if r.ok else None for r in results]
     log = open(os.path.join(tmp, "server.log"), errors="replace").read()
     dropped = [line for line in log.splitlines() if "dropped" in line.lower() or "WARNING" in line]
 
     print(f"\nmodel {a.model}  prompt {a.prompt_len}  output {a.output_len}  requests {a.num_requests}  "
           f"streamed {sum(streamed)}/{len(streamed)}")
-    print(f"{'conc':>5} {'tok/s':>9} {'s':>7} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} {'failed':>7}  errors")
+    print(f"{'conc':>5} {'reqs':>5} {'tok/s':>9} {'s':>7} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} {'failed':>7}  errors")
     for c, r in rows:
-        print(f"{c:>5} {r['tok_s']:>9.0f} {r['seconds']:>7.2f} {r['ttft_p50'] * 1e3:>8.1f}m {r['ttft_p99'] * 1e3:>7.1f}m "
+        print(f"{c:>5} {r['requests']:>5} {r['tok_s']:>9.0f} {r['seconds']:>7.2f} {r['ttft_p50'] * 1e3:>8.1f}m {r['ttft_p99'] * 1e3:>7.1f}m "
               f"{r['tpot_p50'] * 1e3:>8.2f}m {r['tpot_p99'] * 1e3:>7.2f}m {r['failed']:>7}  {r['errors'] or ''}")
         for e in r["first_errors"]:
             print(f"      e.g. {e[:300]}")

@@ -175,6 +175,24 @@ def scenario(config: ModelConfig, parallel: ParallelConfig, group: Group, checkp
     return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
+TIE_MARGIN = 2 ** -8  # router probability margin below which the GPU tests' bf16 runs may route apart
+
+
+def assert_close_but_ties(ref: dict, got: dict, key: str, tol: float, what) -> None:
+    """got[key] against ref[key] (fp32 logits, rows of tokens): each row within tol of max |ref| except rows
+    whose routing is a near-tie in some layer (ref[key + '_margin'] < TIE_MARGIN), held to finiteness only:
+    bf16 rounds the router's input by 2^-8 relative, which moves logits of size ~1 and the probabilities by
+    about as much, so the expert choice may flip with the partial sums' rounding; at most 1 in 8 rows may be
+    such ties."""
+    r, g = ref[key], got[key]
+    margin = ref[f"{key}_margin"].reshape(r.shape[:-1])
+    tie = margin < TIE_MARGIN
+    assert tie.sum().item() <= max(1, tie.numel() // 8), (what, key, "near-tie rows", tie.sum().item())
+    assert torch.isfinite(g).all(), (what, key)
+    err = (g - r).abs().amax(-1) / r.abs().max()
+    assert err[~tie].max().item() < tol, (what, key, err.max().item(), "margins", margin.flatten().tolist())
+
+
 class RouterMargins:
     """Per token of each step, the smallest router margin over the MoE layers: the k-th largest routing
     probability minus the (k+1)-th, from the router's input (fp32 logits of the gate's weight). Where it is

@@ -140,9 +140,10 @@ def test_gated_rms_norm(rows, n, dtype):
     normed = _exact_norm(x, w, 1e-6)
     exact = torch.sigmoid(g.double()) * normed
     # sigmoid(g) itself is rounded to the dtype first (as torch does): for g below about -10 it lies in fp16's
-    # subnormal range, on the absolute grid, so its rounding (half a step) is multiplied by |normed| (measured on
-    # an H200: up to two output steps there, the kernel within 2 ulps of the torch reference everywhere)
-    assert_within(out, exact, 3 * U[dtype] + FP32_SLACK, FLOOR[dtype] * (1 + normed.abs()))
+    # subnormal range, on the absolute grid, so its rounding (half a step) is multiplied by |normed|, and the
+    # product (subnormal too) is rounded on that grid again: up to two output steps there (measured on an H200:
+    # 0.87 of a step at 1.7e-6, the kernel within 2 ulps of the torch reference everywhere)
+    assert_within(out, exact, 3 * U[dtype] + FP32_SLACK, FLOOR[dtype] * (3 + normed.abs()))
 
 
 @pytest.mark.parametrize("ranks,heads", [(8, 8), (8, 64)])

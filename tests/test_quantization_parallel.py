@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from minimax_m1.distributed import SINGLE
 from minimax_m1.quantization.convert import quantize_checkpoint
-from parallel_util import run_ranks, run_spec, split_config, write_checkpoint
+from parallel_util import assert_close_but_ties, run_ranks, run_spec, split_config, write_checkpoint
 
 TOL = 1e-5
 EXACT = {"int8_tp": {"kv_heads": 4, "ep": False, "quantization": "experts_int8"},
@@ -85,10 +85,10 @@ def test_two_ranks_on_one_gpu_8bit(tmp_path):
     results = run_ranks(2, specs, tmp_path, timeout_s=300)
     for name, spec in specs.items():
         for key in ("prompt", "chunked", "decode"):
-            ref, got = refs[name][key], results[0][name][key]
-            if spec["quantization"] == "experts_int8":
-                assert (got - ref).abs().max().item() / ref.abs().max().item() < 3e-2, (name, key)
+            if spec["quantization"] == "experts_int8":  # rows routed on a near-tie may flip, as in bf16
+                assert_close_but_ties(refs[name], results[0][name], key, 3e-2, name)
             else:
+                ref, got = refs[name][key], results[0][name][key]
                 apart = (got - ref).pow(2).mean().sqrt().item()
                 own = (ref - plain[key]).pow(2).mean().sqrt().item()
                 assert apart <= 2 * own, (name, key, apart, own)

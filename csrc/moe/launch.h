@@ -4,7 +4,8 @@
 // Plan: routed rows per CTA (row_tiles: NT), warps per gate_up CTA, and 16-row tiles per CTA of each kernel.
 // A CTA that owns several tiles streams them back to back (stream.cuh), so the tiles per CTA are chosen
 // persistent: the fewest with which every CTA of the grid is resident at once (occupancy of the kernel on
-// this device, read once), and one tile where the grid fits anyway. Narrow experts (I = 1152 under TP8)
+// this device, read once), one tile where the grid fits anyway, and never more than kMinCtaBytes of
+// weights need (long tiles run best one per CTA, in waves). Narrow experts (I = 1152 under TP8)
 // get 8-warp gate_up CTAs when their grid is under two CTAs per SM (and fits at 8 warps): twice the loads in
 // flight per CTA. Each warp also prefetches into L2 the blocks `prefetch` past its loads (no registers).
 #pragma once
@@ -47,6 +48,18 @@ inline int persistent_tiles(int64_t total, int64_t items, int64_t wave) {
   return static_cast<int>(std::min(t, total));
 }
 
+// Weight bytes a CTA streams at least where it may own several tiles (bench_moe.py --sweep, H200): a 16-row
+// tile of gate_up (2 x 16 x H weights: 393 KB in bf16 at H = 6144) or of down at the full width (295 KB) is
+// long enough alone, and one tile per CTA measured fastest there from 8 tokens (96% of copy against 85-87%
+// for the one-wave plan, whose CTAs ran up to 64 tiles); a down tile at I = 1152 (36 KB) is not, and 8 of
+// them per CTA measured best.
+constexpr int64_t kMinCtaBytes = 256 << 10;
+
+// Tiles per CTA: the persistent count (one wave), but no more than make up kMinCtaBytes of weights.
+inline int cta_tiles(int64_t total, int64_t items, int64_t wave, int64_t tile_bytes) {
+  return static_cast<int>(std::min<int64_t>(persistent_tiles(total, items, wave), ceil_div(kMinCtaBytes, tile_bytes)));
+}
+
 template <typename Kernel>
 int resident_ctas(Kernel kernel, int threads, int device_id) {
   int n = 0;
@@ -82,10 +95,14 @@ Plan plan_rows(const Params& p, const Knobs& k, int device_id) {
   const bool wide = up_ctas < 2 * sms && up_ctas <= up_wave<F, T, NT, 8>(device_id);
   plan.up_warps = k.up_warps > 0 ? static_cast<int>(k.up_warps) : wide ? 8 : 4;
   const int up = plan.up_warps == 8 ? up_wave<F, T, NT, 8>(device_id) : up_wave<F, T, NT, 4>(device_id);
+  constexpr int64_t wb = sizeof(typename F::Weight);
+  const int64_t up_bytes = 2 * kTileRows * static_cast<int64_t>(p.hidden) * wb;
+  const int64_t down_bytes = kTileRows * static_cast<int64_t>(p.inter) * wb;
   plan.up_tiles = k.up_tiles > 0 ? static_cast<int>(std::min(k.up_tiles, up_total))
-                                 : persistent_tiles(up_total, plan.items, up);
-  plan.down_tiles = k.down_tiles > 0 ? static_cast<int>(std::min(k.down_tiles, down_total))
-                                     : persistent_tiles(down_total, plan.items, down_wave<F, T, NT>(device_id));
+                                 : cta_tiles(up_total, plan.items, up, up_bytes);
+  plan.down_tiles = k.down_tiles > 0
+                        ? static_cast<int>(std::min(k.down_tiles, down_total))
+                        : cta_tiles(down_total, plan.items, down_wave<F, T, NT>(device_id), down_bytes);
   plan.prefetch = k.prefetch >= 0 ? static_cast<int>(k.prefetch) : kAutoPrefetch;
   return plan;
 }
