@@ -10,6 +10,10 @@ may change bf16 roundings, so a mismatch there is information, not a failure).
     python benchmarks/bench_server.py --model minimax-m1:3-8 --load-format dummy --prompt-len 1024 \\
         --output-len 128 --num-requests 512 --concurrency 1 256
 
+The load comes from --client-processes client processes (default 4): a single Python client parsing every
+SSE event of 256 streams is slower than the server (measured on an H200: 3252 tok/s from one process, 4797
+from four), and each row says how busy the busiest client, the API server and the engine core were.
+
 A preset without a tokenizer (the real-shape slices) gets a word-level one over its whole vocabulary (token
 i reads "t{i} "), so any token the dummy weights pick decodes. The load itself (`run_load`) is what the CPU
 soak test drives too."""
@@ -105,6 +109,56 @@ async def run_load(url: str, bodies: list[dict], concurrency: int, timeout: floa
         return results, time.perf_counter() - start
 
 
+def _client_part(args) -> tuple[list[Result], float, float, float]:
+    """One client process's share: (results, start and end on the system's monotonic clock, CPU seconds)."""
+    url, bodies, concurrency, timeout = args
+    cpu, start = time.process_time(), time.monotonic()
+    results, _ = asyncio.run(run_load(url, bodies, concurrency, timeout))
+    return results, start, time.monotonic(), time.process_time() - cpu
+
+
+def run_clients(url: str, bodies: list[dict], concurrency: int, processes: int, timeout: float = 600.0
+                ) -> tuple[list[Result], float, float]:
+    """The load from `processes` client processes (bodies dealt round-robin, the concurrency split): one
+    asyncio client parses every SSE event in Python, and at hundreds of streams it can be what limits the
+    measured rate. -> (results in order, seconds from the first request to the last answer, the busiest
+    client's CPU share). Spawned processes (the caller may hold threads), bounded by `timeout`."""
+    processes = max(1, min(processes, concurrency, len(bodies)))
+    if processes == 1:
+        results, start, end, cpu = _client_part((url, bodies, concurrency, timeout))
+        return results, end - start, cpu / (end - start)
+    import multiprocessing
+
+    parts = [(url, bodies[k::processes], -(-concurrency // processes), timeout) for k in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        done = pool.map_async(_client_part, parts).get(timeout + 60)
+    seconds = max(end for _, _, end, _ in done) - min(start for _, start, _, _ in done)
+    results: list[Result | None] = [None] * len(bodies)
+    for k, (part, _, _, _) in enumerate(done):
+        results[k::processes] = part
+    return results, seconds, max(cpu / (end - start) for _, start, end, cpu in done)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def server_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of the API server process and of its children (the engine core): who is busy."""
+    children = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children += _cpu_seconds(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return _cpu_seconds(pid), children
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     if not values:
@@ -170,7 +224,7 @@ def serve(a, engine_flags: list[str], log_path: str):
             if time.monotonic() > deadline:
                 raise TimeoutError("the server did not come up:\n" + open(log_path).read()[-3000:])
             time.sleep(0.5)
-        yield url
+        yield url, proc.pid
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -208,11 +262,15 @@ def main(argv=None) -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--serial-requests", type=int, default=32,
                    help="at concurrency 1, only the first N requests (a TPOT sample; 512 one at a time take minutes)")
+    p.add_argument("--client-processes", type=int, default=4,
+                   help="client processes sharing the load (one asyncio process parsing 256 SSE streams was the "
+                        "limit on an H200: 70%% of a core busy, 0.66 of the server's rate with four)")
     p.add_argument("--stream-fraction", type=float, default=1.0, help="the share of requests streamed")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=None, help="default: prompt + output + 16")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--startup-timeout", type=float, default=1200.0)
+    p.add_argument("--save-log", default=None, help="copy the server's log here")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--server-flags", nargs=argparse.REMAINDER, default=[], help="more `serve` flags (last)")
     a = p.parse_args(argv)
@@ -233,15 +291,21 @@ def main(argv=None) -> int:
     bodies = [request_body(pr, a.output_len, s) for pr, s in zip(prompts, streamed)]
 
     rows, texts = [], [None] * len(bodies)
-    with serve(a, flags, os.path.join(tmp, "server.log")) as url:
+    with serve(a, flags, os.path.join(tmp, "server.log")) as (url, pid):
         asyncio.run(run_load(url, bodies[:min(8, len(bodies))], min(8, len(bodies))))  # warm-up
         for c in a.concurrency:
             load = bodies[:a.serial_requests] if c == 1 else bodies
-            results, seconds = asyncio.run(run_load(url, load, c))
-            rows.append((c, summary(results, seconds)))
+            cpu0 = server_cpu(pid)
+            results, seconds, client = run_clients(url, load, c, a.client_processes)
+            api, core = (b - a0 for a0, b in zip(cpu0, server_cpu(pid)))
+            rows.append((c, dict(summary(results, seconds), client_cpu=client, api_cpu=api / seconds,
+                                 core_cpu=core / seconds)))
             if len(load) == len(bodies):
                 texts = [r.text if r.ok else None for r in results]
     log = open(os.path.join(tmp, "server.log"), errors="replace").read()
+    if a.save_log:
+        with open(a.save_log, "w") as f:
+            f.write(log)
     dropped = [line for line in log.splitlines() if "dropped" in line.lower() or "WARNING" in line]
 
     print(f"\nmodel {a.model}  prompt {a.prompt_len}  output {a.output_len}  requests {a.num_requests}  "
@@ -250,6 +314,8 @@ def main(argv=None) -> int:
     for c, r in rows:
         print(f"{c:>5} {r['requests']:>5} {r['tok_s']:>9.0f} {r['seconds']:>7.2f} {r['ttft_p50'] * 1e3:>8.1f}m {r['ttft_p99'] * 1e3:>7.1f}m "
               f"{r['tpot_p50'] * 1e3:>8.2f}m {r['tpot_p99'] * 1e3:>7.2f}m {r['failed']:>7}  {r['errors'] or ''}")
+        print(f"      CPU busy: client {100 * r['client_cpu']:.0f}% (busiest process), API server "
+              f"{100 * r['api_cpu']:.0f}%, engine core and other children {100 * r['core_cpu']:.0f}%")
         for e in r["first_errors"]:
             print(f"      e.g. {e[:300]}")
     print(f"server log: {len(dropped)} warning lines" + "".join(f"\n      {line[:300]}" for line in dropped[:10]))

@@ -296,13 +296,15 @@ def test_symm_mem_all_reduce_sums_exactly():
 
 # ---- the rank-emulation bench ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
-def test_emulated_rank_bench_runs_on_cpu(ep):
+@pytest.mark.parametrize("ep,quantization", [(False, None), (True, None), (False, "experts_int8")],
+                         ids=["tp", "ep", "tp-int8"])
+def test_emulated_rank_bench_runs_on_cpu(ep, quantization):
     """`minimax-m1 bench --emulate-tp 2` on the tiny model: one rank's share, every number labelled; a batch the
-    cache cannot hold says why and where decode stops, then runs there."""
+    cache cannot hold says why and where decode stops, then runs there; with 8-bit experts as well."""
     cmd = [sys.executable, "-m", "minimax_m1.cli", "bench", "--device", "cpu", "--model", "tiny", "--emulate-tp", "2",
            "--decode-batches", "1,4", "--context", "64", "--prefill", "128,1024", "--max-num-batched-tokens", "64",
            "--num-kv-blocks", "3"] + (["--enable-expert-parallel"] if ep else [])
+    cmd += ["--quantization", quantization] if quantization else []
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout
@@ -313,6 +315,7 @@ def test_emulated_rank_bench_runs_on_cpu(ep):
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["3"])]
     assert [r[0] for r in rows] == ["1", "3"] and all(float(r[1]) > 0 for r in rows)
     assert "1024 does not fit: one rank's cache holds 768 tokens of KV" in out
+    assert ("routed experts experts_int8" in out) == (quantization is not None)
 
 
 @pytest.mark.gpu

@@ -25,7 +25,7 @@ from minimax_m1.engine import messages  # noqa: E402
 from server_util import ServeProcess, metrics, wait_until_idle  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
-from bench_server import request_body, run_load  # noqa: E402
+from bench_server import request_body, run_clients, run_load  # noqa: E402
 
 MAX_MODEL_LEN = 512
 
@@ -66,6 +66,17 @@ def test_soak_1000_requests_64_concurrent_zero_errors(tmp_path):
         assert m["minimax_m1_generation_tokens_total"] == sum(b["max_tokens"] for b in bodies)
         output = srv.output()
     assert "Traceback" not in output and "WARNING" not in output, output[-3000:]
+
+
+def test_load_from_several_client_processes(tmp_path):
+    """The benchmark's multi-process client (bench_server.run_clients): every request answered, in order, by
+    2 processes sharing 8 streams."""
+    bodies = [request_body([i % 256, 7], 2 + i % 3, i % 2 == 0) for i in range(24)]
+    with ServeProcess("--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), log_path=tmp_path / "log") as srv:
+        srv.wait_healthy()
+        results, seconds, client_cpu = run_clients(srv.url, bodies, 8, 2, timeout=60)
+    assert [r.ok for r in results] == [True] * 24, [r.error for r in results if not r.ok][:3]
+    assert [r.tokens for r in results] == [b["max_tokens"] for b in bodies] and seconds > 0 and client_cpu > 0
 
 
 # requests whose outputs the server must give exactly as LLM.generate does: greedy, seeded sampling (the

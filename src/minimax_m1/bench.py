@@ -32,7 +32,8 @@ def engine_args(a: argparse.Namespace, **overrides) -> EngineArgs:
               max_num_batched_tokens=a.max_num_batched_tokens, enforce_eager=a.enforce_eager,
               num_kv_blocks=a.num_kv_blocks, tensor_parallel_size=a.emulate_tp or 1,
               enable_expert_parallel=a.enable_expert_parallel, emulate_rank=0 if a.emulate_tp else None,
-              progress=a.device == "cuda", gpu_memory_utilization=a.gpu_memory_utilization)
+              progress=a.device == "cuda", gpu_memory_utilization=a.gpu_memory_utilization,
+              quantization=a.quantization)
     return EngineArgs(**(kw | overrides))
 
 
@@ -61,9 +62,14 @@ def _weight_bytes(model, active_experts: list[int]) -> int:
     """Bytes of weights a decode step reads: everything but the experts and the embedding, plus the experts
     the batch uses."""
     moe_layers = [layer.block_sparse_moe for layer in model.model.layers]
-    experts = {id(m.w13) for m in moe_layers} | {id(m.w2) for m in moe_layers}
+    names = ("w13", "w2", "w13_scale", "w2_scale")  # the scales: 8-bit experts only
+
+    def expert_params(m):
+        return [getattr(m, n) for n in names if getattr(m, n, None) is not None]
+
+    experts = {id(t) for m in moe_layers for t in expert_params(m)}
     total = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in experts)
-    total += sum(n * (m.w13[0].numel() + m.w2[0].numel()) * m.w13.element_size()
+    total += sum(n * sum(t[0].numel() * t.element_size() for t in expert_params(m))
                  for m, n in zip(moe_layers, active_experts))
     emb = model.model.embed_tokens.weight
     return total - emb.numel() * emb.element_size()
@@ -272,6 +278,8 @@ def _parse(argv) -> argparse.Namespace:
                    help="build one rank's share of N (rank 0), collectives skipped: one rank, no communication")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --emulate-tp: whole experts per rank, each layer timed at its busiest rank")
+    p.add_argument("--quantization", default=None, choices=["fp8", "experts_int8"],
+                   help="8-bit routed experts (the dummy bf16 weights quantised at load)")
     p.add_argument("--decode-batches", default="1,8,64,256")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--prefill", default=None, help="prompt lengths (default 1024,8192,32768,131072; "
@@ -350,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
               f"below is one rank, no communication: a lower bound for the full model on {a.emulate_tp} GPUs")
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    if a.quantization:
+        dtype += f", routed experts {a.quantization}"
     print(f"model: {a.model} ({cfg.num_hidden_layers} layers), dummy {dtype} weights, {weights / 1e9:.1f} GB on "
           f"this rank, built in {time.time() - t0:.0f} s; decode graphs: {engine.runner.graphs is not None}; cache: {engine.cache.num_slots} state slots, "
           f"{engine.cache.num_blocks} KV blocks of {engine.cache.block_size}")
