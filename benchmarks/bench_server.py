@@ -242,7 +242,7 @@ def offline(a, prompts: list[list[int]], tokenizer_dir: str | None) -> tuple[flo
 
     llm = LLM(a.model, load_format=a.load_format, device=a.device, tokenizer=tokenizer_dir,
               max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-              max_num_batched_tokens=a.max_num_batched_tokens, progress=False)
+              max_num_batched_tokens=a.max_num_batched_tokens, async_scheduling=a.async_scheduling, progress=False)
     params = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts[:min(len(prompts), 8)], sampling_params=params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
@@ -271,6 +271,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--startup-timeout", type=float, default=1200.0)
     p.add_argument("--save-log", default=None, help="copy the server's log here")
+    p.add_argument("--async-scheduling", action="store_true", help="the engine's --async-scheduling, server and offline")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--server-flags", nargs=argparse.REMAINDER, default=[], help="more `serve` flags (last)")
     a = p.parse_args(argv)
@@ -287,6 +288,7 @@ def main(argv=None) -> int:
              "--max-model-len", str(a.max_model_len), "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
     flags += ["--device", a.device] if a.device else []
     flags += ["--tokenizer", tokenizer_dir] if tokenizer_dir else []
+    flags += ["--async-scheduling"] if a.async_scheduling else []
     streamed = [rng.random() < a.stream_fraction for _ in prompts]
     bodies = [request_body(pr, a.output_len, s) for pr, s in zip(prompts, streamed)]
 

@@ -112,12 +112,15 @@ def _offline(body: dict) -> list[tuple[str, str]]:
 _LLM = None
 
 
-def test_outputs_identical_to_the_in_process_engine(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--async-scheduling"]], ids=["sync", "async-scheduling"])
+def test_outputs_identical_to_the_in_process_engine(tmp_path, flags):
+    """Also with --async-scheduling (engine/async_decode.py): stop strings abort requests with a step in flight."""
     global _LLM
     _LLM = LLM("tiny", device="cpu", max_model_len=MAX_MODEL_LEN, progress=False)
     want = [_offline(body) for body, _ in CASES]
     assert any(reason == "stop" for w in want for _, reason in w)  # the stop cases do stop
-    with ServeProcess("--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), log_path=tmp_path / "log") as srv:
+    with ServeProcess("--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), *flags,
+                      log_path=tmp_path / "log") as srv:
         srv.wait_healthy()
 
         async def run():

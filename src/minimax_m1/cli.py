@@ -49,6 +49,10 @@ def _add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) ->
     p.add_argument("--quantization", default=None, choices=QUANT_METHODS,
                    help="8-bit routed experts: fp8 (W8A8 e4m3) or experts_int8 (W8A16); bf16 checkpoints are "
                         "quantised while loading (default: as the checkpoint is, see `minimax-m1 quantize`)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="launch each decode step before the previous one's tokens reach the host, so the device "
+                        "does not idle through the host's work (one device; greedy and seeded sampling, no "
+                        "logprobs, penalties, logit bias or grammars in the batch, else steps run as usual)")
     add_parallel_args(p)
 
 
@@ -99,7 +103,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                 gpu_memory_utilization=a.gpu_memory_utilization, quantization=a.quantization,
                 tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel,
-                all_reduce=a.all_reduce)
+                all_reduce=a.all_reduce, async_scheduling=a.async_scheduling)
 
 
 def _generate(a: argparse.Namespace) -> int:

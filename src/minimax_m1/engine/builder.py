@@ -48,6 +48,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None  # override the KV block count the memory budget gives (tests, tuning)
     lm_head_fp32: bool = False  # keep the output head's weights in fp32 (a fidelity option)
     enforce_eager: bool = False  # never capture decode steps in CUDA graphs
+    async_scheduling: bool = False  # launch a decode step before the last one's tokens reach the host (one device)
     progress: bool = True
     tokenizer: str | None = None  # a folder with tokenizer.json to use instead of the model's own
     quantization: str | None = None  # 8-bit routed experts: "fp8" or "experts_int8" (default: the checkpoint's)
@@ -97,6 +98,9 @@ class EngineArgs:
         if self.all_reduce not in ("auto", "symm_mem", "nccl"):
             raise ConfigError(f"all_reduce must be 'auto', 'symm_mem' or 'nccl', got {self.all_reduce!r}")
         n = self.tensor_parallel_size
+        if self.async_scheduling and n > 1 and self.emulate_rank is None:
+            raise ConfigError("async_scheduling runs on one device for now: the other ranks would need each step's "
+                              "sampled tokens before the host has them; leave it off with tensor_parallel_size > 1")
         if n > 1 and self.emulate_rank is None and self.distributed_backend == "nccl":
             have = torch.cuda.device_count() - (device.index or 0)
             if n > have:
@@ -298,7 +302,9 @@ def build_engine(args: EngineArgs) -> LLMEngine:
             workers.shutdown()
         raise
     scheduler = Scheduler(runner.cache, runner.cache.num_slots, args.max_num_batched_tokens)
-    return LLMEngine(runner, scheduler, tokenizer, eos, config.vocab_size, max_model_len)
+    engine = LLMEngine(runner, scheduler, tokenizer, eos, config.vocab_size, max_model_len)
+    engine.async_scheduling = args.async_scheduling
+    return engine
 
 
 def build_runner(config: ModelConfig, model, args: EngineArgs, parallel: ParallelConfig,

@@ -84,9 +84,12 @@ class DecodeGraphs:
     def padded_size(self, n: int) -> int:
         return next(s for s in self.sizes if s >= n)
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
+    def run(self, inputs: StepInputs, device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """inputs: a decode step padded to a captured size (`padded_size`). Returns logits [size, vocab] fp32,
-        a view into the graph's output that the next replay overwrites."""
+        a view into the graph's output that the next replay overwrites. device_ids: the first rows' input ids
+        from a device tensor (async scheduling), copied over the host's placeholders on the device."""
         self.static.load(inputs)
+        if device_ids is not None:
+            self.static.i64[:len(device_ids)].copy_(device_ids)  # input_ids is the int64 buffer's first section
         self.graphs[inputs.shape.num_seqs].replay()
         return self.logits[inputs.shape.num_seqs]

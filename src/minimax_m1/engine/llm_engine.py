@@ -14,12 +14,14 @@ import torch
 
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
+from ..host_tensors import from_list
 from . import prompt_logprobs
+from .async_decode import InFlight, samples_on_device
 from .constraints import RequestConstraints
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .scheduler import ScheduledChunk, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, Status
 from .text_output import completion_output, cut_at_stop, hold_back
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ class LLMEngine:
         self._retried: weakref.WeakSet[Sequence] = weakref.WeakSet()  # preempted once after a failed step
         self._grammar_compiler = None
         self._grammar_lock = threading.Lock()
+        self.async_scheduling = False  # --async-scheduling (engine/async_decode.py); one device only
+        self._in_flight: InFlight | None = None  # a launched decode step whose tokens the next step() reads
+        self.num_async_steps = 0  # decode steps launched before their inputs reached the host
 
     @property
     def grammar_compiler(self):
@@ -108,7 +113,12 @@ class LLMEngine:
     # ---- one step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one model step; return an output for every request that got a token or finished."""
+        """Run one model step; return an output for every request that got a token or finished. Under async
+        scheduling a decode step's tokens come out of the next call, which first launches the step after it."""
+        if self._in_flight is not None:
+            if any(not s.finished for s in self._in_flight.seqs):
+                return self._step_in_flight()
+            self._in_flight = None  # every row finished or was aborted: nothing to read
         chunks = self.scheduler.schedule()
         finished_early = [s for s in self.requests.values() if s.finished]  # by the scheduler (too long)
         if not chunks:
@@ -128,6 +138,13 @@ class LLMEngine:
                     self.scheduler.finish(s, "length")
                     outputs.append(self._output(s))
             logits, done = logits[keep], [done[i] for i in keep]
+        if done and self._goes_async(chunks, done):
+            try:
+                self._in_flight = InFlight.start(done, self.runner.sample_on_device(logits, done))
+                done = []
+                self.num_async_steps += 1
+            except Exception:  # noqa: BLE001 - sampled again below, where a failing row fails alone
+                logger.debug("device-side sampling failed; sampling on the host path", exc_info=True)
         if done:
             for seq, tok, lp in self._sample(logits, done, outputs):
                 try:
@@ -141,6 +158,71 @@ class LLMEngine:
         for seq in self._finished_now(chunks):
             self.requests.pop(seq.request_id, None)
         return [o for o in outputs if o is not None]
+
+    # ---- async scheduling (engine/async_decode.py) ---------------------------------------------
+
+    def _goes_async(self, chunks: list[ScheduledChunk], done: list[Sequence]) -> bool:
+        """This step's tokens may stay on the device: a decode of every running sequence, none that could join."""
+        return (self.async_scheduling and self.runner.peers is None and not self.scheduler.can_admit()
+                and len(done) == len(chunks) == len(self.scheduler.running)
+                and all(c.num_tokens == 1 for c in chunks) and all(samples_on_device(s) for s in done))
+
+    def _step_in_flight(self) -> list[RequestOutput]:
+        """Launch the decode step after the one in flight (when it is what the scheduler would run), then read
+        the in-flight step's tokens and give their outputs."""
+        inf, self._in_flight = self._in_flight, None
+        live = [s for s in inf.seqs if not s.finished]
+        if (not self.scheduler.can_admit() and len(live) == len(self.scheduler.running)
+                and all(s.status == Status.RUNNING and s.num_computed == s.num_tokens for s in live)):
+            self._in_flight = self._launch_after(inf)
+        following = self._in_flight is not None
+        outputs, ended = [], []
+        for seq, tok in zip(inf.seqs, inf.wait()):
+            if seq.finished:
+                continue  # aborted meanwhile, or finished before this step ran: its row is void
+            if following:
+                seq.token_ids.pop()  # the placeholder that stood for tok in the step just launched
+            try:
+                self._append(seq, tok, None)
+            except Exception as e:  # noqa: BLE001 - detokenising or stop checks: this request only
+                outputs.append(self._fail(seq, e))
+                ended.append(seq)
+                continue
+            outputs.append(self._output(seq))
+            if seq.finished:
+                ended.append(seq)
+        for seq in ended:
+            if self.requests.get(seq.request_id) is seq:
+                del self.requests[seq.request_id]
+        return [o for o in outputs if o is not None]
+
+    def _launch_after(self, inf: InFlight) -> InFlight | None:
+        """One more decode step for inf's live sequences, its input tokens inf's (still on the device). None
+        when a sequence needs a KV block that is not free (the scheduler then decides, and may preempt), or
+        when the step failed (its requests are recomputed from scratch, as after a failed step)."""
+        rows = sorted((i for i, s in enumerate(inf.seqs) if not s.finished), key=lambda i: inf.seqs[i].arrival)
+        seqs = [inf.seqs[i] for i in rows]
+        if not all(self.cache.grow(s, s.num_tokens + 1) for s in seqs):
+            return None
+        ids = inf.tokens
+        if rows != list(range(len(inf.seqs))):
+            ids = ids[from_list(rows, torch.int64, pin=ids.is_cuda).to(ids.device, non_blocking=True)]
+        for s in seqs:
+            s.token_ids.append(0)  # stands for the token in flight: the device feeds the real one
+        try:
+            logits = self.runner.run([ScheduledChunk(s, 1) for s in seqs], device_ids=ids)
+            inf = InFlight.start(seqs, self.runner.sample_on_device(logits, seqs))
+            self.num_async_steps += 1
+            return inf
+        except EngineFatalError:
+            raise
+        except Exception as e:  # noqa: BLE001 - out of memory or a bug: these requests, not the engine
+            logger.warning("an async decode step failed (%s: %s); its %d requests are recomputed",
+                           type(e).__name__, e, len(seqs))
+            for s in seqs:
+                s.token_ids.pop()
+                self.scheduler.preempt(s)
+            return None
 
     @staticmethod
     def _finished_now(chunks: list[ScheduledChunk]) -> list[Sequence]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..forward_batch import ForwardBatch
-from ..layers.sampler import SamplingBatch, sample
+from ..layers.sampler import SamplingBatch, sample, sample_tokens
 from .cache import CacheManager
 from .constraints import build_logit_constraints
 from .cuda_graph import DecodeGraphs
@@ -85,12 +85,19 @@ class ModelRunner:
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk], all_logits: bool = False) -> torch.Tensor:
+    def run(self, chunks: list[ScheduledChunk], all_logits: bool = False,
+            device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One model step over the chunks; returns fp32 logits [R, vocab] for the completing chunks' last
-        tokens (R = number of completing chunks), or for every token when all_logits."""
+        tokens (R = number of completing chunks), or for every token when all_logits. device_ids: a decode
+        step's input tokens as a device tensor [len(chunks)] (async scheduling: the previous step's samples,
+        not yet on the host), in place of the chunks' last host tokens (placeholders)."""
         graph = self.graphs is not None and not all_logits and self._graphable(chunks)
         inputs = self._inputs(chunks, all_logits, pad_to=self.graphs.padded_size(len(chunks)) if graph else None)
-        logits = self.execute(inputs, graph) if self.peers is None else self.peers.run(self, inputs, graph)
+        if device_ids is not None:
+            assert self.peers is None and len(device_ids) == len(chunks), "device_ids: a one-device decode step"
+            logits = self.execute(inputs, graph, device_ids)
+        else:
+            logits = self.execute(inputs, graph) if self.peers is None else self.peers.run(self, inputs, graph)
         if graph:
             logits = logits[:len(chunks)]
         for c in chunks:
@@ -99,12 +106,15 @@ class ModelRunner:
             self.ahead.prepare(chunks)  # while the step runs on the device
         return logits
 
-    def execute(self, inputs: StepInputs, graph: bool) -> torch.Tensor | None:
+    def execute(self, inputs: StepInputs, graph: bool, device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run prepared inputs (every rank runs the same ones): replay the graph of their padded size, or eagerly.
-        Logits on rank 0, None on the other ranks."""
+        Logits on rank 0, None on the other ranks. device_ids: the first input ids, from the device (run)."""
         if graph:
-            return self.graphs.run(inputs)
-        return self._forward(*inputs.to_device(self.device))
+            return self.graphs.run(inputs, device_ids)
+        input_ids, batch = inputs.to_device(self.device)
+        if device_ids is not None:
+            input_ids[:len(device_ids)].copy_(device_ids)
+        return self._forward(input_ids, batch)
 
     def shutdown(self) -> None:
         if self.peers is not None:
@@ -127,3 +137,7 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits [len(seqs), vocab] fp32 -> (next token per sequence, logprobs per sequence or None)."""
         return sample(logits, self.prepare_sampling(seqs))
+
+    def sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logits [len(seqs), vocab] fp32 -> next token per sequence, [len(seqs)] int64 on the device (no sync)."""
+        return sample_tokens(logits, self.prepare_sampling(seqs))

@@ -40,6 +40,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def can_admit(self) -> bool:
+        """Whether the next schedule() could start a waiting request (a slot and room in the batch)."""
+        return bool(self.waiting) and len(self.running) < self.max_num_seqs and self.cache.num_free_slots > 0
+
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.token_budget
         chunks: list[ScheduledChunk] = []

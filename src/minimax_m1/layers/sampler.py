@@ -81,11 +81,12 @@ def apply_penalties(logits: torch.Tensor, penalties: list[Penalties]) -> torch.T
 
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) what top-k, top-p and min-p remove; each row has its own settings. The settings arrive
-    on the host (what to do is decided there, without waiting for the GPU) and move to logits' device."""
+    on the host (what to do is decided there, without waiting for the GPU) and move to logits' device without
+    a stream sync (non_blocking: a pageable source is staged at once, so the host need not wait for the step)."""
     vocab = logits.shape[-1]
     dev = logits.device
     if bool((top_k < vocab).any()) or bool((top_p < 1).any()):
-        top_k, top_p = top_k.to(dev), top_p.to(dev)
+        top_k, top_p = top_k.to(dev, non_blocking=True), top_p.to(dev, non_blocking=True)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
         drop = ranks >= top_k[:, None]
@@ -94,7 +95,7 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     if bool((min_p > 0).any()):
-        min_p = min_p.to(dev)
+        min_p = min_p.to(dev, non_blocking=True)
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
@@ -102,25 +103,9 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits [N, V] fp32 (one row per SamplingBatch row) -> (next token per row, logprobs per row or None)."""
-    n, vocab = logits.shape
+    n = logits.shape[0]
     raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in batch.logprobs) else None
-    logits = apply_constraints(apply_penalties(logits, batch.penalties), batch.constraints)
-
-    tokens = logits.argmax(-1)
-    if not all(batch.greedy):
-        temps = batch.temperatures.to(logits.device)
-        greedy = temps == 0
-        top_k = torch.where(batch.top_k > 0, batch.top_k, vocab)
-        scaled = logits / torch.where(greedy, 1.0, temps)[:, None]
-        probs = _filter(scaled, top_k, batch.top_p, batch.min_p).softmax(-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; per-row noise keeps seeds independent
-        noise = torch.empty_like(probs)
-        for i, gen in enumerate(batch.generators):
-            if not batch.greedy[i]:
-                noise[i].exponential_(generator=gen)
-        drawn = (probs / noise.clamp_(min=1e-30)).argmax(-1)
-        tokens = torch.where(greedy, tokens, drawn)
-    token_list = tokens.tolist()
+    token_list = sample_tokens(logits, batch).tolist()
 
     logprobs = [None] * n
     if raw_logprobs is not None:
@@ -132,3 +117,26 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[
             entry[token_list[i]] = raw_logprobs[i, token_list[i]].item()
             logprobs[i] = entry
     return token_list, logprobs
+
+
+def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The next token of every row, [N] int64 on logits' device, with no host sync (async scheduling feeds
+    them to the next step on the device)."""
+    vocab = logits.shape[-1]
+    logits = apply_constraints(apply_penalties(logits, batch.penalties), batch.constraints)
+
+    tokens = logits.argmax(-1)
+    if not all(batch.greedy):
+        temps = batch.temperatures.to(logits.device, non_blocking=True)
+        greedy = temps == 0
+        top_k = torch.where(batch.top_k > 0, batch.top_k, vocab)
+        scaled = logits / torch.where(greedy, 1.0, temps)[:, None]
+        probs = _filter(scaled, top_k, batch.top_p, batch.min_p).softmax(-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; per-row noise keeps seeds independent
+        noise = torch.empty_like(probs)
+        for i, gen in enumerate(batch.generators):
+            if not batch.greedy[i]:
+                noise[i].exponential_(generator=gen)
+        drawn = (probs / noise.clamp_(min=1e-30)).argmax(-1)
+        tokens = torch.where(greedy, tokens, drawn)
+    return tokens

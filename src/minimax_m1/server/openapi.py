@@ -45,6 +45,21 @@ def request_body(model: type[BaseModel]) -> dict:
         "application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}}}
 
 
+_META = ("title", "default", "description")
+
+
+def _optional_fields_take_null(defs: dict) -> None:
+    """Every optional field of a request model reads an explicit null as its default (protocol.OpenAIModel):
+    say so in the schema, so that a schema fuzzer or a generated client does not take it for an error."""
+    for schema in defs.values():
+        required = set(schema.get("required", ()))
+        for name, prop in schema.get("properties", {}).items():
+            if name in required or prop.get("type") == "null" or {"type": "null"} in prop.get("anyOf", ()):
+                continue
+            meta = {k: prop.pop(k) for k in _META if k in prop}
+            schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **meta}
+
+
 def with_request_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
     """Add the request models (and the models they use) to the app's schema components."""
 
@@ -52,6 +67,7 @@ def with_request_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             _, defs = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
+            _optional_fields_take_null(defs.get("$defs", {}))
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
             app.openapi_schema = schema
         return app.openapi_schema
