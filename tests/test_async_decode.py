@@ -107,3 +107,47 @@ def test_llm_generate_with_async_scheduling():
 def test_async_scheduling_needs_one_device():
     with pytest.raises(ConfigError, match="async_scheduling runs on one device"):
         EngineArgs(model="tiny", device="cpu", tensor_parallel_size=2, async_scheduling=True)
+
+
+def _failing_launches(engine, times: int):
+    """engine.runner.run raises (as an out-of-memory would) on its first `times` async launches."""
+    run, failures = engine.runner.run, []
+
+    def flaky(chunks, all_logits=False, device_ids=None):
+        if device_ids is not None and len(failures) < times:
+            failures.append(len(chunks))
+            raise RuntimeError("injected failure of an async step")
+        return run(chunks, all_logits, device_ids)
+
+    engine.runner.run = flaky
+    return failures
+
+
+def test_a_failed_async_step_is_recomputed_once_then_fails():
+    """As any failed step (LLMEngine._step_failed): its requests are recomputed from scratch, and give the same
+    tokens; a request whose step fails twice finishes with an error, the others go on."""
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)]
+    prompts = [[5, 6, 7], [9, 10]]
+
+    def run(engine):
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.add_request(f"q{i}", p, sp)
+        done = {}
+        for _ in range(200):
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].finish_reason)
+            if not engine.has_unfinished():
+                return done
+        raise AssertionError("did not finish")
+
+    want = run(_engine(False, False, 12))
+    once = _engine(True, False, 12)
+    failures = _failing_launches(once, 1)
+    assert run(once) == want and failures == [2] and once.scheduler.num_preemptions == 2
+    always = _engine(True, False, 12)
+    _failing_launches(always, 10 ** 9)
+    got = run(always)
+    assert {rid: reason for rid, (_, reason) in got.items()} == {"q0": "error", "q1": "error"}
+    assert always.cache.usage().state_slots == 0 and always.cache.usage().kv_blocks == 0

@@ -46,7 +46,7 @@ class LLMEngine:
         self._grammar_lock = threading.Lock()
         self.async_scheduling = False  # --async-scheduling (engine/async_decode.py); one device only
         self._in_flight: InFlight | None = None  # a launched decode step whose tokens the next step() reads
-        self.num_async_steps = 0  # decode steps launched before their inputs reached the host
+        self.num_async_steps = 0  # decode steps whose tokens stayed on the device for the next one
 
     @property
     def grammar_compiler(self):
@@ -172,12 +172,16 @@ class LLMEngine:
         the in-flight step's tokens and give their outputs."""
         inf, self._in_flight = self._in_flight, None
         live = [s for s in inf.seqs if not s.finished]
+        outputs, ended = [], []
         if (not self.scheduler.can_admit() and len(live) == len(self.scheduler.running)
                 and all(s.status == Status.RUNNING and s.num_computed == s.num_tokens for s in live)):
-            self._in_flight = self._launch_after(inf)
+            self._in_flight = self._launch_after(inf, outputs)
         following = self._in_flight is not None
-        outputs, ended = [], []
-        for seq, tok in zip(inf.seqs, inf.wait()):
+        try:
+            tokens = inf.wait()
+        except Exception as e:  # an error of a step that already ran: the device itself
+            raise EngineFatalError(f"the device failed: {type(e).__name__}: {e}") from e
+        for seq, tok in zip(inf.seqs, tokens):
             if seq.finished:
                 continue  # aborted meanwhile, or finished before this step ran: its row is void
             if following:
@@ -196,10 +200,11 @@ class LLMEngine:
                 del self.requests[seq.request_id]
         return [o for o in outputs if o is not None]
 
-    def _launch_after(self, inf: InFlight) -> InFlight | None:
+    def _launch_after(self, inf: InFlight, outputs: list) -> InFlight | None:
         """One more decode step for inf's live sequences, its input tokens inf's (still on the device). None
         when a sequence needs a KV block that is not free (the scheduler then decides, and may preempt), or
-        when the step failed (its requests are recomputed from scratch, as after a failed step)."""
+        when the step failed: handled as any failed step (_step_failed: a device error is fatal; each request
+        is recomputed once and fails the second time, its output into `outputs`)."""
         rows = sorted((i for i, s in enumerate(inf.seqs) if not s.finished), key=lambda i: inf.seqs[i].arrival)
         seqs = [inf.seqs[i] for i in rows]
         if not all(self.cache.grow(s, s.num_tokens + 1) for s in seqs):
@@ -217,11 +222,9 @@ class LLMEngine:
         except EngineFatalError:
             raise
         except Exception as e:  # noqa: BLE001 - out of memory or a bug: these requests, not the engine
-            logger.warning("an async decode step failed (%s: %s); its %d requests are recomputed",
-                           type(e).__name__, e, len(seqs))
             for s in seqs:
                 s.token_ids.pop()
-                self.scheduler.preempt(s)
+            outputs += self._step_failed([ScheduledChunk(s, 1) for s in seqs], e)
             return None
 
     @staticmethod

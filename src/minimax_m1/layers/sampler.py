@@ -79,14 +79,21 @@ def apply_penalties(logits: torch.Tensor, penalties: list[Penalties]) -> torch.T
     return logits
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device's stream: from pinned memory, asynchronously
+    (a copy from pageable memory may synchronise with the stream, which would stall async scheduling)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) what top-k, top-p and min-p remove; each row has its own settings. The settings arrive
-    on the host (what to do is decided there, without waiting for the GPU) and move to logits' device without
-    a stream sync (non_blocking: a pageable source is staged at once, so the host need not wait for the step)."""
+    on the host (what to do is decided there, without waiting for the GPU) and move to logits' device (_to)."""
     vocab = logits.shape[-1]
     dev = logits.device
     if bool((top_k < vocab).any()) or bool((top_p < 1).any()):
-        top_k, top_p = top_k.to(dev, non_blocking=True), top_p.to(dev, non_blocking=True)
+        top_k, top_p = _to(top_k, dev), _to(top_p, dev)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
         drop = ranks >= top_k[:, None]
@@ -95,7 +102,7 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     if bool((min_p > 0).any()):
-        min_p = min_p.to(dev, non_blocking=True)
+        min_p = _to(min_p, dev)
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
@@ -127,7 +134,7 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
     tokens = logits.argmax(-1)
     if not all(batch.greedy):
-        temps = batch.temperatures.to(logits.device, non_blocking=True)
+        temps = _to(batch.temperatures, logits.device)
         greedy = temps == 0
         top_k = torch.where(batch.top_k > 0, batch.top_k, vocab)
         scaled = logits / torch.where(greedy, 1.0, temps)[:, None]
