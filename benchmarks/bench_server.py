@@ -1,5 +1,5 @@
 """Serving benchmark: `minimax-m1 serve` in a process of its own (its engine core in another), N completion
-requests of random token-id prompts, C at a time, from one asyncio httpx client; then LLM.generate on the
+requests of random token-id prompts, C at a time, from asyncio httpx clients; then LLM.generate on the
 same requests in this process, for the fraction of the engine's speed the server delivers.
 
 Prints per concurrency: output tok/s, TTFT and TPOT p50/p99, failed requests (by error), and at the end
@@ -8,7 +8,7 @@ may change bf16 roundings, so a mismatch there is information, not a failure).
 
     python benchmarks/bench_server.py --model tiny --device cpu --num-requests 512 --concurrency 1 64 256
     python benchmarks/bench_server.py --model minimax-m1:3-8 --load-format dummy --prompt-len 1024 \\
-        --output-len 128 --num-requests 512 --concurrency 1 256
+        --output-len 128 --num-requests 512 --concurrency 1 256 [--async-scheduling both]
 
 The load comes from --client-processes client processes (default 4): a single Python client parsing every
 SSE event of 256 streams is slower than the server (measured on an H200: 3252 tok/s from one process, 4797
@@ -236,13 +236,14 @@ def serve(a, engine_flags: list[str], log_path: str):
         log.close()
 
 
-def offline(a, prompts: list[list[int]], tokenizer_dir: str | None) -> tuple[float, list[str]]:
+def offline(a, prompts: list[list[int]], tokenizer_dir: str | None, use_async: bool = False
+            ) -> tuple[float, list[str]]:
     """LLM.generate on the same requests: (output tok/s, texts)."""
     from minimax_m1 import LLM, SamplingParams
 
     llm = LLM(a.model, load_format=a.load_format, device=a.device, tokenizer=tokenizer_dir,
               max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-              max_num_batched_tokens=a.max_num_batched_tokens, async_scheduling=a.async_scheduling, progress=False)
+              max_num_batched_tokens=a.max_num_batched_tokens, async_scheduling=use_async, progress=False)
     params = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts[:min(len(prompts), 8)], sampling_params=params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
@@ -250,6 +251,51 @@ def offline(a, prompts: list[list[int]], tokenizer_dir: str | None) -> tuple[flo
     seconds = time.perf_counter() - start
     return sum(len(o.outputs[0].token_ids) for o in outs) / seconds, [o.outputs[0].text for o in outs]
 
+
+def measure(a, use_async: bool, prompts: list[list[int]], bodies: list[dict], streamed: list[bool],
+            tokenizer_dir: str | None, log_path: str) -> int:
+    """One server (and LLM.generate) under every concurrency: prints the table; 1 if a request failed."""
+    flags = ["--model", a.model, "--load-format", a.load_format, "--max-num-seqs", str(a.max_num_seqs),
+             "--max-model-len", str(a.max_model_len), "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+    flags += ["--device", a.device] if a.device else []
+    flags += ["--tokenizer", tokenizer_dir] if tokenizer_dir else []
+    flags += ["--async-scheduling"] if use_async else []
+
+    rows, texts = [], [None] * len(bodies)
+    with serve(a, flags, log_path) as (url, pid):
+        asyncio.run(run_load(url, bodies[:min(8, len(bodies))], min(8, len(bodies))))  # warm-up
+        for c in a.concurrency:
+            load = bodies[:a.serial_requests] if c == 1 else bodies
+            cpu0 = server_cpu(pid)
+            results, seconds, client = run_clients(url, load, c, a.client_processes)
+            api, core = (b - a0 for a0, b in zip(cpu0, server_cpu(pid)))
+            rows.append((c, dict(summary(results, seconds), client_cpu=client, api_cpu=api / seconds,
+                                 core_cpu=core / seconds)))
+            if len(load) == len(bodies):
+                texts = [r.text if r.ok else None for r in results]
+    log = open(log_path, errors="replace").read()
+    if a.save_log:
+        with open(a.save_log + (".async" if use_async else ""), "w") as f:
+            f.write(log)
+    dropped = [line for line in log.splitlines() if "dropped" in line.lower() or "WARNING" in line]
+
+    print(f"\nmodel {a.model}  prompt {a.prompt_len}  output {a.output_len}  requests {a.num_requests}  "
+          f"streamed {sum(streamed)}/{len(streamed)}  async scheduling {'on' if use_async else 'off'}")
+    print(f"{'conc':>5} {'reqs':>5} {'tok/s':>9} {'s':>7} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} {'failed':>7}  errors")
+    for c, r in rows:
+        print(f"{c:>5} {r['requests']:>5} {r['tok_s']:>9.0f} {r['seconds']:>7.2f} {r['ttft_p50'] * 1e3:>8.1f}m {r['ttft_p99'] * 1e3:>7.1f}m "
+              f"{r['tpot_p50'] * 1e3:>8.2f}m {r['tpot_p99'] * 1e3:>7.2f}m {r['failed']:>7}  {r['errors'] or ''}")
+        print(f"      CPU busy: client {100 * r['client_cpu']:.0f}% (busiest process), API server "
+              f"{100 * r['api_cpu']:.0f}%, engine core and other children {100 * r['core_cpu']:.0f}%")
+        for e in r["first_errors"]:
+            print(f"      e.g. {e[:300]}")
+    print(f"server log: {len(dropped)} warning lines" + "".join(f"\n      {line[:300]}" for line in dropped[:10]))
+    if not a.skip_offline:
+        tok_s, offline_texts = offline(a, prompts, tokenizer_dir, use_async)
+        same = sum(t == o for t, o in zip(texts, offline_texts))
+        print(f"LLM.generate: {tok_s:.0f} tok/s; server at concurrency {rows[-1][0]}: "
+              f"{rows[-1][1]['tok_s'] / tok_s:.2f} of it; outputs equal to LLM.generate's: {same}/{len(texts)}")
+    return 1 if any(r["failed"] for _, r in rows) else 0
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -271,7 +317,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--startup-timeout", type=float, default=1200.0)
     p.add_argument("--save-log", default=None, help="copy the server's log here")
-    p.add_argument("--async-scheduling", action="store_true", help="the engine's --async-scheduling, server and offline")
+    p.add_argument("--async-scheduling", default="off", choices=["off", "on", "both"],
+                   help="the engine's --async-scheduling, for the server and LLM.generate; both: the whole "
+                        "measurement without it, then with it (one run, to compare)")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--server-flags", nargs=argparse.REMAINDER, default=[], help="more `serve` flags (last)")
     a = p.parse_args(argv)
@@ -284,49 +332,11 @@ def main(argv=None) -> int:
         tokenizer_dir = word_tokenizer(model_vocab(a), tmp)
     vocab = 256 if a.model == "tiny" else (model_vocab(a) if tokenizer_dir else 1000)
     prompts = [[rng.randrange(vocab) for _ in range(a.prompt_len)] for _ in range(a.num_requests)]
-    flags = ["--model", a.model, "--load-format", a.load_format, "--max-num-seqs", str(a.max_num_seqs),
-             "--max-model-len", str(a.max_model_len), "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
-    flags += ["--device", a.device] if a.device else []
-    flags += ["--tokenizer", tokenizer_dir] if tokenizer_dir else []
-    flags += ["--async-scheduling"] if a.async_scheduling else []
     streamed = [rng.random() < a.stream_fraction for _ in prompts]
     bodies = [request_body(pr, a.output_len, s) for pr, s in zip(prompts, streamed)]
-
-    rows, texts = [], [None] * len(bodies)
-    with serve(a, flags, os.path.join(tmp, "server.log")) as (url, pid):
-        asyncio.run(run_load(url, bodies[:min(8, len(bodies))], min(8, len(bodies))))  # warm-up
-        for c in a.concurrency:
-            load = bodies[:a.serial_requests] if c == 1 else bodies
-            cpu0 = server_cpu(pid)
-            results, seconds, client = run_clients(url, load, c, a.client_processes)
-            api, core = (b - a0 for a0, b in zip(cpu0, server_cpu(pid)))
-            rows.append((c, dict(summary(results, seconds), client_cpu=client, api_cpu=api / seconds,
-                                 core_cpu=core / seconds)))
-            if len(load) == len(bodies):
-                texts = [r.text if r.ok else None for r in results]
-    log = open(os.path.join(tmp, "server.log"), errors="replace").read()
-    if a.save_log:
-        with open(a.save_log, "w") as f:
-            f.write(log)
-    dropped = [line for line in log.splitlines() if "dropped" in line.lower() or "WARNING" in line]
-
-    print(f"\nmodel {a.model}  prompt {a.prompt_len}  output {a.output_len}  requests {a.num_requests}  "
-          f"streamed {sum(streamed)}/{len(streamed)}")
-    print(f"{'conc':>5} {'reqs':>5} {'tok/s':>9} {'s':>7} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} {'failed':>7}  errors")
-    for c, r in rows:
-        print(f"{c:>5} {r['requests']:>5} {r['tok_s']:>9.0f} {r['seconds']:>7.2f} {r['ttft_p50'] * 1e3:>8.1f}m {r['ttft_p99'] * 1e3:>7.1f}m "
-              f"{r['tpot_p50'] * 1e3:>8.2f}m {r['tpot_p99'] * 1e3:>7.2f}m {r['failed']:>7}  {r['errors'] or ''}")
-        print(f"      CPU busy: client {100 * r['client_cpu']:.0f}% (busiest process), API server "
-              f"{100 * r['api_cpu']:.0f}%, engine core and other children {100 * r['core_cpu']:.0f}%")
-        for e in r["first_errors"]:
-            print(f"      e.g. {e[:300]}")
-    print(f"server log: {len(dropped)} warning lines" + "".join(f"\n      {line[:300]}" for line in dropped[:10]))
-    if not a.skip_offline:
-        tok_s, offline_texts = offline(a, prompts, tokenizer_dir)
-        same = sum(t == o for t, o in zip(texts, offline_texts))
-        print(f"LLM.generate: {tok_s:.0f} tok/s; server at concurrency {rows[-1][0]}: "
-              f"{rows[-1][1]['tok_s'] / tok_s:.2f} of it; outputs equal to LLM.generate's: {same}/{len(texts)}")
-    return 1 if any(r["failed"] for _, r in rows) else 0
+    modes = {"off": [False], "on": [True], "both": [False, True]}[a.async_scheduling]
+    return max(measure(a, m, prompts, bodies, streamed, tokenizer_dir, os.path.join(tmp, f"server-{int(m)}.log"))
+               for m in modes)
 
 
 if __name__ == "__main__":
