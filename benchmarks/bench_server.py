@@ -139,9 +139,13 @@ def run_clients(url: str, bodies: list[dict], concurrency: int, processes: int, 
     return results, seconds, max(cpu / (end - start) for _, start, end, cpu in done)
 
 
-def _cpu_seconds(pid: int) -> float:
+def _stat(pid) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state first, then ppid, ...)."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _cpu_seconds(fields: list[str]) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
@@ -151,12 +155,12 @@ def server_cpu(pid: int) -> tuple[float, float]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        children += _cpu_seconds(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    return _cpu_seconds(pid), children
+                fields = _stat(entry)
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[1]) == pid:
+                children += _cpu_seconds(fields)
+    return _cpu_seconds(_stat(pid)), children
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,27 +1,21 @@
-"""Async scheduling's device half (--async-scheduling, engine/async_decode.py) on the CPU, where steps are
-synchronous so nothing overlaps but the logic is the same: a decode step launched before the previous one's
-tokens are read, its inputs fed from those tokens on the device. A workload with sequences finishing at
-unforeseeable steps (stop tokens), aborted and time-limited mid-flight, admitted mid-run, preempted for KV
-blocks, and mixed with requests the device cannot sample alone (logprobs, penalties) gives the same tokens,
-finish reasons and logprobs as synchronous steps, with and without the host half (step_ahead.py): bit for
-bit when every request arrives at once and has room; when they arrive mid-run (or wait for a slot), a step
-that waits for the tokens in flight before admitting shifts which requests share a batch, so logprobs agree to fp32 rounding (1e-5) and the
-tokens still equal. A time limit ends a request with the tokens the host has (one fewer when one is in
-flight, more when arrivals moved the steps)."""
+"""Async scheduling's device half (--async-scheduling, engine/async_decode.py) on the CPU, where steps are synchronous
+so nothing overlaps but the logic is the same: a decode step launched before the previous one's tokens are read, its
+inputs fed from those tokens on the device. A workload with sequences finishing at unforeseeable steps (stop
+tokens), aborted and time-limited mid-flight, admitted mid-run, preempted for KV blocks, and mixed with requests the
+device cannot sample alone (logprobs, penalties) gives the same tokens, finish reasons and logprobs as synchronous
+steps, with and without the host half (step_ahead.py): bit for bit when every request arrives at once and has room;
+when they arrive mid-run (or wait for a slot), a step that waits for the tokens in flight before admitting shifts
+which requests share a batch, so logprobs agree to fp32 rounding (1e-5) and the tokens still equal. A time limit
+ends a request with the tokens the host has (one fewer when one is in flight, more when arrivals moved the steps)."""
 import pytest
 
 from minimax_m1 import LLM, SamplingParams
-from minimax_m1.engine.builder import ConfigError, EngineArgs, build_engine
-from minimax_m1.engine.step_ahead import StepAhead
+from minimax_m1.engine.builder import ConfigError, EngineArgs
+from util import small_cache_engine
 
 
 def _engine(async_scheduling: bool, ahead: bool, max_num_seqs: int = 6):
-    # 16-token blocks and few of them: decode crosses blocks often, and preemption happens
-    engine = build_engine(EngineArgs(model="tiny", device="cpu", block_size=16, num_kv_blocks=12,
-                                     max_num_seqs=max_num_seqs,
-                                     max_model_len=256, progress=False, async_scheduling=async_scheduling))
-    engine.runner.ahead = StepAhead(engine.runner) if ahead else None
-    return engine
+    return small_cache_engine(ahead, async_scheduling, max_num_seqs)
 
 
 def _requests():

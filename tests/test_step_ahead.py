@@ -5,16 +5,7 @@ admitted mid-run yields the same tokens with and without it."""
 import torch
 
 from minimax_m1 import SamplingParams
-from minimax_m1.engine.builder import EngineArgs, build_engine
-from minimax_m1.engine.step_ahead import StepAhead
-
-
-def _engine(ahead: bool):
-    # 16-token blocks: decode crosses block boundaries often; few blocks: preemption happens
-    engine = build_engine(EngineArgs(model="tiny", device="cpu", block_size=16, num_kv_blocks=12, max_num_seqs=6,
-                                     max_model_len=256, progress=False))
-    engine.runner.ahead = StepAhead(engine.runner) if ahead else None
-    return engine
+from util import small_cache_engine
 
 
 def _requests():
@@ -42,7 +33,7 @@ def _run(engine, check=None) -> dict:
 
 
 def test_prepared_ahead_inputs_are_the_fresh_ones_and_tokens_are_unchanged():
-    engine = _engine(ahead=True)
+    engine = small_cache_engine(ahead=True)
     runner, used = engine.runner, []
     real = runner._inputs
 
@@ -62,6 +53,6 @@ def test_prepared_ahead_inputs_are_the_fresh_ones_and_tokens_are_unchanged():
     a = runner.ahead
     assert a.hits == len(used) > 20 and a.misses > 5 and a.new_blocks >= 3, (a.hits, a.misses, a.new_blocks)
     # the same workload with synchronous scheduling: the same tokens, the same preemptions
-    without = _engine(ahead=False)
+    without = small_cache_engine(ahead=False)
     assert _run(without) == got and len(got) == 10
     assert engine.scheduler.num_preemptions == without.scheduler.num_preemptions > 0

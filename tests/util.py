@@ -30,3 +30,17 @@ def unloaded_kernels() -> dict[str, str]:
 
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                                   reason="the wgmma kernels run on compute capability 9.0")
+
+
+def small_cache_engine(ahead: bool, async_scheduling: bool = False, max_num_seqs: int = 6):
+    """The tiny model on the CPU with 16-token KV blocks, and 12 of them: decode crosses block boundaries often
+    and preemption happens. ahead: the host half of async scheduling (engine/step_ahead.py), which only CUDA
+    engines turn on themselves; async_scheduling: the device half (engine/async_decode.py)."""
+    from minimax_m1.engine.builder import EngineArgs, build_engine
+    from minimax_m1.engine.step_ahead import StepAhead
+
+    engine = build_engine(EngineArgs(model="tiny", device="cpu", block_size=16, num_kv_blocks=12,
+                                     max_num_seqs=max_num_seqs, max_model_len=256, progress=False,
+                                     async_scheduling=async_scheduling))
+    engine.runner.ahead = StepAhead(engine.runner) if ahead else None
+    return engine

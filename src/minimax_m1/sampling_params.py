@@ -153,6 +153,11 @@ class SamplingParams:
                                                     f"got {bad[:8]}")
 
     @property
+    def has_penalties(self) -> bool:
+        """Any of the repetition, presence or frequency penalties (they read the token history)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0
 

@@ -57,6 +57,5 @@ class InFlight:
 def samples_on_device(seq: Sequence) -> bool:
     """Whether seq's next token can be drawn and fed on with nothing read on the host first."""
     p = seq.params
-    return (p.logprobs is None and seq.constraints is None and not p.logit_bias and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 and p.max_tokens != 0
-            and not wants_prompt_logprobs(seq))
+    return (p.logprobs is None and seq.constraints is None and not p.logit_bias and not p.has_penalties
+            and p.max_tokens != 0 and not wants_prompt_logprobs(seq))

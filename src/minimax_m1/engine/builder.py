@@ -302,9 +302,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
             workers.shutdown()
         raise
     scheduler = Scheduler(runner.cache, runner.cache.num_slots, args.max_num_batched_tokens)
-    engine = LLMEngine(runner, scheduler, tokenizer, eos, config.vocab_size, max_model_len)
-    engine.async_scheduling = args.async_scheduling
-    return engine
+    return LLMEngine(runner, scheduler, tokenizer, eos, config.vocab_size, max_model_len, args.async_scheduling)
 
 
 def build_runner(config: ModelConfig, model, args: EngineArgs, parallel: ParallelConfig,

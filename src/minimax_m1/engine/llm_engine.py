@@ -33,7 +33,7 @@ class EngineFatalError(RuntimeError):
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, eos_token_ids: list[int],
-                 vocab_size: int, max_model_len: int):
+                 vocab_size: int, max_model_len: int, async_scheduling: bool = False):
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
         self.cache = scheduler.cache  # the one cache manager: the scheduler allocates, metrics read usage
         self.eos_token_ids = set(eos_token_ids)
@@ -44,7 +44,7 @@ class LLMEngine:
         self._retried: weakref.WeakSet[Sequence] = weakref.WeakSet()  # preempted once after a failed step
         self._grammar_compiler = None
         self._grammar_lock = threading.Lock()
-        self.async_scheduling = False  # --async-scheduling (engine/async_decode.py); one device only
+        self.async_scheduling = async_scheduling  # engine/async_decode.py; one device only
         self._in_flight: InFlight | None = None  # a launched decode step whose tokens the next step() reads
         self.num_async_steps = 0  # decode steps whose tokens stayed on the device for the next one
 
@@ -146,58 +146,61 @@ class LLMEngine:
             except Exception:  # noqa: BLE001 - sampled again below, where a failing row fails alone
                 logger.debug("device-side sampling failed; sampling on the host path", exc_info=True)
         if done:
-            for seq, tok, lp in self._sample(logits, done, outputs):
-                try:
-                    self._append(seq, tok, lp)
-                except Exception as e:  # noqa: BLE001 - detokenising or stop checks: this request only
-                    outputs.append(self._fail(seq, e))
-                    continue
-                outputs.append(self._output(seq))
+            self._deliver(self._sample(logits, done, outputs), outputs)
         for seq in finished_early:
             outputs.append(self._pop_finished(seq))
-        for seq in self._finished_now(chunks):
-            self.requests.pop(seq.request_id, None)
+        self._forget_finished([c.seq for c in chunks])
         return [o for o in outputs if o is not None]
+
+    def _deliver(self, sampled, outputs: list) -> None:
+        """Each (seq, token, logprobs) appended to its request, and the request's output into `outputs`."""
+        for seq, tok, lp in sampled:
+            try:
+                self._append(seq, tok, lp)
+            except Exception as e:  # noqa: BLE001 - detokenising or stop checks: this request only
+                outputs.append(self._fail(seq, e))
+                continue
+            outputs.append(self._output(seq))
+
+    def _forget_finished(self, seqs: list[Sequence]) -> None:
+        """Drop the finished ones of seqs from the requests (not a newer request that reuses the id)."""
+        for seq in seqs:
+            if seq.finished and self.requests.get(seq.request_id) is seq:
+                del self.requests[seq.request_id]
 
     # ---- async scheduling (engine/async_decode.py) ---------------------------------------------
 
     def _goes_async(self, chunks: list[ScheduledChunk], done: list[Sequence]) -> bool:
         """This step's tokens may stay on the device: a decode of every running sequence, none that could join."""
-        return (self.async_scheduling and self.runner.peers is None and not self.scheduler.can_admit()
-                and len(done) == len(chunks) == len(self.scheduler.running)
-                and all(c.num_tokens == 1 for c in chunks) and all(samples_on_device(s) for s in done))
+        return (self.async_scheduling and self.runner.peers is None and len(done) == len(chunks)
+                and all(c.num_tokens == 1 for c in chunks) and self._all_that_runs(done)
+                and all(samples_on_device(s) for s in done))
+
+    def _all_that_runs(self, seqs: list[Sequence]) -> bool:
+        """seqs are every running sequence, and no waiting request could join them in the next step."""
+        return len(seqs) == len(self.scheduler.running) and not self.scheduler.can_admit()
 
     def _step_in_flight(self) -> list[RequestOutput]:
         """Launch the decode step after the one in flight (when it is what the scheduler would run), then read
         the in-flight step's tokens and give their outputs."""
         inf, self._in_flight = self._in_flight, None
         live = [s for s in inf.seqs if not s.finished]
-        outputs, ended = [], []
-        if (not self.scheduler.can_admit() and len(live) == len(self.scheduler.running)
-                and all(s.status == Status.RUNNING and s.num_computed == s.num_tokens for s in live)):
+        outputs = []
+        if self._all_that_runs(live) and all(s.status == Status.RUNNING and s.num_computed == s.num_tokens
+                                             for s in live):
             self._in_flight = self._launch_after(inf, outputs)
         following = self._in_flight is not None
         try:
             tokens = inf.wait()
         except Exception as e:  # an error of a step that already ran: the device itself
             raise EngineFatalError(f"the device failed: {type(e).__name__}: {e}") from e
-        for seq, tok in zip(inf.seqs, tokens):
-            if seq.finished:
-                continue  # aborted meanwhile, or finished before this step ran: its row is void
-            if following:
+        # rows finished before this step ran (or aborted meanwhile) are void
+        sampled = [(seq, tok, None) for seq, tok in zip(inf.seqs, tokens) if not seq.finished]
+        if following:
+            for seq, _, _ in sampled:
                 seq.token_ids.pop()  # the placeholder that stood for tok in the step just launched
-            try:
-                self._append(seq, tok, None)
-            except Exception as e:  # noqa: BLE001 - detokenising or stop checks: this request only
-                outputs.append(self._fail(seq, e))
-                ended.append(seq)
-                continue
-            outputs.append(self._output(seq))
-            if seq.finished:
-                ended.append(seq)
-        for seq in ended:
-            if self.requests.get(seq.request_id) is seq:
-                del self.requests[seq.request_id]
+        self._deliver(sampled, outputs)
+        self._forget_finished([seq for seq, _, _ in sampled])
         return [o for o in outputs if o is not None]
 
     def _launch_after(self, inf: InFlight, outputs: list) -> InFlight | None:
@@ -226,10 +229,6 @@ class LLMEngine:
                 s.token_ids.pop()
             outputs += self._step_failed([ScheduledChunk(s, 1) for s in seqs], e)
             return None
-
-    @staticmethod
-    def _finished_now(chunks: list[ScheduledChunk]) -> list[Sequence]:
-        return [c.seq for c in chunks if c.seq.finished]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], outputs: list):
         """(seq, token, logprobs) for each seq whose sampling worked. When the batch fails, each row is

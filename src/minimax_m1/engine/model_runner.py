@@ -93,11 +93,8 @@ class ModelRunner:
         not yet on the host), in place of the chunks' last host tokens (placeholders)."""
         graph = self.graphs is not None and not all_logits and self._graphable(chunks)
         inputs = self._inputs(chunks, all_logits, pad_to=self.graphs.padded_size(len(chunks)) if graph else None)
-        if device_ids is not None:
-            assert self.peers is None and len(device_ids) == len(chunks), "device_ids: a one-device decode step"
-            logits = self.execute(inputs, graph, device_ids)
-        else:
-            logits = self.execute(inputs, graph) if self.peers is None else self.peers.run(self, inputs, graph)
+        assert device_ids is None or (self.peers is None and len(device_ids) == len(chunks)), "one device, decode"
+        logits = self.execute(inputs, graph, device_ids) if self.peers is None else self.peers.run(self, inputs, graph)
         if graph:
             logits = logits[:len(chunks)]
         for c in chunks:

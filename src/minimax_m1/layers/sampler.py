@@ -56,8 +56,7 @@ class SamplingBatch:
             generators=list(generators),
             penalties=[Penalties(i, p.repetition_penalty, p.presence_penalty, p.frequency_penalty, token_ids[i],
                                  output_token_ids[i])
-                       for i, p in enumerate(params) if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                       or p.frequency_penalty != 0.0],
+                       for i, p in enumerate(params) if p.has_penalties],
             logprobs=[p.logprobs for p in params], constraints=constraints)
 
 
