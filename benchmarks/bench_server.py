@@ -314,7 +314,7 @@ def main(argv=None) -> int:
                    help="at concurrency 1, only the first N requests (a TPOT sample; 512 one at a time take minutes)")
     p.add_argument("--client-processes", type=int, default=4,
                    help="client processes sharing the load (one asyncio process parsing 256 SSE streams was the "
-                        "limit on an H200: 70%% of a core busy, 0.66 of the server's rate with four)")
+                        "limit on an H200: 70%% of a core busy, 0.68 of the rate four gave)")
     p.add_argument("--stream-fraction", type=float, default=1.0, help="the share of requests streamed")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=None, help="default: prompt + output + 16")
