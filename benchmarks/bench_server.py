@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -243,6 +244,8 @@ def serve(a, engine_flags: list[str], log_path: str):
 def offline(a, prompts: list[list[int]], tokenizer_dir: str | None, use_async: bool = False
             ) -> tuple[float, list[str]]:
     """LLM.generate on the same requests: (output tok/s, texts)."""
+    import torch
+
     from minimax_m1 import LLM, SamplingParams
 
     llm = LLM(a.model, load_format=a.load_format, device=a.device, tokenizer=tokenizer_dir,
@@ -253,6 +256,11 @@ def offline(a, prompts: list[list[int]], tokenizer_dir: str | None, use_async: b
     start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     seconds = time.perf_counter() - start
+    llm.shutdown()
+    del llm
+    gc.collect()  # the engine's device memory back before the next server starts (--async-scheduling both)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return sum(len(o.outputs[0].token_ids) for o in outs) / seconds, [o.outputs[0].text for o in outs]
 
 
@@ -263,7 +271,7 @@ def measure(a, use_async: bool, prompts: list[list[int]], bodies: list[dict], st
              "--max-model-len", str(a.max_model_len), "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
     flags += ["--device", a.device] if a.device else []
     flags += ["--tokenizer", tokenizer_dir] if tokenizer_dir else []
-    flags += ["--async-scheduling"] if use_async else []
+    flags += ["--async-scheduling" if use_async else "--no-async-scheduling"]
 
     rows, texts = [], [None] * len(bodies)
     with serve(a, flags, log_path) as (url, pid):

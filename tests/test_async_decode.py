@@ -8,6 +8,7 @@ when they arrive mid-run (or wait for a slot), a step that waits for the tokens 
 which requests share a batch, so logprobs agree to fp32 rounding (1e-5) and the tokens still equal. A time limit
 ends a request with the tokens the host has (one fewer when one is in flight, more when arrivals moved the steps)."""
 import pytest
+import torch
 
 from minimax_m1 import LLM, SamplingParams
 from minimax_m1.engine.builder import ConfigError, EngineArgs
@@ -101,6 +102,16 @@ def test_llm_generate_with_async_scheduling():
 def test_async_scheduling_needs_one_device():
     with pytest.raises(ConfigError, match="async_scheduling runs on one device"):
         EngineArgs(model="tiny", device="cpu", tensor_parallel_size=2, async_scheduling=True)
+
+
+def test_async_scheduling_default_is_where_it_serves():
+    """Left unset it is on with one CUDA device only (on the CPU steps are synchronous: nothing to overlap), and a
+    tensor-parallel engine runs without it rather than failing."""
+    assert EngineArgs(model="tiny", device="cpu").async_scheduling is False
+    assert EngineArgs(model="tiny", device="cpu", tensor_parallel_size=2).async_scheduling is False
+    assert EngineArgs(model="tiny", device="cpu", async_scheduling=True).async_scheduling is True
+    if torch.cuda.is_available():
+        assert EngineArgs(model="tiny", device="cuda").async_scheduling is True
 
 
 def _failing_launches(engine, times: int):

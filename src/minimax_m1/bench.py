@@ -159,21 +159,29 @@ def profile_decode(engine, batch: int, context: int, top: int = 15) -> None:
     requests = _Requests(engine, batch, context)
     graphs, engine.runner.graphs = engine.runner.graphs, None
     try:
-        for _ in range(3):
-            engine.runner.run(requests.rewind())
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            engine.runner.run(requests.rewind())
-            torch.cuda.synchronize()
+        _print_profile(lambda: engine.runner.run(requests.rewind()), f"one eager decode step, batch {batch}", top)
     finally:
         engine.runner.graphs = graphs
         requests.release()
+
+
+def profile_prefill(engine, n: int, top: int = 15) -> None:
+    """Kernel times of one n-token prefill (all its chunks), largest first, each with its share."""
+    _print_profile(_prefill_run(engine, n), f"one {n}-token prefill", top)
+
+
+def _print_profile(run, what: str, top: int) -> None:
+    for _ in range(2):
+        run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
     rows = [(e.key, _device_us(e), e.count) for e in prof.key_averages()]
     rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
     total = sum(us for _, us, _ in rows)
     calls = sum(n for _, _, n in rows)
-    print(f"\nprofile of one eager decode step, batch {batch}: {total / 1e3:.2f} ms of GPU time in {calls} "
-          f"kernels and copies; the top {top}:")
+    print(f"\nprofile of {what}: {total / 1e3:.2f} ms of GPU time in {calls} kernels and copies; the top {top}:")
     print(f"{'share':>6} {'ms':>7} {'calls':>6} {'us/call':>8}  kernel")
     for name, us, n in rows[:top]:
         print(f"{us / total:>6.1%} {us / 1e3:>7.3f} {n:>6} {us / n:>8.1f}  {name[:90]}")
@@ -190,26 +198,32 @@ def _device_us(evt) -> float:
     return 0.0
 
 
-def bench_prefill(engine, n: int) -> dict:
+def _prefill_run(engine, n: int):
+    """A function that prefills one n-token prompt from a fresh (zeroed) state slot, in the scheduler's chunks,
+    and gives its cache back."""
     cache, runner = engine.cache, engine.runner
-    cfg = rank_flop_shapes(runner.model)
     seq = Sequence("bench-prefill", [j % 1000 for j in range(n)], SamplingParams(max_tokens=1))
+
+    def run():
+        if not cache.allocate(seq, n):
+            raise RuntimeError(f"the cache cannot hold a {n}-token prompt")
+        try:
+            seq.num_computed = 0
+            while seq.num_computed < n:
+                runner.run([ScheduledChunk(seq, min(n - seq.num_computed, engine.scheduler.token_budget))])
+        finally:
+            cache.release(seq)
+
+    return run
+
+
+def bench_prefill(engine, n: int) -> dict:
+    runner = engine.runner
+    cfg = rank_flop_shapes(runner.model)
     cuda = runner.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-
-    def run():
-        cache.release(seq)  # each pass starts from a fresh (zeroed) state slot
-        if not cache.allocate(seq, n):
-            raise RuntimeError(f"the cache cannot hold a {n}-token prompt")
-        seq.num_computed = 0
-        while seq.num_computed < n:
-            runner.run([ScheduledChunk(seq, min(n - seq.num_computed, engine.scheduler.token_budget))])
-
-    try:
-        t = time_ms(run, 3 if n <= 32768 else 1, warmup=1 if n <= 131072 else 0) / 1e3  # a 1M prompt: a minute
-    finally:
-        cache.release(seq)
+    t = time_ms(_prefill_run(engine, n), 3 if n <= 32768 else 1, warmup=1 if n <= 131072 else 0) / 1e3  # 1M: a minute
     # the attention term grows linearly with the context: the n tokens average n/2 of it
     flops = n * flops_per_token(cfg, 0) + (flops_per_token(cfg, n) - flops_per_token(cfg, 0)) * n / 2
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
@@ -292,7 +306,7 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--long", type=int, default=0, help="also prefill one prompt of this many tokens (e.g. 1048576)")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--profile", action="store_true", help="print where a batch-1 decode step spends its time")
+    p.add_argument("--profile", action="store_true", help="print where a batch-1 decode step and a prefill (the largest of at most 32K tokens) spend their time")
     p.add_argument("--precision", type=int, default=0, metavar="N",
                    help="only compare the bf16 path's logits on an N-token prompt with an fp32 run, then exit")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -392,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         rate = r["flops"] / r["seconds"]
         print(f"{n:>8} {r['seconds']:>9.3f} {r['tok_s']:>9.0f} {rate / 1e12:>8.0f} {rate / gemm:>6.0%} "
               f"{r['peak_gib']:>9.1f}")
+    if a.profile and cuda and a.prefill_sizes:
+        n = max((n for n in a.prefill_sizes if n <= 32768), default=min(a.prefill_sizes))
+        if engine.cache.blocks_needed(n) <= engine.cache.num_blocks:
+            profile_prefill(engine, n)
     if not a.no_transformers and cuda:
         print("\ntransformers MiniMaxForCausalLM, eager bf16, same weights, batch-1 decode")
         try:

@@ -49,10 +49,11 @@ def _add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) ->
     p.add_argument("--quantization", default=None, choices=QUANT_METHODS,
                    help="8-bit routed experts: fp8 (W8A8 e4m3) or experts_int8 (W8A16); bf16 checkpoints are "
                         "quantised while loading (default: as the checkpoint is, see `minimax-m1 quantize`)")
-    p.add_argument("--async-scheduling", action="store_true",
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each decode step before the previous one's tokens reach the host, so the device "
                         "does not idle through the host's work (one device; greedy and seeded sampling, no "
-                        "logprobs, penalties, logit bias or grammars in the batch, else steps run as usual)")
+                        "logprobs, penalties, logit bias or grammars in the batch, else steps run as usual; "
+                        "default: on with one CUDA device)")
     add_parallel_args(p)
 
 

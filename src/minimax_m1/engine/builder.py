@@ -48,7 +48,9 @@ class EngineArgs:
     num_kv_blocks: int | None = None  # override the KV block count the memory budget gives (tests, tuning)
     lm_head_fp32: bool = False  # keep the output head's weights in fp32 (a fidelity option)
     enforce_eager: bool = False  # never capture decode steps in CUDA graphs
-    async_scheduling: bool = False  # launch a decode step before the last one's tokens reach the host (one device)
+    # launch a decode step before the last one's tokens reach the host; None: on wherever it serves (one CUDA
+    # device: on an H200 it took 1-stream TPOT from 2.39 to 2.24 ms, 256 streams from 4822 to 5013 tok/s)
+    async_scheduling: bool | None = None
     progress: bool = True
     tokenizer: str | None = None  # a folder with tokenizer.json to use instead of the model's own
     quantization: str | None = None  # 8-bit routed experts: "fp8" or "experts_int8" (default: the checkpoint's)
@@ -98,7 +100,9 @@ class EngineArgs:
         if self.all_reduce not in ("auto", "symm_mem", "nccl"):
             raise ConfigError(f"all_reduce must be 'auto', 'symm_mem' or 'nccl', got {self.all_reduce!r}")
         n = self.tensor_parallel_size
-        if self.async_scheduling and n > 1 and self.emulate_rank is None:
+        if self.async_scheduling is None:
+            self.async_scheduling = device.type == "cuda" and (n == 1 or self.emulate_rank is not None)
+        elif self.async_scheduling and n > 1 and self.emulate_rank is None:
             raise ConfigError("async_scheduling runs on one device for now: the other ranks would need each step's "
                               "sampled tokens before the host has them; leave it off with tensor_parallel_size > 1")
         if n > 1 and self.emulate_rank is None and self.distributed_backend == "nccl":
