@@ -7,4 +7,6 @@
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_experts, minimax_m1::moe::experts);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_experts_quantized, minimax_m1::moe::experts_quantized);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_plan, minimax_m1::moe::plan);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_fp8_rows, minimax_m1::moe::fp8_rows);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_combine, minimax_m1::moe::combine);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(moe_limits, minimax_m1::moe::limits);

@@ -56,5 +56,17 @@ tvm::ffi::Array<int64_t> plan(int64_t tokens, int64_t top_k, int64_t num_experts
                               tvm::ffi::String method, tvm::ffi::String dtype, int64_t row_tiles, int64_t up_warps,
                               int64_t up_tiles, int64_t down_tiles, int64_t prefetch, int64_t device_id);
 
+// Per-row e4m3 quantisation for the large-batch path (rows.cu): dst [R, C] float8_e4m3fn and scale [R] fp32,
+// contiguous, from src bf16 (last dim contiguous, 16-byte rows). silu_mul false: dst[r] from src[index[r]]
+// (index [R] int64; an empty index with src of R rows: src[r]). silu_mul true: src [R, 2C] holds gate | up and
+// dst[r] quantises bf16(silu(g) * u). C a multiple of 8, at most 16384; compute capability 8.9+.
+void fp8_rows(tvm::ffi::TensorView src, tvm::ffi::TensorView index, tvm::ffi::TensorView dst,
+              tvm::ffi::TensorView scale, bool silu_mul);
+
+// out[t] = sum_j weights[t, j] y[pos[t, j]] (fp32, cast once; pos < 0 adds nothing): y [M, H] and out [T, H]
+// bf16/fp16 contiguous, pos [T, k] int64, weights [T, k] fp32; H a multiple of 8.
+void combine(tvm::ffi::TensorView y, tvm::ffi::TensorView pos, tvm::ffi::TensorView weights,
+             tvm::ffi::TensorView out);
+
 }  // namespace moe
 }  // namespace minimax_m1

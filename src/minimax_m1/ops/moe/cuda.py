@@ -209,3 +209,57 @@ def plan(tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, met
     values = _load().moe_plan(tokens, top_k, num_experts, hidden, inter, method or "", str(dtype).split(".")[-1],
                               row_tiles, up_warps, up_tiles, down_tiles, prefetch, device)
     return dict(zip(names, (int(v) for v in values)))
+
+
+# ---- row kernels of the large-batch path (csrc/moe/rows.cu) ----
+
+def rows_serve(t: Tensor) -> bool:
+    """Whether fp8_rows and combine_rows run for rows like t (a CUDA tensor, the library loaded, fused ops on);
+    the callers keep their torch compositions otherwise."""
+    return t.is_cuda and _library.FUSED_OPS and _LIBRARY.limits_if_loaded() is not None
+
+
+def _fp8_rows_impl(src: Tensor, index: Tensor, cols: int, silu_mul: bool) -> tuple[Tensor, Tensor]:
+    rows = index.shape[0] if index.numel() else src.shape[0]
+    q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=src.device)
+    a = torch.empty(rows, dtype=torch.float32, device=src.device)
+    _load().moe_fp8_rows(src, index, q, a, silu_mul)
+    return q, a
+
+
+def _fp8_rows_fake(src, index, cols, silu_mul):
+    rows = index.shape[0] if index.numel() else src.shape[0]
+    return (src.new_empty((rows, cols), dtype=torch.float8_e4m3fn), src.new_empty(rows, dtype=torch.float32))
+
+
+_fp8_rows_op = custom_op("minimax_m1::moe_fp8_rows", _fp8_rows_impl, _fp8_rows_fake)
+
+
+def fp8_rows(src: Tensor, index: Tensor | None = None, silu_mul: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-row e4m3 quantisation in one kernel (see quantized.quantize_fp8_rows, bit-identical): of src[index]
+    (index int64; None: src itself), or with silu_mul of bf16(silu(g) * u) for src = gate | up rows (computed
+    in fp32, rounded once). src bf16 -> (q [R, C] float8_e4m3fn, a [R] fp32)."""
+    if src.stride(-1) != 1 or src.data_ptr() % 16 or (src.shape[0] > 1 and src.stride(0) % 8):
+        src = src.contiguous()
+    cols = src.shape[1] // 2 if silu_mul else src.shape[1]
+    idx = index.contiguous() if index is not None else src.new_empty(0, dtype=torch.int64)
+    return _fp8_rows_op(src, idx, int(cols), bool(silu_mul))
+
+
+def _combine_impl(y: Tensor, pos: Tensor, weights: Tensor) -> Tensor:
+    out = torch.empty((pos.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)
+    _load().moe_combine(y, pos, weights, out)
+    return out
+
+
+def _combine_fake(y, pos, weights):
+    return y.new_empty((pos.shape[0], y.shape[1]))
+
+
+_combine_op = custom_op("minimax_m1::moe_combine", _combine_impl, _combine_fake)
+
+
+def combine_rows(y: Tensor, pos: Tensor, weights: Tensor) -> Tensor:
+    """out[t] = sum_j weights[t, j] y[pos[t, j]] in fp32 (pos < 0: nothing), cast once to y's dtype; y [M, H]
+    bf16/fp16, pos [T, k] int64, weights [T, k] fp32 -> [T, H]."""
+    return _combine_op(y.contiguous(), pos.contiguous(), weights.to(torch.float32).contiguous())

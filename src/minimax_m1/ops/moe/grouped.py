@@ -2,12 +2,15 @@
 
 Rows (token, choice) are sorted by expert, each expert's rows go through w1/w3, silu(g) * u, then w2 as one
 grouped GEMM each (torch._grouped_mm where it serves the dtype and device, else a loop over experts), and the
-top-k products are weighted in fp32 and summed back per token.
+top-k products are weighted in fp32 and summed back per token (on CUDA by one kernel, cuda.combine_rows: torch's
+weighting and index_add_ took 6% of a 32K-token prefill of the real-shape slice on an H200).
 """
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from . import cuda
 
 
 def _uses_grouped_mm(dtype: torch.dtype, device: torch.device, sizes) -> bool:
@@ -47,22 +50,30 @@ def grouped_mm_capturable(hidden: int, inter: int, dtype: torch.dtype, device: t
     return device.type == "cuda" and _uses_grouped_mm(dtype, device, (hidden, 2 * inter, inter))
 
 
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """act = silu(g) * u of gate | up rows h [M, 2I], in h's dtype."""
+    inter = h.shape[1] // 2
+    return F.silu(h[:, :inter]) * h[:, inter:]
+
+
 def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor, foreign_ids: bool = False) -> torch.Tensor:
     """x [T, H]; experts [T, k] expert ids in [0, E) (foreign_ids: ids outside it contribute nothing); weights
     [T, k] fp32; w13 [E, 2I, H] (rows 0..I-1 gate w1, I..2I-1 up w3), w2 [E, H, I] -> [T, H] in x's dtype (fp32
     weighting and sum, cast once)."""
-    return grouped_moe(x, experts, weights, w13.shape[0], w2.shape[2], lambda rows, offs: grouped_mm(rows, w13, offs),
-                       lambda act, offs: grouped_mm(act, w2, offs), foreign_ids)
+    return grouped_moe(x, experts, weights, w13.shape[0],
+                       lambda x, rows, offs: grouped_mm(x[rows], w13, offs),
+                       lambda h, offs: grouped_mm(silu_mul(h), w2, offs), foreign_ids)
 
 
-def grouped_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, num_experts: int, inter: int,
-                up: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def grouped_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, num_experts: int,
+                up: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                 down: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], foreign_ids: bool = False) -> torch.Tensor:
-    """The grouped-GEMM MoE with its two products given: up(rows [M, H], offsets [E] int32) -> [M, 2I] (gate |
-    up) and down(act [M, I], offsets) -> [M, H] in x's dtype, rows sorted by expert (offsets: cumulative row
-    ends). grouped_experts passes bf16/fp32 weights; ops/moe/quantized.py 8-bit ones."""
-    top_k = experts.shape[1]
+    """The grouped-GEMM MoE with its two products given: up(x, rows, offsets) -> [M, 2I] (gate | up) of the
+    rows x[rows] (rows: int64 token of each sorted row; offsets [E] int32, cumulative row ends), down(h, offsets)
+    -> [M, H] in x's dtype from those gate | up rows (the activation is down's). grouped_experts passes
+    bf16/fp32 weights; ops/moe/quantized.py 8-bit ones."""
+    tokens, top_k = experts.shape
     flat = experts.flatten()
     if foreign_ids:  # other ranks' experts sort last, into an extra bin E that no GEMM reads
         flat = torch.where((flat < 0) | (flat >= num_experts), num_experts, flat)
@@ -72,9 +83,13 @@ def grouped_moe(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, n
     counts = torch.zeros(num_experts + foreign_ids, dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offsets = counts[:num_experts].cumsum(0, dtype=torch.int32)
-    h = up(x[token_of_row], offsets)
-    h = F.silu(h[:, :inter]) * h[:, inter:]
-    y = down(h, offsets)
+    y = down(up(x, token_of_row, offsets), offsets)
+    if cuda.rows_serve(y) and y.dtype == x.dtype and y.dtype in (torch.bfloat16, torch.float16) and y.shape[1] % 8 == 0:
+        pos = torch.empty_like(order)  # the sorted row of each (token, choice)
+        pos[order] = torch.arange(order.numel(), device=order.device)
+        if foreign_ids:  # rows past the last offset were not computed (undefined): skipped
+            pos = torch.where(flat < num_experts, pos, -1)
+        return cuda.combine_rows(y, pos.view(tokens, top_k), weights)
     y = y.float() * weights.flatten()[order, None]
     if foreign_ids:  # rows past the last offset were not computed (undefined): drop them
         y = torch.where((flat[order] < num_experts)[:, None], y, 0.0)

@@ -36,7 +36,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .grouped import grouped_mm, grouped_mm_capturable, grouped_moe
+from . import cuda
+from .grouped import grouped_mm, grouped_mm_capturable, grouped_moe, silu_mul
 
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 QMAX = {"fp8": FP8_MAX, "experts_int8": 127.0}
@@ -140,11 +141,27 @@ def scaled_grouped_mm_serves(dtype: torch.dtype, device: torch.device, hidden: i
             and torch.cuda.get_device_capability(device) == (9, 0) and hidden % 16 == 0 and inter % 16 == 0)
 
 
-def _scaled_grouped_mm(rows: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+def act_rows(h: torch.Tensor) -> torch.Tensor:
+    """act = silu(g) * u of gate | up rows h [M, 2I], computed in fp32 and rounded once to h's dtype (the
+    format's activation, as the fused kernels and cuda.fp8_rows compute it)."""
+    inter = h.shape[1] // 2
+    return (F.silu(h[:, :inter].float()) * h[:, inter:].float()).to(h.dtype)
+
+
+def _fp8_rows(src: torch.Tensor, index: torch.Tensor | None = None, silu_mul: bool = False):
+    """(xq, a) of src[index], or of act_rows(src) with silu_mul: one kernel on CUDA (cuda.fp8_rows, the same
+    values), else the torch composition (7 passes over the rows, in fp32)."""
+    if cuda.rows_serve(src) and src.dtype == torch.bfloat16 and src.shape[1] % (16 if silu_mul else 8) == 0:
+        return cuda.fp8_rows(src, index, silu_mul)
+    if silu_mul:
+        src = act_rows(src)
+    return quantize_fp8_rows(src if index is None else src[index])
+
+
+def _scaled_grouped_mm(xq: torch.Tensor, a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                        offsets: torch.Tensor) -> torch.Tensor:
-    """rows [M, K] bf16 grouped by expert, w [E, N, K] e4m3, w_scale [E, N] -> [M, N] bf16: each row quantised
-    with its own scale, then a_r scale_c sum_k xq_rk q_ck in fp32 (torch wants B column-major: w^T's view)."""
-    xq, a = quantize_fp8_rows(rows)
+    """e4m3 rows xq [M, K] grouped by expert with their scales a [M], w [E, N, K] e4m3, w_scale [E, N] -> [M, N]
+    bf16: a_r scale_c sum_k xq_rk q_ck in fp32 (torch wants B column-major: w^T's view)."""
     return torch._scaled_grouped_mm(xq, w.transpose(1, 2), a, w_scale, offs=offsets, out_dtype=torch.bfloat16)
 
 
@@ -152,9 +169,10 @@ def scaled_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
                    w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
                    foreign_ids: bool = False) -> torch.Tensor:
     """fp8 experts on e4m3 tensor cores (see scaled_grouped_mm_serves) -> [T, H] bf16."""
-    return grouped_moe(x, experts, weights, w13.shape[0], w2.shape[2],
-                       lambda rows, offs: _scaled_grouped_mm(rows, w13, w13_scale, offs),
-                       lambda act, offs: _scaled_grouped_mm(act, w2, w2_scale, offs), foreign_ids)
+    return grouped_moe(x, experts, weights, w13.shape[0],
+                       lambda x, rows, offs: _scaled_grouped_mm(*_fp8_rows(x, rows), w13, w13_scale, offs),
+                       lambda h, offs: _scaled_grouped_mm(*_fp8_rows(h, silu_mul=True), w2, w2_scale, offs),
+                       foreign_ids)
 
 
 def dequantized_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
@@ -164,15 +182,17 @@ def dequantized_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.T
     its weights when it runs, so w13's copy is gone before w2's exists. For fp8 both GEMM inputs are quantised
     and dequantised per row first (the values the format multiplies, rounded to x's dtype)."""
     dt = x.dtype
-    if _method(method) == "fp8":
+    if _method(method) == "fp8":  # the activation as the e4m3 paths compute it (rounded once)
         def prepare(rows):
             return fake_quantize_fp8_rows(rows, dt)
-    else:
+        act = act_rows
+    else:  # the bf16 path's activation: it is not quantised
         def prepare(rows):
             return rows
-    return grouped_moe(x, experts, weights, w13.shape[0], w2.shape[2],
-                       lambda rows, offs: grouped_mm(prepare(rows), dequantize_weight(w13, w13_scale, dt), offs),
-                       lambda act, offs: grouped_mm(prepare(act), dequantize_weight(w2, w2_scale, dt), offs),
+        act = silu_mul
+    return grouped_moe(x, experts, weights, w13.shape[0],
+                       lambda x, rows, offs: grouped_mm(prepare(x[rows]), dequantize_weight(w13, w13_scale, dt), offs),
+                       lambda h, offs: grouped_mm(prepare(act(h)), dequantize_weight(w2, w2_scale, dt), offs),
                        foreign_ids)
 
 
