@@ -68,14 +68,14 @@ def test_a_failing_model_step_preempts_once_then_fails(device, monkeypatch):
     expected = _run(engine, {"x": (prompt, GREEDY)})["x"].token_ids
     real_run, calls = engine.runner.run, {"oom": 0}
 
-    def run(chunks, all_logits=False):
+    def run(chunks, all_logits=False, **kwargs):  # kwargs: device_ids, from async scheduling (on with CUDA)
         rids = {c.seq.request_id for c in chunks}
         if "flaky" in rids and calls["oom"] < 1 and any(c.seq.output_token_ids for c in chunks):
             calls["oom"] += 1  # in a decode step: the recompute covers the prompt and the output so far
             raise torch.OutOfMemoryError("simulated out of memory")
         if "broken" in rids:
             raise RuntimeError("this request always breaks the step")
-        return real_run(chunks, all_logits)
+        return real_run(chunks, all_logits, **kwargs)
 
     monkeypatch.setattr(engine.runner, "run", run)
     preemptions = engine.scheduler.num_preemptions

@@ -316,14 +316,14 @@ def test_a_failing_model_step_is_retried_once_then_fails_its_requests(server, mo
     expected = _completion(server.url).json()["choices"][0]["text"]
     state = {"oom_left": 1}
 
-    def flaky(chunks, all_logits=False):
+    def flaky(chunks, all_logits=False, **kwargs):  # kwargs: device_ids, from async scheduling (on with CUDA)
         seeds = {c.seq.params.seed for c in chunks}
         if 5151 in seeds and state["oom_left"]:
             state["oom_left"] -= 1
             raise torch.OutOfMemoryError("simulated out of memory")
         if 5252 in seeds:
             raise RuntimeError("this request always breaks the step")
-        return real(chunks, all_logits)
+        return real(chunks, all_logits, **kwargs)
 
     monkeypatch.setattr(runner, "run", flaky)
     preemptions = server.engine.scheduler.num_preemptions
