@@ -21,7 +21,8 @@ bits) |v - q s| <= 2^-4 |v| in e4m3's normal range (|v / s| >= 2^-6) and <= 2^-1
 
 Paths for batches above the fused kernel's rows (and wherever it does not serve):
 - fp8, bf16 activations, CUDA sm_90: torch._scaled_grouped_mm on e4m3 tensor cores (rowwise scales: a_t per row
-  of the sorted rows, scale_c per output column of each expert), fp32 accumulation (no fast accumulation);
+  of the sorted rows, scale_c per output column of each expert), fp32 accumulation (no fast accumulation); the
+  rows quantised by cuda.fp8_rows (gathered x; act from the gate | up rows), one kernel each;
 - int8 where torch._grouped_mm serves (bf16 on sm_90+): the layer's experts dequantised to bf16 for the call
   (per layer per step, one compiled kernel on CUDA), then the bf16 grouped GEMM. The dequantised copy is transient: w13's is freed before
   w2's is made, so the scratch is at most 2/3 of the layer's experts in bf16 (0.9 GB per rank at TP8);
