@@ -241,7 +241,7 @@ def serve(a, engine_flags: list[str], log_path: str):
         log.close()
 
 
-def offline(a, prompts: list[list[int]], tokenizer_dir: str | None, use_async: bool = False
+def offline(a, prompts: list[list[int]], tokenizer_dir: str | None, use_async: bool | None = None
             ) -> tuple[float, list[str]]:
     """LLM.generate on the same requests: (output tok/s, texts)."""
     import torch
@@ -264,14 +264,19 @@ def offline(a, prompts: list[list[int]], tokenizer_dir: str | None, use_async: b
     return sum(len(o.outputs[0].token_ids) for o in outs) / seconds, [o.outputs[0].text for o in outs]
 
 
-def measure(a, use_async: bool, prompts: list[list[int]], bodies: list[dict], streamed: list[bool],
+def mode_name(use_async: bool | None) -> str:
+    return {None: "the engine's default", False: "off", True: "on"}[use_async]
+
+
+def measure(a, use_async: bool | None, prompts: list[list[int]], bodies: list[dict], streamed: list[bool],
             tokenizer_dir: str | None, log_path: str) -> int:
     """One server (and LLM.generate) under every concurrency: prints the table; 1 if a request failed."""
     flags = ["--model", a.model, "--load-format", a.load_format, "--max-num-seqs", str(a.max_num_seqs),
              "--max-model-len", str(a.max_model_len), "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
     flags += ["--device", a.device] if a.device else []
     flags += ["--tokenizer", tokenizer_dir] if tokenizer_dir else []
-    flags += ["--async-scheduling" if use_async else "--no-async-scheduling"]
+    if use_async is not None:  # None: the engine's default (on with one CUDA device)
+        flags += ["--async-scheduling" if use_async else "--no-async-scheduling"]
 
     rows, texts = [], [None] * len(bodies)
     with serve(a, flags, log_path) as (url, pid):
@@ -287,12 +292,12 @@ def measure(a, use_async: bool, prompts: list[list[int]], bodies: list[dict], st
                 texts = [r.text if r.ok else None for r in results]
     log = open(log_path, errors="replace").read()
     if a.save_log:
-        with open(a.save_log + (".async" if use_async else ""), "w") as f:
+        with open(a.save_log + {None: "", False: ".sync", True: ".async"}[use_async], "w") as f:
             f.write(log)
     dropped = [line for line in log.splitlines() if "dropped" in line.lower() or "WARNING" in line]
 
     print(f"\nmodel {a.model}  prompt {a.prompt_len}  output {a.output_len}  requests {a.num_requests}  "
-          f"streamed {sum(streamed)}/{len(streamed)}  async scheduling {'on' if use_async else 'off'}")
+          f"streamed {sum(streamed)}/{len(streamed)}  async scheduling {mode_name(use_async)}")
     print(f"{'conc':>5} {'reqs':>5} {'tok/s':>9} {'s':>7} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} {'failed':>7}  errors")
     for c, r in rows:
         print(f"{c:>5} {r['requests']:>5} {r['tok_s']:>9.0f} {r['seconds']:>7.2f} {r['ttft_p50'] * 1e3:>8.1f}m {r['ttft_p99'] * 1e3:>7.1f}m "
@@ -329,9 +334,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--startup-timeout", type=float, default=1200.0)
     p.add_argument("--save-log", default=None, help="copy the server's log here")
-    p.add_argument("--async-scheduling", default="off", choices=["off", "on", "both"],
-                   help="the engine's --async-scheduling, for the server and LLM.generate; both: the whole "
-                        "measurement without it, then with it (one run, to compare)")
+    p.add_argument("--async-scheduling", default="default", choices=["default", "off", "on", "both"],
+                   help="the engine's --async-scheduling, for the server and LLM.generate (default: the "
+                        "engine's own, on with one CUDA device); both: the whole measurement without it, then "
+                        "with it (one run, to compare)")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--server-flags", nargs=argparse.REMAINDER, default=[], help="more `serve` flags (last)")
     a = p.parse_args(argv)
@@ -346,8 +352,8 @@ def main(argv=None) -> int:
     prompts = [[rng.randrange(vocab) for _ in range(a.prompt_len)] for _ in range(a.num_requests)]
     streamed = [rng.random() < a.stream_fraction for _ in prompts]
     bodies = [request_body(pr, a.output_len, s) for pr, s in zip(prompts, streamed)]
-    modes = {"off": [False], "on": [True], "both": [False, True]}[a.async_scheduling]
-    return max(measure(a, m, prompts, bodies, streamed, tokenizer_dir, os.path.join(tmp, f"server-{int(m)}.log"))
+    modes = {"default": [None], "off": [False], "on": [True], "both": [False, True]}[a.async_scheduling]
+    return max(measure(a, m, prompts, bodies, streamed, tokenizer_dir, os.path.join(tmp, f"server-{m}.log"))
                for m in modes)
 
 
