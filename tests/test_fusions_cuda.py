@@ -526,6 +526,45 @@ def test_gemv_strided_x_and_dispatch():
         mod.gemv(x.contiguous(), w, torch.empty(x.shape[0], 512, device="cuda", dtype=torch.bfloat16), 3, True)
 
 
+# parts: the rank shapes' stacked projections (TP8 lightning qkv + output gate, TP8 softmax q, k, v), odd sizes
+GEMV_PARTS = [[(3072, 6144), (1024, 6144)], [(1024, 6144), (128, 6144), (128, 6144)], [(7, 264), (1, 264), (33, 264)]]
+
+
+@pytest.mark.parametrize("shapes", GEMV_PARTS)
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8])
+def test_gemv_parts(tokens, shapes):
+    """Several weights in one launch: each output within the GEMV bound, and bit-identical to its own gemv at
+    the same split of K (a row's sum depends on the split only, not on where the row sits in the stack)."""
+    gen = torch.Generator(device="cuda").manual_seed(tokens + len(shapes))
+    k = shapes[0][1]
+    x = torch.randn(tokens, k, generator=gen, device="cuda").to(torch.bfloat16)
+    ws = [(torch.randn(n, k, generator=gen, device="cuda") * k ** -0.5).to(torch.bfloat16) for n, _ in shapes]
+    _poison()
+    ys = gemv_cuda.gemv_parts(x, ws)
+    for y, w in zip(ys, ws):
+        _check_gemv(y, x, w)
+    for ksplit in (1, 2, 8):
+        for y, w in zip(gemv_cuda.gemv_parts(x, ws, ksplit), ws):
+            assert torch.equal(y, gemv_cuda.gemv(x, w, ksplit))
+    # the layers' entry: the same values where it takes the one launch, cuBLAS's past the policy
+    if tokens <= gemv.MAX_TOKENS and k >= gemv.MIN_K:
+        assert all(torch.equal(a, b) for a, b in zip(gemv.linear_parts(x, ws), ys))
+    else:
+        assert all(torch.equal(a, torch.nn.functional.linear(x, w)) for a, w in zip(gemv.linear_parts(x, ws), ws))
+
+
+def test_gemv_parts_errors():
+    mod = gemv_cuda._load()
+    x = torch.zeros(1, 64, device="cuda", dtype=torch.bfloat16)
+    w, y = torch.zeros(16, 64, device="cuda", dtype=torch.bfloat16), torch.empty(1, 16, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="parts must be 1..3"):
+        mod.gemv_parts(x, w, y, w, y, w, y, 4, 0, True)
+    with pytest.raises(ValueError, match="w"):  # a part of another K
+        mod.gemv_parts(x, w, y, torch.zeros(16, 72, device="cuda", dtype=torch.bfloat16), y, w, y, 2, 0, True)
+    with pytest.raises(ValueError, match="y"):  # a part's output of the wrong width
+        mod.gemv_parts(x, w, y, w, torch.empty(1, 8, device="cuda", dtype=torch.bfloat16), w, y, 2, 0, True)
+
+
 def test_gemv_in_cuda_graph():
     gen = torch.Generator(device="cuda").manual_seed(10)
     x = torch.randn(2, 6144, generator=gen, device="cuda").to(torch.bfloat16)

@@ -61,7 +61,7 @@ EXPECTED = {  # the kernels' own constants, as each library must report them
     "norm": {"dtypes": (torch.bfloat16, torch.float16), "max_features": 16384, "feature_multiple": 8},
     "router": {"dtypes": (torch.bfloat16, torch.float16), "max_experts": 256, "max_top_k": 8, "hidden_multiple": 8},
     "rotary": {"dtypes": (torch.bfloat16, torch.float16), "head_dim_multiple": 8},
-    "gemv": {"dtypes": (torch.bfloat16, torch.float16), "max_tokens": 8, "k_multiple": 8},
+    "gemv": {"dtypes": (torch.bfloat16, torch.float16), "max_tokens": 8, "k_multiple": 8, "max_parts": 3},
 }
 
 

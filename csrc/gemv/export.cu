@@ -5,4 +5,5 @@
 #include "launchers.h"
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(gemv, minimax_m1::gemv::gemv);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(gemv_parts, minimax_m1::gemv::gemv_parts);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(gemv_limits, minimax_m1::gemv::limits);

@@ -10,7 +10,7 @@ from ..config import ModelConfig, lightning_slopes
 from ..distributed import SINGLE, Group
 from ..forward_batch import ForwardBatch
 from ..ops import lightning_attn
-from .linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from .linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, column_parallel_parts
 from .norm import ParallelRMSNorm
 
 
@@ -38,12 +38,13 @@ class LightningAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, states: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         # qkv is laid out per head: [T, H, (q | k | v)], not [Q_all | K_all | V_all]
-        qkv = self.qkv_proj(x).view(t, self.num_heads, 3 * self.head_dim)
+        qkv, gate = column_parallel_parts(x, self.qkv_proj, self.output_gate)  # one launch at decode sizes
+        qkv = qkv.view(t, self.num_heads, 3 * self.head_dim)
         if batch.is_decode:  # the decode kernel applies the SiLU as it reads q, k, v
             q, k, v = qkv.split(self.head_dim, dim=-1)
             o = lightning_attn.decode(q, k, v, self.slopes, states, batch.state_slots, silu=True)
         else:
             q, k, v = F.silu(qkv).split(self.head_dim, dim=-1)
             o = lightning_attn.prefill(q, k, v, self.slopes, states, batch.state_slots, batch.cu_seqlens)
-        o = self.norm(o.reshape(t, -1), self.output_gate(x))  # sigmoid(gate) * RMSNorm(o), one pass
+        o = self.norm(o.reshape(t, -1), gate)  # sigmoid(gate) * RMSNorm(o), one pass
         return self.out_proj(o)

@@ -108,6 +108,12 @@ class ColumnParallelLinear(nn.Module):
         return gemv.linear(x, self.weight)
 
 
+def column_parallel_parts(x: torch.Tensor, *layers: ColumnParallelLinear) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers] for column-parallel layers that read the same x (no collective): at decode
+    sizes one GEMV launch for all of them (ops/gemv.linear_parts), the same products."""
+    return gemv.linear_parts(x, [layer.weight for layer in layers])
+
+
 class QKVParallelLinear(ColumnParallelLinear):
     """Column-parallel over whole attention heads of `head_rows` rows each: a softmax layer's q, k or v heads
     (KV heads replicated when there are fewer than ranks, as vLLM does), or the lightning layer's per-head

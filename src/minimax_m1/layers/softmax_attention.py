@@ -9,7 +9,7 @@ from ..distributed import SINGLE, Group
 from ..forward_batch import ForwardBatch
 from ..ops.paged_attention import paged_attention
 from ..ops.rotary import rotary_write_kv
-from .linear import QKVParallelLinear, RowParallelLinear
+from .linear import QKVParallelLinear, RowParallelLinear, column_parallel_parts
 from .rotary import PartialRotary
 
 
@@ -31,9 +31,10 @@ class SoftmaxAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor,
                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = column_parallel_parts(x, self.q_proj, self.k_proj, self.v_proj)  # one launch at decode sizes
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         # rotary on q and k, k and v into the cache: one kernel on CUDA (ops/rotary)
         q = rotary_write_kv(q, k, v, *cos_sin, kv_cache, batch.slot_mapping)
         o = paged_attention(q, kv_cache, batch.block_tables, batch.cu_seqlens, batch.context_lens_t, self.scale,

@@ -1,5 +1,9 @@
 // y = x W^T for a few rows of x (decode: 1-8 tokens), streaming W once at copy bandwidth with no split-K
 // reduction kernel: y [T, N] = x [T, K] . W [N, K]^T, fp32 accumulation, each output rounded once to T.
+// Up to kMaxParts weights that share x (a layer's qkv and output-gate projections, or its q, k and v) run as
+// one launch over their rows stacked: W = [W_0; W_1; ...], part j's outputs going to its own y_j. At decode
+// sizes a launch's ramp and tail cost about as much as streaming a 12 MB weight, so one launch instead of two
+// or three is what saves the time.
 //
 // A CTA of 8 warps owns (8 / ksplit) * R consecutive output rows. Each warp takes R rows and a 1/ksplit slice of K
 // (ksplit > 1 spreads a short N over more CTAs: every SM streams; the slices meet in shared memory, summed in a
@@ -24,16 +28,27 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kVecElems = 8;
 constexpr int kMaxTokens = 8;
+constexpr int kMaxParts = 3;
 
 struct Params {
   const void* x;  // [T, K], rows 16-byte aligned
   int64_t x_stride;
-  const void* w;  // [N, K] contiguous
-  void* y;        // [T, N]
-  int64_t y_stride;
-  int tokens, n, k;
+  const void* w[kMaxParts];  // part j: [n_j, K] contiguous
+  void* y[kMaxParts];        // part j: [T, n_j]
+  int64_t y_stride[kMaxParts];
+  int row_end[kMaxParts];    // part j holds the stacked rows [row_end[j - 1], row_end[j])
+  int parts;
+  int tokens, n, k;  // n = row_end[parts - 1]
   int ksplit;  // warps per row group: 1, 2, 4 or 8
 };
+
+// The part of stacked row `row` (< p.n) and the row's index inside it.
+__device__ __forceinline__ int part_of(const Params& p, int row, int& local) {
+  int j = 0;
+  while (j + 1 < p.parts && row >= p.row_end[j]) ++j;
+  local = row - (j > 0 ? p.row_end[j - 1] : 0);
+  return j;
+}
 
 template <typename T>
 __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
@@ -56,14 +71,19 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(Params p) {
   const int per = (kvecs + p.ksplit - 1) / p.ksplit;
   const int v_begin = part * per, v_end = min(kvecs, v_begin + per);
 
-  const T* w = static_cast<const T*>(p.w);
   const T* x = static_cast<const T*>(p.x);
   const T* wrow[R];
+  T* yrow[R];  // output column of row r in token 0's row of its part's y
+  int64_t ystride[R];
   bool row_ok[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     row_ok[r] = row0 + r < p.n;
-    wrow[r] = w + static_cast<int64_t>(row_ok[r] ? row0 + r : 0) * p.k;
+    int local = 0;
+    const int j = part_of(p, row_ok[r] ? row0 + r : 0, local);
+    wrow[r] = static_cast<const T*>(p.w[j]) + static_cast<int64_t>(local) * p.k;
+    yrow[r] = static_cast<T*>(p.y[j]) + local;
+    ystride[r] = p.y_stride[j];
   }
   const T* xrow[kT];
   bool tok_ok[kT];
@@ -115,14 +135,13 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(Params p) {
 #pragma unroll
       for (int d = 16; d > 0; d >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], d);
 
-  T* y = static_cast<T*>(p.y);
   if (p.ksplit == 1) {
     if (lane == 0) {
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int t = 0; t < kT; ++t)
-          if (row_ok[r] && tok_ok[t]) y[static_cast<int64_t>(t) * p.y_stride + row0 + r] = from_float<T>(acc[r][t]);
+          if (row_ok[r] && tok_ok[t]) yrow[r][t * ystride[r]] = from_float<T>(acc[r][t]);
     }
     return;
   }
@@ -138,7 +157,11 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(Params p) {
     const int r = lane / kT, t = lane - r * kT;
     float s = 0.f;
     for (int j = 0; j < p.ksplit; ++j) s += partial[warp + j][lane];  // the slices in order
-    if (row0 + r < p.n && t < p.tokens) y[static_cast<int64_t>(t) * p.y_stride + row0 + r] = from_float<T>(s);
+    if (row0 + r < p.n && t < p.tokens) {
+      int local = 0;
+      const int j = part_of(p, row0 + r, local);
+      static_cast<T*>(p.y[j])[t * p.y_stride[j] + local] = from_float<T>(s);
+    }
   }
 }
 

@@ -1,6 +1,7 @@
 """Projections of decode-sized batches: y = x W^T.
 
     linear(x, weight) -> y
+    linear_parts(x, weights) -> [y_0, y_1, ...]   (several weights on the same x: one launch)
 
 x [..., K], weight [N, K]. For T <= MAX_TOKENS rows of x and K >= MIN_K on CUDA in bf16/fp16, one GEMV kernel (cuda.py) that
 streams the weight once at copy bandwidth, where cuBLAS at these shapes runs split-K with a reduction kernel
@@ -29,4 +30,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-__all__ = ["linear", "MAX_TOKENS", "MIN_K", "cuda"]
+def linear_parts(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[linear(x, w) for w in weights]; where each would take the GEMV, one launch streams them all (a decode
+    step's qkv and output gate, or q, k and v: the launch ramp costs about as much as a 12 MB weight)."""
+    if (len(weights) > 1 and x.dim() == 2 and x.shape[0] <= MAX_TOKENS
+            and all(w.shape[-1] >= MIN_K and cuda.supports(x, w) for w in weights)
+            and len(weights) <= cuda.limits()["max_parts"]):
+        return cuda.gemv_parts(x, weights)
+    return [linear(x, w) for w in weights]
+
+
+__all__ = ["linear", "linear_parts", "MAX_TOKENS", "MIN_K", "cuda"]

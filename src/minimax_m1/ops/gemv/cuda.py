@@ -47,6 +47,30 @@ def _gemv_fake(x, weight, ksplit):
 _gemv_op = custom_op("minimax_m1::gemv", _gemv_impl, _gemv_fake)
 
 
+def _gemv_parts_impl(x: Tensor, weights: list[Tensor], ksplit: int) -> list[Tensor]:
+    align = limits()["row_align_bytes"]
+    if x.stride(-1) != 1 or x.data_ptr() % align or (x.shape[0] > 1 and x.stride(0) % (align // x.element_size())):
+        x = x.contiguous()
+    ys = [torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device) for w in weights]
+    pad = [weights[0], ys[0]] * (limits()["max_parts"] - len(weights))  # unused slots: any tensors
+    _load().gemv_parts(x, *[t for w, y in zip(weights, ys) for t in (w, y)], *pad, len(weights), ksplit,
+                       _library.FUSED_PDL)
+    return ys
+
+
+def _gemv_parts_fake(x, weights, ksplit):
+    return [x.new_empty((x.shape[0], w.shape[0])) for w in weights]
+
+
+_gemv_parts_op = custom_op("minimax_m1::gemv_parts", _gemv_parts_impl, _gemv_parts_fake)
+
+
+def gemv_parts(x: Tensor, weights: list[Tensor], ksplit: int = 0) -> list[Tensor]:
+    """[x w^T for w in weights] (1 to limits()["max_parts"] weights of the same K and dtype) in one launch: the
+    weights' rows stacked, each product's sums as `gemv` gives them."""
+    return _gemv_parts_op(x, list(weights), int(ksplit))
+
+
 def gemv(x: Tensor, weight: Tensor, ksplit: int = 0) -> Tensor:
     """x [T, K] bf16/fp16, weight [N, K] -> x weight^T [T, N] in x's dtype (fp32 sums, rounded once). ksplit:
     warps per output row (1, 2, 4, 8), 0 automatic (tests, tuning)."""
