@@ -42,12 +42,19 @@ struct Params {
   int ksplit;  // warps per row group: 1, 2, 4 or 8
 };
 
-// The part of stacked row `row` (< p.n) and the row's index inside it.
-__device__ __forceinline__ int part_of(const Params& p, int row, int& local) {
-  int j = 0;
-  while (j + 1 < p.parts && row >= p.row_end[j]) ++j;
-  local = row - (j > 0 ? p.row_end[j - 1] : 0);
-  return j;
+// Where stacked row `row` (< p.n) lives: its part's weight row and output column. Constant indices only: an
+// index computed at run time into the parameter arrays would copy Params to local memory (a stack frame).
+struct RowPlace {
+  const void* w;     // the part's weight
+  void* y;           // the part's output
+  int64_t y_stride;
+  int local;         // the row inside the part
+};
+
+__device__ __forceinline__ RowPlace place_of(const Params& p, int row) {
+  if (p.parts > 2 && row >= p.row_end[1]) return {p.w[2], p.y[2], p.y_stride[2], row - p.row_end[1]};
+  if (p.parts > 1 && row >= p.row_end[0]) return {p.w[1], p.y[1], p.y_stride[1], row - p.row_end[0]};
+  return {p.w[0], p.y[0], p.y_stride[0], row};
 }
 
 template <typename T>
@@ -79,11 +86,10 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(Params p) {
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     row_ok[r] = row0 + r < p.n;
-    int local = 0;
-    const int j = part_of(p, row_ok[r] ? row0 + r : 0, local);
-    wrow[r] = static_cast<const T*>(p.w[j]) + static_cast<int64_t>(local) * p.k;
-    yrow[r] = static_cast<T*>(p.y[j]) + local;
-    ystride[r] = p.y_stride[j];
+    const RowPlace at = place_of(p, row_ok[r] ? row0 + r : 0);
+    wrow[r] = static_cast<const T*>(at.w) + static_cast<int64_t>(at.local) * p.k;
+    yrow[r] = static_cast<T*>(at.y) + at.local;
+    ystride[r] = at.y_stride;
   }
   const T* xrow[kT];
   bool tok_ok[kT];
@@ -158,9 +164,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(Params p) {
     float s = 0.f;
     for (int j = 0; j < p.ksplit; ++j) s += partial[warp + j][lane];  // the slices in order
     if (row0 + r < p.n && t < p.tokens) {
-      int local = 0;
-      const int j = part_of(p, row0 + r, local);
-      static_cast<T*>(p.y[j])[t * p.y_stride[j] + local] = from_float<T>(s);
+      const RowPlace at = place_of(p, row0 + r);
+      static_cast<T*>(at.y)[t * at.y_stride + at.local] = from_float<T>(s);
     }
   }
 }
