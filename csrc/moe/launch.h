@@ -103,7 +103,12 @@ Plan plan_rows(const Params& p, const Knobs& k, int device_id) {
   plan.down_tiles = k.down_tiles > 0
                         ? static_cast<int>(std::min(k.down_tiles, down_total))
                         : cta_tiles(down_total, plan.items, down_wave<F, T, NT>(device_id), down_bytes);
-  plan.prefetch = k.prefetch >= 0 ? static_cast<int>(k.prefetch) : kAutoPrefetch;
+  // 16-bit weights at 2+ row tiles (64+ tokens) stream best without the L2 prefetch (H200, graph replay, three
+  // interleaved rounds, prefetch 0 against 2: TP8 64 / 128 tokens 350 / 371 against 360 / 392 us, full width
+  // 2710 / 2834 against 2761 / 3018 us; at 8 tokens the prefetch wins, 155 against 158 and 1359 against 1411);
+  // 8-bit weights gain from it at every size (bench_moe.py --sweep)
+  const bool prefetch_off = wb == 2 && NT >= 2;
+  plan.prefetch = k.prefetch >= 0 ? static_cast<int>(k.prefetch) : prefetch_off ? 0 : kAutoPrefetch;
   return plan;
 }
 
