@@ -4,8 +4,8 @@ The shared library is `$MINIMAX_M1_GEMV_LIB` when set, else `minimax_m1/_kernels
 `pip install`), loaded on first use; without it, tvm_ffi or a CUDA device, `available()` is False and the
 dispatch keeps F.linear. What the kernel serves is the library's `gemv_limits()`.
 
-`gemv` is the torch custom op `minimax_m1::gemv` (fake implementation included; eager calls skip the
-dispatcher). One kernel on torch's current stream: each weight row streamed once (16-byte loads, several in
+`gemv` is the torch custom op `minimax_m1::gemv`, `gemv_parts` (several weights on the same x, one launch)
+`minimax_m1::gemv_parts` (fake implementations included; eager calls skip the dispatcher). One kernel on torch's current stream: each weight row streamed once (16-byte loads, several in
 flight per lane), fp32 sums, no split-K reduction kernel, a programmatic dependent launch on sm_90
 (MINIMAX_M1_FUSED_PDL); nothing read on the host.
 """
@@ -31,10 +31,16 @@ def supports(x: Tensor, weight: Tensor) -> bool:
             and x.shape[1] % lim["k_multiple"] == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0)
 
 
-def _gemv_impl(x: Tensor, weight: Tensor, ksplit: int) -> Tensor:
+def _aligned_rows(x: Tensor) -> Tensor:
+    """x, or a contiguous copy where its rows are not 16-byte aligned with a contiguous last dim."""
     align = limits()["row_align_bytes"]
     if x.stride(-1) != 1 or x.data_ptr() % align or (x.shape[0] > 1 and x.stride(0) % (align // x.element_size())):
-        x = x.contiguous()
+        return x.contiguous()
+    return x
+
+
+def _gemv_impl(x: Tensor, weight: Tensor, ksplit: int) -> Tensor:
+    x = _aligned_rows(x)
     y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
     _load().gemv(x, weight, y, ksplit, _library.FUSED_PDL)
     return y
@@ -48,9 +54,7 @@ _gemv_op = custom_op("minimax_m1::gemv", _gemv_impl, _gemv_fake)
 
 
 def _gemv_parts_impl(x: Tensor, weights: list[Tensor], ksplit: int) -> list[Tensor]:
-    align = limits()["row_align_bytes"]
-    if x.stride(-1) != 1 or x.data_ptr() % align or (x.shape[0] > 1 and x.stride(0) % (align // x.element_size())):
-        x = x.contiguous()
+    x = _aligned_rows(x)
     ys = [torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device) for w in weights]
     pad = [weights[0], ys[0]] * (limits()["max_parts"] - len(weights))  # unused slots: any tensors
     _load().gemv_parts(x, *[t for w, y in zip(weights, ys) for t in (w, y)], *pad, len(weights), ksplit,
