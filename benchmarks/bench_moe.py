@@ -117,7 +117,8 @@ def sweep(layers, e, i, gbs, name):
     knob_sets = [("auto", {}), ("up_warps 4", {"up_warps": 4}), ("up_warps 8", {"up_warps": 8}),
                  ("1 tile/CTA", {"up_tiles": 1, "down_tiles": 1}), ("down_tiles 2", {"down_tiles": 2}),
                  ("down_tiles 4", {"down_tiles": 4}), ("down_tiles 8", {"down_tiles": 8}),
-                 ("no prefetch", {"prefetch": 0}), ("prefetch 2", {"prefetch": 2}), ("prefetch 4", {"prefetch": 4}), ("no PDL", {"pdl": False}),
+                 ("no prefetch", {"prefetch": 0}), ("prefetch 2", {"prefetch": 2}), ("prefetch 4", {"prefetch": 4}),
+                 ("no PDL", {"pdl": False}),
                  ("1 tile, no pf", {"up_tiles": 1, "down_tiles": 1, "prefetch": 0}),
                  ("up_tiles 4", {"up_tiles": 4}), ("up 1, down 8", {"up_tiles": 1, "down_tiles": 8})]
     sizes = (1, 8, 64, 128)

@@ -264,8 +264,8 @@ def offline(a, prompts: list[list[int]], tokenizer_dir: str | None, use_async: b
     return sum(len(o.outputs[0].token_ids) for o in outs) / seconds, [o.outputs[0].text for o in outs]
 
 
-def mode_name(use_async: bool | None) -> str:
-    return {None: "the engine's default", False: "off", True: "on"}[use_async]
+# --async-scheduling as measure() takes it: (what the table says, the saved log's suffix); None: no flag
+ASYNC_MODES = {None: ("the engine's default", ""), False: ("off", ".sync"), True: ("on", ".async")}
 
 
 def measure(a, use_async: bool | None, prompts: list[list[int]], bodies: list[dict], streamed: list[bool],
@@ -292,12 +292,12 @@ def measure(a, use_async: bool | None, prompts: list[list[int]], bodies: list[di
                 texts = [r.text if r.ok else None for r in results]
     log = open(log_path, errors="replace").read()
     if a.save_log:
-        with open(a.save_log + {None: "", False: ".sync", True: ".async"}[use_async], "w") as f:
+        with open(a.save_log + ASYNC_MODES[use_async][1], "w") as f:
             f.write(log)
     dropped = [line for line in log.splitlines() if "dropped" in line.lower() or "WARNING" in line]
 
     print(f"\nmodel {a.model}  prompt {a.prompt_len}  output {a.output_len}  requests {a.num_requests}  "
-          f"streamed {sum(streamed)}/{len(streamed)}  async scheduling {mode_name(use_async)}")
+          f"streamed {sum(streamed)}/{len(streamed)}  async scheduling {ASYNC_MODES[use_async][0]}")
     print(f"{'conc':>5} {'reqs':>5} {'tok/s':>9} {'s':>7} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} {'failed':>7}  errors")
     for c, r in rows:
         print(f"{c:>5} {r['requests']:>5} {r['tok_s']:>9.0f} {r['seconds']:>7.2f} {r['ttft_p50'] * 1e3:>8.1f}m {r['ttft_p99'] * 1e3:>7.1f}m "
