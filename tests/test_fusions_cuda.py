@@ -584,10 +584,16 @@ def test_gemv_in_cuda_graph():
 # ---- programmatic dependent launch changes nothing
 
 def test_pdl_chain_matches_serial_launches(monkeypatch):
-    """A decode layer's chain of fused kernels (norm -> GEMV -> gated norm -> GEMV -> residual norm -> router ->
-    rotary) launched as programmatic dependents, eagerly and inside a CUDA graph, equals the same chain launched
-    one after the other: each kernel waits for its producer before touching memory."""
+    """A decode layer's chain of fused kernels (norm -> GEMV -> lightning decode -> gated norm -> GEMV ->
+    residual norm -> router -> fused MoE -> rotary) launched as programmatic dependents, eagerly and inside a
+    CUDA graph, equals the same chain launched one after the other: each kernel reads what the kernel before
+    wrote only after its wait, with coherent loads (an .nc load of the GEMV's x was hoisted above the wait once
+    the norm before it let it launch early: token 0's outputs differed in graphs), and a kernel that starts
+    while the one before drains reads nothing else that is still being written."""
+    from minimax_m1.config import lightning_slopes
     from minimax_m1.ops import _library
+    from minimax_m1.ops.lightning_attn import cuda as la_cuda
+    from minimax_m1.ops.moe import cuda as moe_cuda
 
     gen = torch.Generator(device="cuda").manual_seed(12)
     h = torch.randn(4, 6144, generator=gen, device="cuda").to(BF16_)
@@ -596,27 +602,37 @@ def test_pdl_chain_matches_serial_launches(monkeypatch):
     w_out = (torch.randn(6144, 1024, generator=gen, device="cuda") * 1024 ** -0.5).to(BF16_)
     w_small = (torch.rand(1024, generator=gen, device="cuda") + 0.5).to(BF16_)
     router_w = (torch.randn(32, 6144, generator=gen, device="cuda") * 6144 ** -0.5).to(BF16_)
+    w_qkv = (torch.randn(3 * 1024, 6144, generator=gen, device="cuda") * 6144 ** -0.5).to(BF16_)
+    slopes = torch.tensor(lightning_slopes(64, 3, 80)[:8], device="cuda")
+    pool = torch.randn(6, 8, 128, 128, generator=gen, device="cuda")
+    state_slots = torch.tensor([4, 0, -1, 2], dtype=torch.int32, device="cuda")
+    w13 = (torch.randn(32, 2 * 128, 6144, generator=gen, device="cuda") * 6144 ** -0.5).to(BF16_)
+    w2 = (torch.randn(32, 6144, 128, generator=gen, device="cuda") * 128 ** -0.5).to(BF16_)
     q, k, v, cos, sin, cache, slots = _rotary_case(4, 8, 1, 128, 64, BF16_, gen)
 
-    def chain(c):
+    def chain(c, states):
         xn = norm.rms_norm(h, w_norm, 1e-5)
-        g = gemv_cuda.gemv(xn, w_gate)
-        o = norm.gated_rms_norm(g, g, w_small, 1e-6)
+        qkv, g = gemv_cuda.gemv_parts(xn, [w_qkv, w_gate])
+        lq, lk, lv = qkv.view(4, 8, 3 * 128).split(128, dim=-1)
+        d = la_cuda.decode(lq, lk, lv, slopes, states, state_slots, silu=True).view(4, 1024)
+        o = norm.gated_rms_norm(d, g, w_small, 1e-6)
         a = gemv_cuda.gemv(o, w_out)
         hh, yn = norm.add_rms_norm(xn, a, w_norm, 1e-5, ALPHA, 1.0)
         weights, ids = router_cuda.route(yn, router_w, 2)
+        m = moe_cuda.moe_experts(yn, ids, weights, w13, w2)
         qr = rotary.rotary_write_kv(q, k, v, cos, sin, c, slots)
-        return [xn, g, o, a, hh, yn, weights, ids, qr, c]
+        return [xn, qkv, g, d, o, a, hh, yn, weights, ids, m, qr, c, states]
 
     results = {}
     for pdl in (False, True):
         monkeypatch.setattr(_library, "FUSED_PDL", pdl)
-        eager = chain(cache.clone())
-        c = cache.clone()
-        chain(c.clone())  # warm up
+        monkeypatch.setattr(_library, "MOE_PDL", pdl)
+        eager = chain(cache.clone(), pool.clone())
+        c, states = cache.clone(), pool.clone()
+        chain(c.clone(), states.clone())  # warm up
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = chain(c)
+            captured = chain(c, states)
         graph.replay()
         torch.cuda.synchronize()
         results[pdl] = (eager, captured)

@@ -1,6 +1,7 @@
 // Decode launcher: validates the tensors and dispatches on head_dim and dtype.
 #include <tvm/ffi/extra/cuda/device_guard.h>
 
+#include "../common/launch.h"
 #include "args.h"
 #include "launchers.h"
 #include "minimax_m1/lightning_attn/decode.cuh"
@@ -10,18 +11,17 @@ namespace lightning_attn {
 namespace {
 
 template <int D, typename T>
-void launch_decode(const DecodeParams& p, cudaStream_t stream) {
+void launch_decode(const DecodeParams& p, cudaStream_t stream, bool pdl) {
   const int64_t ctas = static_cast<int64_t>(p.num_seqs) * p.num_heads * (D / 32);
-  decode_kernel<D, T><<<static_cast<unsigned>(ctas), 128, 0, stream>>>(p);
-  MINIMAX_CHECK_LAUNCH();
+  launch_kernel(decode_kernel<D, T>, dim3(static_cast<unsigned>(ctas)), 128, stream, pdl, p);
 }
 
 template <int D>
-void dispatch_dtype(Dtype dtype, const DecodeParams& p, cudaStream_t stream) {
+void dispatch_dtype(Dtype dtype, const DecodeParams& p, cudaStream_t stream, bool pdl) {
   switch (dtype) {
-    case Dtype::kBF16: launch_decode<D, __nv_bfloat16>(p, stream); break;
-    case Dtype::kF16: launch_decode<D, __half>(p, stream); break;
-    case Dtype::kF32: launch_decode<D, float>(p, stream); break;
+    case Dtype::kBF16: launch_decode<D, __nv_bfloat16>(p, stream, pdl); break;
+    case Dtype::kF16: launch_decode<D, __half>(p, stream, pdl); break;
+    case Dtype::kF32: launch_decode<D, float>(p, stream, pdl); break;
     default: TVM_FFI_THROW(ValueError) << "unsupported dtype";
   }
 }
@@ -29,7 +29,7 @@ void dispatch_dtype(Dtype dtype, const DecodeParams& p, cudaStream_t stream) {
 }  // namespace
 
 void decode(TensorView q, TensorView k, TensorView v, TensorView slopes, TensorView state_pool,
-            TensorView state_slots, TensorView out, bool silu) {
+            TensorView state_slots, TensorView out, bool silu, bool pdl) {
   if (q.ndim() != 3) TVM_FFI_THROW(ValueError) << "q must be [batch, heads, head_dim]";
   const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
   const int device_id = q.device().device_id;
@@ -57,8 +57,9 @@ void decode(TensorView q, TensorView k, TensorView v, TensorView slopes, TensorV
   p.num_heads = static_cast<int>(heads);
   p.silu = silu ? 1 : 0;
   const cudaStream_t stream = current_stream(device_id);
-  if (dim == 128) dispatch_dtype<128>(dtype, p, stream);
-  else dispatch_dtype<64>(dtype, p, stream);
+  const bool use_pdl = pdl && device_has_pdl(device_id);
+  if (dim == 128) dispatch_dtype<128>(dtype, p, stream, use_pdl);
+  else dispatch_dtype<64>(dtype, p, stream, use_pdl);
 }
 
 }  // namespace lightning_attn

@@ -31,9 +31,11 @@ void prefill(tvm::ffi::TensorView q, tvm::ffi::TensorView k, tvm::ffi::TensorVie
 
 // q, k, v [N, H, D]; out [N, H, D] contiguous; one token per sequence, state_slots [N] (-1: padding).
 // silu: q, k, v are the projection's raw output and the kernel applies the layer's SiLU as it reads them
-// (x / (1 + exp(-x)) in fp32, rounded to q's dtype: what F.silu computes).
+// (x / (1 + exp(-x)) in fp32, rounded to q's dtype: what F.silu computes). pdl: a programmatic dependent launch
+// of the kernel before (sm_90+; ignored elsewhere).
 void decode(tvm::ffi::TensorView q, tvm::ffi::TensorView k, tvm::ffi::TensorView v, tvm::ffi::TensorView slopes,
-            tvm::ffi::TensorView state_pool, tvm::ffi::TensorView state_slots, tvm::ffi::TensorView out, bool silu);
+            tvm::ffi::TensorView state_pool, tvm::ffi::TensorView state_slots, tvm::ffi::TensorView out, bool silu,
+            bool pdl);
 
 }  // namespace lightning_attn
 }  // namespace minimax_m1

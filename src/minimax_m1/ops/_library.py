@@ -10,7 +10,8 @@ Environment switches, read once when this module is imported:
     MINIMAX_M1_LIGHTNING_SM90=0  lightning prefill keeps the mma.sync kernels where the Hopper ones could run
     MINIMAX_M1_MOE_PDL=0         the fused MoE kernels launch one after the other (no programmatic dependent launch)
     MINIMAX_M1_FUSED_OPS=0       the norm, router, rotary and GEMV ops run their torch references (A/B timings)
-    MINIMAX_M1_FUSED_PDL=0       those ops' kernels launch one after the other (no programmatic dependent launch)
+    MINIMAX_M1_FUSED_PDL=0       those ops' kernels and the lightning decode launch one after the other (no
+                                 programmatic dependent launch)
     MINIMAX_M1_LIGHTNING_LIB, MINIMAX_M1_PAGED_ATTN_LIB, MINIMAX_M1_MOE_LIB, MINIMAX_M1_NORM_LIB,
     MINIMAX_M1_ROUTER_LIB, MINIMAX_M1_ROTARY_LIB, MINIMAX_M1_GEMV_LIB: a library path instead of the built one
 """

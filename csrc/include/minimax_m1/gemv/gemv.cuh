@@ -8,8 +8,12 @@
 // A CTA of 8 warps owns (8 / ksplit) * R consecutive output rows. Each warp takes R rows and a 1/ksplit slice of K
 // (ksplit > 1 spreads a short N over more CTAs: every SM streams; the slices meet in shared memory, summed in a
 // fixed order). Per step a lane loads U 16-byte vectors of each of its R weight rows (streamed, L1 bypassed) and
-// the matching vectors of the kT x rows (L1-cached: every warp of the CTA reads them), all before the first
-// product; one x vector serves R rows.
+// the matching vectors of the kT x rows (coherent loads cached in L1: every warp of the CTA reads them), all
+// before the first product; one x vector serves R rows.
+//
+// The weights do not depend on the kernel before, so under a programmatic dependent launch a warp requests
+// its first U weight steps before it waits for x (a bulk L2 prefetch of more rows before the wait measured
+// slower: NOTES-fusions.md).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -69,7 +73,6 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
 
 template <typename T, int kT, int R, int U>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(Params p) {
-  wait_previous_grid();  // x comes from the kernel before (a programmatic dependent launch)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int groups = kWarps / p.ksplit;  // row groups per CTA
   const int group = warp / p.ksplit, part = warp - group * p.ksplit;
@@ -110,17 +113,26 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(Params p) {
   // issued just before it (left to itself the compiler put each step's products right after its loads).
   const int steps = (v_end - v_begin + 31) / 32;
   uint4 wv[U][R], xv[U][kT];
-  auto load = [&](int u, int step) {
+  auto load_w = [&](int u, int step) {
     const int v = v_begin + lane + 32 * step;
     const bool ok = step < steps && v < v_end;
     const int64_t off = static_cast<int64_t>(ok ? v : 0) * kVecElems;
 #pragma unroll
     for (int r = 0; r < R; ++r) wv[u][r] = load_stream_16(wrow[r] + off, ok && row_ok[r]);
-#pragma unroll
-    for (int t = 0; t < kT; ++t) xv[u][t] = load_cached_16(xrow[t] + off, ok && tok_ok[t]);
   };
+  auto load_x = [&](int u, int step) {
+    const int v = v_begin + lane + 32 * step;
+    const bool ok = step < steps && v < v_end;
+    const int64_t off = static_cast<int64_t>(ok ? v : 0) * kVecElems;
 #pragma unroll
-  for (int u = 0; u < U; ++u) load(u, u);
+    for (int t = 0; t < kT; ++t) xv[u][t] = load_input_16(xrow[t] + off, ok && tok_ok[t]);
+  };
+  auto load = [&](int u, int step) { load_w(u, step), load_x(u, step); };
+#pragma unroll
+  for (int u = 0; u < U; ++u) load_w(u, u);
+  wait_previous_grid();  // x comes from the kernel before (a programmatic dependent launch)
+#pragma unroll
+  for (int u = 0; u < U; ++u) load_x(u, u);
 #pragma unroll 1
   for (int step = 0; step < steps; step += U) {
 #pragma unroll

@@ -4,6 +4,9 @@
 // 32 value columns of one (sequence, head): 16 row groups x 8 threads x float4, D/16 rows per thread,
 // every load issued before the first use. With `silu` the kernel applies the layer's SiLU to q, k, v as it
 // loads them (the projection's raw output is read in place: one elementwise kernel fewer per layer).
+// Under a programmatic dependent launch (sm_90) the CTA loads its state before it waits for the projection:
+// the state is this kernel's own (the previous step wrote it), so its DRAM latency hides under the
+// projection's drain; q, k, v are read and every store is made after the wait.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,6 +15,7 @@
 #include <cstdint>
 
 #include "mma.cuh"
+#include "minimax_m1/common/pdl.cuh"
 
 namespace minimax_m1 {
 namespace lightning_attn {
@@ -55,7 +59,15 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeParams p) {
   const int e0 = chunk * kCols + 4 * c4;
 
   T* out = static_cast<T*>(p.o) + (static_cast<int64_t>(n) * p.num_heads + h) * D;
-  const int slot = p.slots[n];
+  const int slot = p.slots[n];  // the step's inputs, copied before the step's first kernel
+  float4* state = reinterpret_cast<float4*>(p.state_pool + (static_cast<int64_t>(max(slot, 0)) * p.num_heads + h) * D * D);
+  float4 s[kRows];
+  if (slot >= 0) {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) s[i] = __ldcs(state + ((group + kGroups * i) * D + e0) / 4);
+  }
+  wait_previous_grid();  // q, k, v come from the projection; `out` may be memory it still reads
+  allow_next_grid();
   if (slot < 0) {
     if (tid < kCols) out[chunk * kCols + tid] = from_float<T>(0.f);
     return;
@@ -64,11 +76,6 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeParams p) {
   const T* q = static_cast<const T*>(p.q) + n * p.q_stride_n + h * p.q_stride_h;
   const T* k = static_cast<const T*>(p.k) + n * p.k_stride_n + h * p.k_stride_h;
   const T* v = static_cast<const T*>(p.v) + n * p.v_stride_n + h * p.v_stride_h;
-  float4* state = reinterpret_cast<float4*>(p.state_pool + (static_cast<int64_t>(slot) * p.num_heads + h) * D * D);
-
-  float4 s[kRows];
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) s[i] = __ldcs(state + ((group + kGroups * i) * D + e0) / 4);
   float kd[kRows], qd[kRows];
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {

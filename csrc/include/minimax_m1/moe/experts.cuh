@@ -22,7 +22,9 @@
 // independent of the tiling (up_tiles, down_tiles). Capture-safe: the grids depend on host integers only,
 // the routing is read on the device, and the workspaces come from the caller. With programmatic dependent
 // launch (sm_90) a kernel starts while the previous one drains: it routes and requests its first weight
-// blocks, then waits (griddepcontrol.wait) before reading what the previous kernel wrote.
+// blocks, then waits (griddepcontrol.wait) before reading what the previous kernel wrote. The 16-bit and
+// int8 gate_up follows the router's top-k directly, so it waits before it routes (its CTAs are resident and
+// start the moment the routing is written); the e4m3 one follows quantize_rows, which follows the router.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -79,8 +81,14 @@ __global__ void __launch_bounds__(kWarps * 32) gate_up_kernel(const Params p) {
   using B = typename F::B;
   __shared__ RoutingSmem s;
   __shared__ float red[kWarps - 1][2][NT][4][32];
-  allow_next_grid();
+  if constexpr (F::kQuantAct) allow_next_grid();
   zero_counters<kThreads>(p);  // this call's down kernel counts there; the previous call's has finished
+  if constexpr (!F::kQuantAct) {
+    // A dependent launch of the router's top-k: the routing is read after the wait, and the down kernel
+    // (which routes before its own wait) may start only once this grid has waited.
+    wait_previous_grid();
+    allow_next_grid();
+  }
   if (!route_item<kThreads>(p.route, blockIdx.y, 8 * NT, s)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int H = p.hidden, I = p.inter, top_k = p.route.top_k;

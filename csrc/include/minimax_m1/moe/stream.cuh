@@ -104,7 +104,7 @@ __device__ __forceinline__ void stream_tiles(const char* w, int64_t m_stride, in
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int part = 0; part < kParts; ++part)
-            xb[u][j][h][part] = load_cached_16(b[j] + off + 4 * kL * h + 8 * part, stage_ok[u] && b_ok[j]);
+            xb[u][j][h][part] = load_input_16(b[j] + off + 4 * kL * h + 8 * part, stage_ok[u] && b_ok[j]);
   };
   float acc[MT][NT][4] = {};
   auto compute = [&](int u) {

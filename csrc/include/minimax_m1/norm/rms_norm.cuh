@@ -84,24 +84,29 @@ __device__ __forceinline__ float block_sum(float v) {
 
 template <typename T, int kVecs, Mode M>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(Params p) {
-  wait_previous_grid();  // the inputs come from the kernel before (a programmatic dependent launch)
+  // The next kernel may launch now: its CTAs take their place and request their weights (a projection's
+  // L2 prefetch, gemv.cuh) while this one and the kernel before it finish; every kernel that follows a norm
+  // reads only constant data before its own wait.
+  allow_next_grid();
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x, nvec = p.n / kVecElems;
   const T* x = static_cast<const T*>(p.x) + row * p.x_stride;
   const T* a = static_cast<const T*>(p.a) + row * p.a_stride;
 
-  // every load in flight before the first use
+  // every load in flight before the first use; the norm's weights before the wait (they are constant)
   constexpr bool kScales = M != Mode::kSumSq;
   const T* w = static_cast<const T*>(p.weight);
   uint4 raw_x[kVecs], raw_a[kVecs], raw_w[kVecs];
+  auto offset = [&](int i) { return static_cast<int64_t>(tid + i * kThreads < nvec ? tid + i * kThreads : 0) * kVecElems; };
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i)
+    if constexpr (kScales) raw_w[i] = load_cached_16(w + offset(i), tid + i * kThreads < nvec);  // every row reads them
+  wait_previous_grid();  // the inputs come from the kernel before (a programmatic dependent launch)
 #pragma unroll
   for (int i = 0; i < kVecs; ++i) {
-    const int v = tid + i * kThreads;
-    const bool ok = v < nvec;
-    const int64_t off = static_cast<int64_t>(ok ? v : 0) * kVecElems;
-    raw_x[i] = load_stream_16(x + off, ok);
-    if constexpr (M == Mode::kResidual || M == Mode::kGated) raw_a[i] = load_stream_16(a + off, ok);
-    if constexpr (kScales) raw_w[i] = load_cached_16(w + off, ok);  // every row reads the weights
+    const bool ok = tid + i * kThreads < nvec;
+    raw_x[i] = load_input_once_16(x + offset(i), ok);
+    if constexpr (M == Mode::kResidual || M == Mode::kGated) raw_a[i] = load_input_once_16(a + offset(i), ok);
   }
 
   float vals[kVecs][kVecElems];
@@ -126,7 +131,6 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(Params p) {
 #pragma unroll
     for (int j = 0; j < kVecElems; ++j) sq += vals[i][j] * vals[i][j];  // invalid vectors hold zeros
   }
-  allow_next_grid();  // every load is issued: the next kernel may start its launch
   const float total = block_sum(sq);
 
   if constexpr (M == Mode::kSumSq) {

@@ -58,7 +58,6 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
 
 template <typename T>
 __global__ void __launch_bounds__(kLogitThreads) logits_kernel(LogitParams p) {
-  wait_previous_grid();  // x comes from the kernel before (a programmatic dependent launch)
   const int e = blockIdx.x, t0 = blockIdx.y * kTokens, tid = threadIdx.x;
   const int nvec = p.hidden / kVecElems;
   const T* w = static_cast<const T*>(p.w) + static_cast<int64_t>(e) * p.hidden;
@@ -75,17 +74,20 @@ __global__ void __launch_bounds__(kLogitThreads) logits_kernel(LogitParams p) {
   // each slot consumed and then refilled with the step kUnroll ahead (so no product waits on a load issued
   // just before it).
   const int steps = (nvec - tid + kLogitThreads - 1) / kLogitThreads;
+  // The first weight vectors are requested before the wait (the weights do not depend on the kernel before).
   uint4 wv[kUnroll], xv[kUnroll][kTokens];
-  auto load = [&](int u, int step) {
-    const int v = tid + step * kLogitThreads;
-    const bool ok = step < steps;
-    const int64_t off = static_cast<int64_t>(ok ? v : 0) * kVecElems;
-    wv[u] = load_stream_16(w + off, ok);
+  auto offset = [&](int step) { return static_cast<int64_t>(step < steps ? tid + step * kLogitThreads : 0) * kVecElems; };
+  auto load_w = [&](int u, int step) { wv[u] = load_stream_16(w + offset(step), step < steps); };
+  auto load_x = [&](int u, int step) {
 #pragma unroll
-    for (int t = 0; t < kTokens; ++t) xv[u][t] = load_cached_16(xrow[t] + off, ok && valid[t]);
+    for (int t = 0; t < kTokens; ++t) xv[u][t] = load_input_16(xrow[t] + offset(step), step < steps && valid[t]);
   };
+  auto load = [&](int u, int step) { load_w(u, step), load_x(u, step); };
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) load(u, u);
+  for (int u = 0; u < kUnroll; ++u) load_w(u, u);
+  wait_previous_grid();  // x comes from the kernel before (a programmatic dependent launch)
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) load_x(u, u);
 #pragma unroll 1
   for (int step = 0; step < steps; step += kUnroll) {
 #pragma unroll
@@ -117,6 +119,7 @@ __global__ void __launch_bounds__(kLogitThreads) logits_kernel(LogitParams p) {
 template <int kPerLane>
 __global__ void __launch_bounds__(kTopkWarps * 32) topk_kernel(TopkParams p) {
   wait_previous_grid();  // the logits kernel's writes
+  allow_next_grid();     // the fused MoE's gate_up may take its place on the SMs and wait for the routing
   const int lane = threadIdx.x & 31;
   const int t = blockIdx.x * kTopkWarps + (threadIdx.x >> 5);
   if (t >= p.tokens) return;

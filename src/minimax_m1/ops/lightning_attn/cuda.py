@@ -105,7 +105,7 @@ def _decode_impl(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, state_pool: Te
                  silu: bool) -> Tensor:
     q, k, v = _kernel_inputs(q, k, v, state_pool)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _load().lightning_decode(q, k, v, slopes, state_pool, state_slots, out, silu)
+    _load().lightning_decode(q, k, v, slopes, state_pool, state_slots, out, silu, _library.FUSED_PDL)
     return out
 
 
