@@ -585,7 +585,7 @@ def test_gemv_in_cuda_graph():
 
 def test_pdl_chain_matches_serial_launches(monkeypatch):
     """A decode layer's chain of fused kernels (norm -> GEMV -> lightning decode -> gated norm -> GEMV ->
-    residual norm -> router -> fused MoE -> rotary) launched as programmatic dependents, eagerly and inside a
+    residual norm -> router -> fused MoE, fp8 then bf16 -> rotary) launched as programmatic dependents, eagerly and inside a
     CUDA graph, equals the same chain launched one after the other: each kernel reads what the kernel before
     wrote only after its wait, with coherent loads (an .nc load of the GEMV's x was hoisted above the wait once
     the norm before it let it launch early: token 0's outputs differed in graphs), and a kernel that starts
@@ -594,6 +594,7 @@ def test_pdl_chain_matches_serial_launches(monkeypatch):
     from minimax_m1.ops import _library
     from minimax_m1.ops.lightning_attn import cuda as la_cuda
     from minimax_m1.ops.moe import cuda as moe_cuda
+    from minimax_m1.ops.moe.quantized import quantize_weight
 
     gen = torch.Generator(device="cuda").manual_seed(12)
     h = torch.randn(4, 6144, generator=gen, device="cuda").to(BF16_)
@@ -608,6 +609,7 @@ def test_pdl_chain_matches_serial_launches(monkeypatch):
     state_slots = torch.tensor([4, 0, -1, 2], dtype=torch.int32, device="cuda")
     w13 = (torch.randn(32, 2 * 128, 6144, generator=gen, device="cuda") * 6144 ** -0.5).to(BF16_)
     w2 = (torch.randn(32, 6144, 128, generator=gen, device="cuda") * 128 ** -0.5).to(BF16_)
+    fp8_13, fp8_2 = quantize_weight(w13, "fp8"), quantize_weight(w2, "fp8")
     q, k, v, cos, sin, cache, slots = _rotary_case(4, 8, 1, 128, 64, BF16_, gen)
 
     def chain(c, states):
@@ -619,9 +621,11 @@ def test_pdl_chain_matches_serial_launches(monkeypatch):
         a = gemv_cuda.gemv(o, w_out)
         hh, yn = norm.add_rms_norm(xn, a, w_norm, 1e-5, ALPHA, 1.0)
         weights, ids = router_cuda.route(yn, router_w, 2)
-        m = moe_cuda.moe_experts(yn, ids, weights, w13, w2)
+        m8 = moe_cuda.moe_experts_quantized(yn, ids, weights, *fp8_13, *fp8_2, "fp8")
+        weights, ids = router_cuda.route(m8, router_w, 2)
+        m = moe_cuda.moe_experts(m8, ids, weights, w13, w2)
         qr = rotary.rotary_write_kv(q, k, v, cos, sin, c, slots)
-        return [xn, qkv, g, d, o, a, hh, yn, weights, ids, m, qr, c, states]
+        return [xn, qkv, g, d, o, a, hh, yn, m8, weights, ids, m, qr, c, states]
 
     results = {}
     for pdl in (False, True):

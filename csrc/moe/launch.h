@@ -128,8 +128,8 @@ void launch(Kernel kernel, dim3 grid, unsigned threads, cudaStream_t stream, boo
   launch_kernel(kernel, grid, threads, stream, pdl, params);
 }
 
-// e4m3 (kQuantAct): quantize x -> gate_up -> quantize act -> down, the first kernel waiting for the stream as
-// usual; else gate_up -> down. The others may start early (pdl). qx / qa: the quantize steps' rows.
+// e4m3 (kQuantAct): quantize x -> gate_up -> quantize act -> down; else gate_up -> down. Each may start
+// early (pdl). qx / qa: the quantize steps' rows.
 template <class F, typename T, int NT>
 void run_rows(Params p, const Plan& plan, cudaStream_t stream, bool pdl, const QuantRows& qx, const QuantRows& qa) {
   const unsigned items = static_cast<unsigned>(plan.items);
@@ -140,7 +140,7 @@ void run_rows(Params p, const Plan& plan, cudaStream_t stream, bool pdl, const Q
   p.prefetch = plan.prefetch;
   const dim3 up_grid(static_cast<unsigned>(ceil_div(p.inter / kTileRows, plan.up_tiles)), items);
   if constexpr (F::kQuantAct)
-    launch(quantize_rows_kernel<T>, dim3(static_cast<unsigned>(p.route.tokens)), kQuantThreads, stream, false, qx);
+    launch(quantize_rows_kernel<T>, dim3(static_cast<unsigned>(p.route.tokens)), kQuantThreads, stream, pdl, qx);
   if (plan.up_warps == 8) launch(gate_up_kernel<F, T, NT, 8>, up_grid, 8 * 32, stream, pdl, p);
   else launch(gate_up_kernel<F, T, NT, 4>, up_grid, 4 * 32, stream, pdl, p);
   if constexpr (F::kQuantAct)

@@ -24,7 +24,8 @@
 // launch (sm_90) a kernel starts while the previous one drains: it routes and requests its first weight
 // blocks, then waits (griddepcontrol.wait) before reading what the previous kernel wrote. The 16-bit and
 // int8 gate_up follows the router's top-k directly, so it waits before it routes (its CTAs are resident and
-// start the moment the routing is written); the e4m3 one follows quantize_rows, which follows the router.
+// start the moment the routing is written); the e4m3 one follows quantize_rows, which follows the router
+// and lets it launch only after its own wait.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -260,14 +261,16 @@ struct QuantRows {
 template <typename T>
 __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const QuantRows q) {
   __shared__ float warp_max[kQuantThreads / 32];
-  allow_next_grid();
   const int r = blockIdx.x, tid = threadIdx.x;
   bool skip = false;
-  if (q.skip_unrouted) {
+  if (q.skip_unrouted) {  // the act rows: the routing was written three kernels before
     const int64_t e = expert_id(q.route, r);
     skip = e < 0 || e >= q.route.num_experts;
   }
   wait_previous_grid();  // every CTA waits, so this grid completes after the previous one
+  // Only now may the next kernel launch: gate_up routes before its wait, and the x rows' quantisation
+  // follows the router's top-k directly.
+  allow_next_grid();
   if (skip) return;
   const T* src = static_cast<const T*>(q.src) + static_cast<int64_t>(r / q.row_div) * q.src_stride;
   float amax = 0.f;
