@@ -585,11 +585,11 @@ def test_gemv_in_cuda_graph():
 
 def test_pdl_chain_matches_serial_launches(monkeypatch):
     """A decode layer's chain of fused kernels (norm -> GEMV -> lightning decode -> gated norm -> GEMV ->
-    residual norm -> router -> fused MoE, fp8 then bf16 -> rotary) launched as programmatic dependents, eagerly and inside a
-    CUDA graph, equals the same chain launched one after the other: each kernel reads what the kernel before
-    wrote only after its wait, with coherent loads (an .nc load of the GEMV's x was hoisted above the wait once
-    the norm before it let it launch early: token 0's outputs differed in graphs), and a kernel that starts
-    while the one before drains reads nothing else that is still being written."""
+    residual norm -> router -> fused MoE, fp8 then bf16 -> rotary) launched as programmatic dependents, eagerly
+    and inside a CUDA graph, equals the same chain launched one after the other: each kernel reads what the
+    kernel before wrote only after its wait, with coherent loads (an .nc load of the GEMV's x was hoisted above
+    the wait once the norm before it let it launch early: token 0's outputs differed in graphs), and a kernel
+    that starts while the one before drains reads nothing else that is still being written."""
     from minimax_m1.config import lightning_slopes
     from minimax_m1.ops import _library
     from minimax_m1.ops.lightning_attn import cuda as la_cuda

@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(128) decode_kernel(DecodeParams p) {
 
   T* out = static_cast<T*>(p.o) + (static_cast<int64_t>(n) * p.num_heads + h) * D;
   const int slot = p.slots[n];  // the step's inputs, copied before the step's first kernel
-  float4* state = reinterpret_cast<float4*>(p.state_pool + (static_cast<int64_t>(max(slot, 0)) * p.num_heads + h) * D * D);
+  const int64_t head = static_cast<int64_t>(max(slot, 0)) * p.num_heads + h;
+  float4* state = reinterpret_cast<float4*>(p.state_pool + head * D * D);
   float4 s[kRows];
   if (slot >= 0) {
 #pragma unroll

@@ -84,9 +84,9 @@ __device__ __forceinline__ float block_sum(float v) {
 
 template <typename T, int kVecs, Mode M>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(Params p) {
-  // The next kernel may launch now: its CTAs take their place and request their weights (a projection's
-  // L2 prefetch, gemv.cuh) while this one and the kernel before it finish; every kernel that follows a norm
-  // reads only constant data before its own wait.
+  // The next kernel may launch now: its CTAs take their place and request their first weights while this one
+  // and the kernel before it finish. Every kernel that follows a norm reads only constant data before its
+  // own wait.
   allow_next_grid();
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x, nvec = p.n / kVecElems;
@@ -97,7 +97,9 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(Params p) {
   constexpr bool kScales = M != Mode::kSumSq;
   const T* w = static_cast<const T*>(p.weight);
   uint4 raw_x[kVecs], raw_a[kVecs], raw_w[kVecs];
-  auto offset = [&](int i) { return static_cast<int64_t>(tid + i * kThreads < nvec ? tid + i * kThreads : 0) * kVecElems; };
+  auto offset = [&](int i) {
+    return static_cast<int64_t>(tid + i * kThreads < nvec ? tid + i * kThreads : 0) * kVecElems;
+  };
 #pragma unroll
   for (int i = 0; i < kVecs; ++i)
     if constexpr (kScales) raw_w[i] = load_cached_16(w + offset(i), tid + i * kThreads < nvec);  // every row reads them

@@ -76,7 +76,9 @@ __global__ void __launch_bounds__(kLogitThreads) logits_kernel(LogitParams p) {
   const int steps = (nvec - tid + kLogitThreads - 1) / kLogitThreads;
   // The first weight vectors are requested before the wait (the weights do not depend on the kernel before).
   uint4 wv[kUnroll], xv[kUnroll][kTokens];
-  auto offset = [&](int step) { return static_cast<int64_t>(step < steps ? tid + step * kLogitThreads : 0) * kVecElems; };
+  auto offset = [&](int step) {
+    return static_cast<int64_t>(step < steps ? tid + step * kLogitThreads : 0) * kVecElems;
+  };
   auto load_w = [&](int u, int step) { wv[u] = load_stream_16(w + offset(step), step < steps); };
   auto load_x = [&](int u, int step) {
 #pragma unroll
