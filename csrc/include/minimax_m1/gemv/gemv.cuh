@@ -113,17 +113,21 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(Params p) {
   // issued just before it (left to itself the compiler put each step's products right after its loads).
   const int steps = (v_end - v_begin + 31) / 32;
   uint4 wv[U][R], xv[U][kT];
-  auto load_w = [&](int u, int step) {
+  // step s reads vector v_begin + lane + 32 s of K when it exists (ok), else zeros at offset 0
+  auto at = [&](int step, bool& ok) {
     const int v = v_begin + lane + 32 * step;
-    const bool ok = step < steps && v < v_end;
-    const int64_t off = static_cast<int64_t>(ok ? v : 0) * kVecElems;
+    ok = step < steps && v < v_end;
+    return static_cast<int64_t>(ok ? v : 0) * kVecElems;
+  };
+  auto load_w = [&](int u, int step) {
+    bool ok;
+    const int64_t off = at(step, ok);
 #pragma unroll
     for (int r = 0; r < R; ++r) wv[u][r] = load_stream_16(wrow[r] + off, ok && row_ok[r]);
   };
   auto load_x = [&](int u, int step) {
-    const int v = v_begin + lane + 32 * step;
-    const bool ok = step < steps && v < v_end;
-    const int64_t off = static_cast<int64_t>(ok ? v : 0) * kVecElems;
+    bool ok;
+    const int64_t off = at(step, ok);
 #pragma unroll
     for (int t = 0; t < kT; ++t) xv[u][t] = load_input_16(xrow[t] + off, ok && tok_ok[t]);
   };

@@ -97,18 +97,16 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(Params p) {
   constexpr bool kScales = M != Mode::kSumSq;
   const T* w = static_cast<const T*>(p.weight);
   uint4 raw_x[kVecs], raw_a[kVecs], raw_w[kVecs];
-  auto offset = [&](int i) {
-    return static_cast<int64_t>(tid + i * kThreads < nvec ? tid + i * kThreads : 0) * kVecElems;
-  };
+  auto ok = [&](int i) { return tid + i * kThreads < nvec; };  // vector i of this thread exists
+  auto offset = [&](int i) { return static_cast<int64_t>(ok(i) ? tid + i * kThreads : 0) * kVecElems; };
 #pragma unroll
   for (int i = 0; i < kVecs; ++i)
-    if constexpr (kScales) raw_w[i] = load_cached_16(w + offset(i), tid + i * kThreads < nvec);  // every row reads them
+    if constexpr (kScales) raw_w[i] = load_cached_16(w + offset(i), ok(i));  // every row reads them
   wait_previous_grid();  // the inputs come from the kernel before (a programmatic dependent launch)
 #pragma unroll
   for (int i = 0; i < kVecs; ++i) {
-    const bool ok = tid + i * kThreads < nvec;
-    raw_x[i] = load_input_once_16(x + offset(i), ok);
-    if constexpr (M == Mode::kResidual || M == Mode::kGated) raw_a[i] = load_input_once_16(a + offset(i), ok);
+    raw_x[i] = load_input_once_16(x + offset(i), ok(i));
+    if constexpr (M == Mode::kResidual || M == Mode::kGated) raw_a[i] = load_input_once_16(a + offset(i), ok(i));
   }
 
   float vals[kVecs][kVecElems];

@@ -24,18 +24,20 @@ MAX_TOKENS = 2
 MIN_K = 4096
 
 
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The policy above: the kernel serves x and weight, and wins at their sizes."""
+    return x.dim() == 2 and x.shape[0] <= MAX_TOKENS and weight.shape[-1] >= MIN_K and cuda.supports(x, weight)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 2 and x.shape[0] <= MAX_TOKENS and weight.shape[-1] >= MIN_K and cuda.supports(x, weight):
-        return cuda.gemv(x, weight)
-    return F.linear(x, weight)
+    return cuda.gemv(x, weight) if _takes_gemv(x, weight) else F.linear(x, weight)
 
 
 def linear_parts(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """[linear(x, w) for w in weights]; where each would take the GEMV, one launch streams them all (a decode
     step's qkv and output gate, or q, k and v: the launch ramp costs about as much as a 12 MB weight)."""
-    if (len(weights) > 1 and x.dim() == 2 and x.shape[0] <= MAX_TOKENS
-            and all(w.shape[-1] >= MIN_K and cuda.supports(x, w) for w in weights)
-            and len(weights) <= cuda.limits()["max_parts"]):
+    if (len(weights) > 1 and all(_takes_gemv(x, w) for w in weights)
+            and len(weights) <= cuda.limits()["max_parts"]):  # limits() only once supports() found the library
         return cuda.gemv_parts(x, weights)
     return [linear(x, w) for w in weights]
 

@@ -5,9 +5,10 @@ The shared library is `$MINIMAX_M1_GEMV_LIB` when set, else `minimax_m1/_kernels
 dispatch keeps F.linear. What the kernel serves is the library's `gemv_limits()`.
 
 `gemv` is the torch custom op `minimax_m1::gemv`, `gemv_parts` (several weights on the same x, one launch)
-`minimax_m1::gemv_parts` (fake implementations included; eager calls skip the dispatcher). One kernel on torch's current stream: each weight row streamed once (16-byte loads, several in
-flight per lane), fp32 sums, no split-K reduction kernel, a programmatic dependent launch on sm_90
-(MINIMAX_M1_FUSED_PDL); nothing read on the host.
+`minimax_m1::gemv_parts` (fake implementations included; eager calls skip the dispatcher). One kernel on
+torch's current stream: each weight row streamed once (16-byte loads, several in flight per lane), fp32 sums,
+no split-K reduction kernel, a programmatic dependent launch on sm_90 (MINIMAX_M1_FUSED_PDL) that requests
+its first weights before it waits for x; nothing read on the host.
 """
 from __future__ import annotations
 
